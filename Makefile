@@ -1,0 +1,50 @@
+# One-command install, build, test and run. Every target installs what it needs first, so any of
+# them is a valid first command on a fresh clone.
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard protos/cbir/v1/*.proto)
+GEN    := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
+PYTEST_ARGS ?=
+
+.PHONY: install protos test test-fast lint format clean demo up down status bench bench-quick images help
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required; set PYTHON=...)" >&2; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# Generated stubs (+ .pyi) depend on the .proto files; generated code is never committed.
+cbir/v1/__init__.py: $(PROTOS) $(STAMP)
+	mkdir -p cbir/v1
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	echo '"""Generated from protos/cbir/v1 by make protos; do not edit."""' > $@
+
+install: $(STAMP) cbir/v1/__init__.py ## create .venv with the pinned packages and generate the gRPC stubs
+
+protos: cbir/v1/__init__.py ## (re)generate the Python stubs from protos/
+
+test: install ## run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## run the tests not marked slow
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check .
+
+format: install ## ruff format + import sorting
+	$(VENV)/bin/ruff check --fix --select I .
+	$(VENV)/bin/ruff format .
+
+clean: ## remove the virtual environment, generated code and local state
+	rm -rf $(VENV) cbir/v1 var build .pytest_cache .ruff_cache tests/node/node_modules *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,306 @@
+"""Server bootstrap shared by every service: flags, error mapping, metrics, health, reflection, TLS,
+graceful shutdown.
+
+A service's ``main`` parses flags, builds its servicers, and hands them to :func:`start_server`; then
+:func:`serve_until_signalled` blocks until SIGTERM/SIGINT and stops the server gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cbir import metrics
+from cbir.config import env_flag
+from cbir.defaults import MAX_MESSAGE_BYTES
+from cbir.errors import PASS_THROUGH_CODES, CbirError
+from cbir.logs import configure_logging, request_id_var
+from cbir.tls import ServerTLS, server_tls_from_flags
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def add_common_flags(
+    parser: argparse.ArgumentParser, *, env_prefix: str, port: int, metrics_port: int
+) -> None:
+    """Flags every service has; each also reads ``<env_prefix>_<NAME>`` from the environment."""
+    p = env_prefix
+    env_flag(parser, "--host", env=f"{p}_HOST", default="0.0.0.0", help="Address to listen on.")
+    env_flag(parser, "--port", env=f"{p}_PORT", default=port, type=int, help="gRPC port (0 picks a free one).")
+    env_flag(parser, "--metrics-port", env=f"{p}_METRICS_PORT", default=metrics_port, type=int,
+             help="Prometheus /metrics port (0 picks a free one, -1 disables).")
+    env_flag(parser, "--max-message-bytes", env=f"{p}_MAX_MESSAGE_BYTES", default=MAX_MESSAGE_BYTES,
+             type=int, help="Largest gRPC message accepted or sent.")
+    env_flag(parser, "--max-workers", env=f"{p}_MAX_WORKERS", default=16, type=int,
+             help="Threads handling RPCs concurrently.")
+    env_flag(parser, "--tls-cert", env=f"{p}_TLS_CERT", default=None, help="Server certificate (PEM); enables TLS.")
+    env_flag(parser, "--tls-key", env=f"{p}_TLS_KEY", default=None, help="Server private key (PEM).")
+    env_flag(parser, "--tls-client-ca", env=f"{p}_TLS_CLIENT_CA", default=None,
+             help="CA (PEM) that client certificates must chain to; makes client certificates mandatory.")
+    env_flag(parser, "--grace-seconds", env=f"{p}_GRACE_SECONDS", default=10.0, type=float,
+             help="On SIGTERM, time given to in-flight RPCs before they are cancelled.")
+    env_flag(parser, "--port-file", env=f"{p}_PORT_FILE", default=None,
+             help="Write the bound gRPC port here once serving (useful with --port 0).")
+    env_flag(parser, "--log-level", env=f"{p}_LOG_LEVEL", default="info",
+             choices=["debug", "info", "warning", "error"], help="Log level.")
+    env_flag(parser, "--log-format", env=f"{p}_LOG_FORMAT", default="json", choices=["json", "text"],
+             help="Log format.")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Resolved common flags."""
+
+    service_name: str
+    host: str = "0.0.0.0"
+    port: int = 0
+    metrics_port: int = -1
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_workers: int = 16
+    tls: ServerTLS | None = None
+    grace_seconds: float = 10.0
+    port_file: str | None = None
+
+    @classmethod
+    def from_args(cls, service_name: str, args: argparse.Namespace) -> ServerOptions:
+        configure_logging(service_name, args.log_level, args.log_format)
+        return cls(
+            service_name=service_name,
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            max_message_bytes=args.max_message_bytes,
+            max_workers=args.max_workers,
+            tls=server_tls_from_flags(args.tls_cert, args.tls_key, args.tls_client_ca),
+            grace_seconds=args.grace_seconds,
+            port_file=args.port_file,
+        )
+
+
+# --------------------------------------------------------------------------- interceptor
+
+
+def _new_request_id(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex[:16]
+
+
+class ServiceInterceptor(grpc.ServerInterceptor):
+    """The one place where errors become statuses; also request ids, metrics and access logs.
+
+    - :class:`CbirError` -> its status code and message.
+    - ``grpc.RpcError`` from a dependency with a pass-through code (UNAVAILABLE, DEADLINE_EXCEEDED,
+      ...) -> the same code, with the dependency's message.
+    - anything else -> INTERNAL with a generic message and the request id; full traceback logged.
+    """
+
+    def __init__(self, service_name: str):
+        self.service_name = service_name
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        short = method.rsplit("/", 1)[-1]
+        if method.startswith("/grpc.health.") or method.startswith("/grpc.reflection."):
+            return handler
+        metadata = handler_call_details.invocation_metadata
+
+        def run(behavior: Callable, request_or_iterator: Any, context: grpc.ServicerContext, streaming: bool):
+            request_id = _new_request_id(metadata)
+            token = request_id_var.set(request_id)
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            metrics.GRPC_IN_FLIGHT.labels(self.service_name).inc()
+            try:
+                if streaming:
+                    # Server-streaming: errors surface while iterating, so wrap the generator.
+                    return self._stream(behavior(request_or_iterator, context), context, short, started, token)
+                return behavior(request_or_iterator, context)
+            except Exception as exc:  # noqa: BLE001 - this is the single mapping point
+                code = self._abort(exc, context, short)
+            finally:
+                if not streaming:
+                    self._finish(context, short, started, code, token)
+
+        def wrap(behavior, streaming):
+            return lambda req, ctx: run(behavior, req, ctx, streaming)
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap(handler.stream_unary, False), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            wrap(handler.stream_stream, True), handler.request_deserializer, handler.response_serializer)
+
+    def _stream(self, iterator, context, short, started, token):
+        code = grpc.StatusCode.OK
+        try:
+            yield from iterator
+        except Exception as exc:  # noqa: BLE001
+            code = self._abort(exc, context, short)
+        finally:
+            self._finish(context, short, started, code, token)
+
+    def _abort(self, exc: Exception, context: grpc.ServicerContext, short: str) -> grpc.StatusCode:
+        if isinstance(exc, CbirError):
+            log.info("request failed", extra={"method": short, "code": exc.code.name, "error": exc.message})
+            context.abort(exc.code, exc.message)
+        if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") and exc.code() in PASS_THROUGH_CODES:
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            log.warning("dependency failed", extra={"method": short, "code": exc.code().name, "error": details})
+            context.abort(exc.code(), f"dependency failed: {details}")
+        if context.code() not in (None, grpc.StatusCode.OK):
+            # The servicer already aborted the call itself: keep its status.
+            raise exc
+        log.exception("unhandled error", extra={"method": short})
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()})")
+        raise AssertionError("unreachable")  # abort always raises
+
+    def _finish(self, context, short, started, code, token):
+        final = context.code() or code or grpc.StatusCode.OK
+        if isinstance(final, int):
+            final = grpc.StatusCode.OK
+        metrics.GRPC_IN_FLIGHT.labels(self.service_name).dec()
+        metrics.GRPC_REQUESTS.labels(self.service_name, short, final.name).inc()
+        metrics.GRPC_LATENCY.labels(self.service_name, short).observe(time.perf_counter() - started)
+        request_id_var.reset(token)
+
+
+# --------------------------------------------------------------------------- server
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server with its health servicer; ``set_serving`` flips every service's health."""
+
+    server: grpc.Server
+    port: int
+    metrics_port: int
+    health: health.HealthServicer
+    service_names: tuple[str, ...]
+    grace_seconds: float
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+    _stopping: threading.Lock = field(default_factory=threading.Lock)
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stops accepting RPCs, lets in-flight ones finish within the grace period, runs cleanups."""
+        if not self._stopping.acquire(blocking=False):
+            self._stopped.wait()
+            return
+        try:
+            self.set_serving(False)
+            self.server.stop(self.grace_seconds if grace is None else grace).wait()
+            for cleanup in reversed(self.on_stop):
+                try:
+                    cleanup()
+                except Exception:  # noqa: BLE001 - one failing cleanup must not skip the others
+                    log.exception("cleanup failed during shutdown")
+        finally:
+            self._stopped.set()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def start_server(
+    options: ServerOptions,
+    registrations: Iterable[tuple[Callable[[Any, grpc.Server], None], Any]],
+    service_names: Iterable[str],
+    *,
+    serving: bool = True,
+    extra_interceptors: Iterable[grpc.ServerInterceptor] = (),
+) -> RunningServer:
+    """Builds and starts a gRPC server with health, reflection, the error interceptor and metrics.
+
+    ``registrations`` are ``(add_XServicer_to_server, servicer)`` pairs; ``service_names`` their full
+    names (for health and reflection). Health starts SERVING unless ``serving`` is False (a service
+    that loads something first flips it with ``set_serving`` when ready).
+    """
+    service_names = tuple(service_names)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix=options.service_name),
+        interceptors=[ServiceInterceptor(options.service_name), *extra_interceptors],
+        options=[
+            ("grpc.max_send_message_length", options.max_message_bytes),
+            ("grpc.max_receive_message_length", options.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    for add, servicer in registrations:
+        add(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{options.host}:{options.port}"
+    if options.tls is not None:
+        port = server.add_secure_port(address, options.tls.credentials())
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address} (port in use?)")
+    metrics_port = metrics.start_metrics_server(options.metrics_port, options.host)
+    server.start()
+    running = RunningServer(server, port, metrics_port, health_servicer, service_names, options.grace_seconds)
+    running.set_serving(serving)
+    if options.port_file:
+        with open(options.port_file + ".tmp", "w") as fh:
+            fh.write(str(port))
+        os.replace(options.port_file + ".tmp", options.port_file)
+    log.info(
+        "server started",
+        extra={"port": port, "metrics_port": metrics_port, "tls": options.tls is not None,
+               "services": list(service_names)},
+    )
+    return running
+
+
+def serve_until_signalled(running: RunningServer) -> int:
+    """Blocks until SIGTERM or SIGINT, then stops gracefully. Returns the process exit code."""
+
+    def handle(signum, _frame):
+        log.info("signal received, shutting down", extra={"signal": signal.Signals(signum).name})
+        threading.Thread(target=running.stop, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    running.wait()
+    log.info("server stopped")
+    return 0

@@ -1,0 +1,1 @@
+"""Durable HNSW catalogue index service (hnswlib + SQLite item store) and the reindex CLI."""

@@ -1,0 +1,42 @@
+"""Flags fall back to environment variables, and bad environment values are clear usage errors."""
+
+import argparse
+
+import pytest
+
+from cbir.config import env_flag
+
+
+def parser_with(monkeypatch, env: dict[str, str]):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    parser = argparse.ArgumentParser(prog="svc")
+    env_flag(parser, "--port", env="SVC_PORT", default=50051, type=int, help="Port.")
+    env_flag(parser, "--tls", env="SVC_TLS", default=False, type=bool, help="TLS.")
+    return parser
+
+
+def test_default_when_neither_flag_nor_env(monkeypatch):
+    monkeypatch.delenv("SVC_PORT", raising=False)
+    args = parser_with(monkeypatch, {}).parse_args([])
+    assert args.port == 50051 and args.tls is False
+
+
+def test_env_overrides_default_and_flag_overrides_env(monkeypatch):
+    parser = parser_with(monkeypatch, {"SVC_PORT": "7000", "SVC_TLS": "true"})
+    assert parser.parse_args([]).port == 7000
+    assert parser.parse_args([]).tls is True
+    assert parser.parse_args(["--port", "8000", "--no-tls"]).port == 8000
+    assert parser.parse_args(["--no-tls"]).tls is False
+
+
+def test_bad_env_value_names_the_variable(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parser_with(monkeypatch, {"SVC_PORT": "eighty"})
+    assert exc.value.code == 2
+    assert "SVC_PORT" in capsys.readouterr().err
+
+
+def test_help_mentions_env(monkeypatch):
+    text = parser_with(monkeypatch, {}).format_help()
+    assert "SVC_PORT" in text

@@ -1,0 +1,99 @@
+"""A tiny SavedModel that follows the model contract (ARCHITECTURE.md, contract 1), for tests.
+
+It lets the serving, indexer and gateway tests run without training: a fixed random projection of a
+small centre-cropped thumbnail, L2-normalised. Different seeds give different embedding spaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+INPUT_SIZE = 16
+RESIZE_SIZE = 20
+
+
+def _preprocess(image_bytes: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = tf.image.resize(tf.cast(image, tf.float32), (RESIZE_SIZE, RESIZE_SIZE))
+    offset = (RESIZE_SIZE - INPUT_SIZE) // 2
+    image = image[offset : offset + INPUT_SIZE, offset : offset + INPUT_SIZE, :]
+    image.set_shape((INPUT_SIZE, INPUT_SIZE, 3))
+    return image
+
+
+class TinyEmbedder(tf.Module):
+    def __init__(self, dim: int, seed: int):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.projection = tf.Variable(
+            rng.standard_normal((INPUT_SIZE * INPUT_SIZE * 3, dim)).astype(np.float32), trainable=False
+        )
+
+    def _embed_pixels(self, pixels: tf.Tensor) -> tf.Tensor:
+        flat = tf.reshape(pixels / 255.0 - 0.5, (-1, INPUT_SIZE * INPUT_SIZE * 3))
+        return tf.math.l2_normalize(tf.matmul(flat, self.projection), axis=1)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_bytes(self, image_bytes):
+        pixels = tf.map_fn(_preprocess, image_bytes, fn_output_signature=tf.float32)
+        return {"embedding": self._embed_pixels(pixels)}
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32, name="pixels")]
+    )
+    def serve_pixels(self, pixels):
+        return {"embedding": self._embed_pixels(pixels)}
+
+
+def export_tiny_model(
+    model_repo: Path, name: str = "tiny", version: int = 1, dim: int = 8, seed: int = 0
+) -> Path:
+    """Writes ``<model_repo>/<name>/<version>/`` atomically (temp dir + rename) and returns it."""
+    final = Path(model_repo) / name / str(version)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
+    try:
+        module = TinyEmbedder(dim, seed)
+        tf.saved_model.save(
+            module,
+            str(staging),
+            signatures={"serving_default": module.serve_bytes, "serving_pixels": module.serve_pixels},
+        )
+        extra = staging / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        (extra / "cbir_model.json").write_text(
+            json.dumps(
+                {
+                    "format": "cbir.model.v1",
+                    "model_name": name,
+                    "version": version,
+                    "backbone": "tiny_projection",
+                    "embedding_dim": dim,
+                    "metric": "cosine",
+                    "input": {"height": INPUT_SIZE, "width": INPUT_SIZE},
+                    "resize": {"height": RESIZE_SIZE, "width": RESIZE_SIZE},
+                    "preprocessing": "decode, resize to 20x20, center crop 16x16, /255 - 0.5",
+                    "seed": seed,
+                },
+                indent=2,
+            )
+        )
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def reference_embedding(model_dir: Path, images: list[bytes]) -> np.ndarray:
+    """Embeddings computed in-process from the SavedModel, to compare a server's answers with."""
+    loaded = tf.saved_model.load(str(model_dir))
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant(images))
+    return out["embedding"].numpy()

@@ -1,0 +1,1 @@
+"""Metric-learning training, evaluation, the original CLI workflow, and SavedModel export."""
