@@ -1,0 +1,49 @@
+"""Gateway-specific Prometheus metrics: per-stage latency, generation retries, dependency health.
+
+Requests by method and status (and total latency) come from the shared interceptor (cbir.metrics).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import prometheus_client
+
+from cbir.metrics import LATENCY_BUCKETS
+
+STAGE_LATENCY = prometheus_client.Histogram(
+    "cbir_gateway_stage_seconds",
+    "Time spent in one stage of a search: decode (image checks), embed (Serving), "
+    "lookup (stored vector of an item), knn (indexer neighbour query), generation (active generation).",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
+GENERATION_RETRIES = prometheus_client.Counter(
+    "cbir_gateway_generation_retries_total",
+    "Searches redone because the active generation changed between embedding and the neighbour query.",
+)
+REENCODED_IMAGES = prometheus_client.Counter(
+    "cbir_gateway_reencoded_images_total",
+    "Query images re-encoded before embedding (animated, or a BMP variant the model cannot decode).",
+    ["reason"],
+)
+DEPENDENCY_UP = prometheus_client.Gauge(
+    "cbir_gateway_dependency_up",
+    "1 when the last health probe reached the dependency (serving, indexer shard N), else 0.",
+    ["dependency"],
+)
+SERVING = prometheus_client.Gauge(
+    "cbir_gateway_serving", "1 when the gateway reports SERVING on its health service."
+)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Observes the time spent in the block under ``stage=name`` (also when it raises)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        STAGE_LATENCY.labels(name).observe(time.perf_counter() - started)
