@@ -48,3 +48,24 @@ format: install ## ruff format + import sorting
 clean: ## remove the virtual environment, generated code and local state
 	rm -rf $(VENV) cbir/v1 var build .pytest_cache .ruff_cache tests/node/node_modules *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Quickstart (python -m quickstart) and the benchmark report (python -m benchmarks); see quickstart/README.md.
+DATA ?=
+MODELS ?=
+demo: install ## train, export, serve, index, search, evaluate and hot-swap on localhost (DATA=<catalogue> optional)
+	$(PY) -m quickstart demo $(if $(DATA),--data $(DATA))
+
+up: install ## start the local stack (model server, indexer, gateway) in the background under var/stack
+	$(PY) -m quickstart up $(if $(MODELS),--models $(MODELS)) $(if $(DATA),--catalogue $(DATA))
+
+down: install ## stop the local stack started by make up
+	$(PY) -m quickstart down
+
+status: install ## show the local stack's processes, ports, health and active generation
+	$(PY) -m quickstart status
+
+bench: install ## run every benchmark (~20 min on 2 cores); writes var/bench/results.{json,md}
+	$(PY) -m benchmarks
+
+bench-quick: install ## smoke run of every benchmark (a few minutes)
+	$(PY) -m benchmarks --quick

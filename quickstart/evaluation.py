@@ -1,0 +1,145 @@
+"""Retrieval quality measured through the running system, and offline on the same embeddings.
+
+System side: the ranked hits the Search RPC returned for every test query. Offline side:
+``trainer.metrics`` on the vectors exported from the indexer (the catalogue) and the test queries
+embedded by Serving with the generation's model version. Both use the same definitions: Recall@k,
+mAP@R (Musgrave et al.) and the original ``evaluation.py`` mAP@10 over the same seeded query draw.
+
+Why they may differ, and by how much: the index is HNSW, an approximate search. A query's
+contribution to any of these metrics is a number in [0, 1] that depends only on the labels of its
+first ``depth`` hits (1 for Recall@1, 10 for mAP@10, R for mAP@R), so the difference between the two
+means is at most the share of queries whose first ``depth`` labels differ from exact search. That
+share, measured here against an exact brute-force ranking, is the tolerance each metric is checked
+against; and since HNSW at the indexer's default ef finds nearly every true neighbour on a catalogue of
+this size, the difference must also stay under ``ABSOLUTE_TOLERANCE``. The hits' scores are checked
+against cosine similarities recomputed offline, which proves both sides use the same vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainer import metrics as tm
+
+KS = (1, 2, 4, 8, 16)
+ORIGINAL_R = 10
+ABSOLUTE_TOLERANCE = 0.02
+SCORE_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class RankedHits:
+    """What Search returned for one query: ids, labels and scores, best first."""
+
+    ids: Sequence[str]
+    labels: Sequence[str]
+    scores: Sequence[float]
+
+
+def search_depth(gallery_labels: Sequence[str]) -> int:
+    """The k to ask Search for: enough for Recall@16, mAP@10 and mAP@R (R = largest class)."""
+    _, counts = np.unique(np.asarray(gallery_labels), return_counts=True)
+    return int(max(max(KS), ORIGINAL_R, counts.max()))
+
+
+def original_picks(n_queries: int, trials: int, seed: int) -> np.ndarray:
+    """The queries of the original mAP@10, drawn exactly as ``trainer.metrics.original_map`` draws them."""
+    return np.random.default_rng(seed).integers(0, n_queries, size=trials)
+
+
+def metrics_from_hits(hits: Sequence[RankedHits], query_labels: Sequence[str], gallery_labels: Sequence[str], *,
+                      trials: int, seed: int) -> dict[str, float]:
+    """Recall@k, mAP@R and the original mAP@10 of ranked hit lists (the system's side)."""
+    classes, counts = np.unique(np.asarray(gallery_labels), return_counts=True)
+    class_size = dict(zip(classes.tolist(), counts.tolist(), strict=True))
+    recall = {k: [] for k in KS}
+    map_r = []
+    for ranked, label in zip(hits, query_labels, strict=True):
+        r = class_size.get(label, 0)
+        if r == 0:  # unanswerable, left out as trainer.metrics does
+            continue
+        rel = np.asarray([hit_label == label for hit_label in ranked.labels], dtype=bool)
+        for k in KS:
+            recall[k].append(bool(rel[:k].any()))
+        top_r = rel[:r]
+        precision = np.cumsum(top_r) / np.arange(1, len(top_r) + 1)
+        map_r.append(float(np.sum(precision[top_r]) / r))
+    out = {f"recall@{k}": float(np.mean(v)) if v else 0.0 for k, v in recall.items()}
+    out["map@r"] = float(np.mean(map_r)) if map_r else 0.0
+    aps = [tm.average_precision_at_k([lab == query_labels[i] for lab in hits[i].labels[:ORIGINAL_R]])
+           for i in original_picks(len(hits), trials, seed)]
+    out[f"original_map@{ORIGINAL_R}"] = float(np.mean(aps))
+    return out
+
+
+def offline_metrics(queries: np.ndarray, query_labels: Sequence[str], gallery: np.ndarray,
+                    gallery_labels: Sequence[str], *, trials: int, seed: int) -> dict[str, float]:
+    """The same figures from ``trainer.metrics`` on the embeddings (exact search)."""
+    q_labels, g_labels = np.asarray(query_labels), np.asarray(gallery_labels)
+    out = tm.evaluate(queries, q_labels, gallery_embeddings=gallery, gallery_labels=g_labels, ks=KS,
+                      metric="cosine", nmi=False)
+    out[f"original_map@{ORIGINAL_R}"] = tm.original_map(queries, q_labels, gallery, g_labels, trials=trials,
+                                                        r=ORIGINAL_R, seed=seed, metric="cosine")
+    out["nmi"] = tm.evaluate(queries, q_labels, ks=(1,), metric="cosine", nmi=True)["nmi"]
+    return out
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def compare(hits: Sequence[RankedHits], queries: np.ndarray, query_labels: Sequence[str], gallery_ids: Sequence[str],
+            gallery: np.ndarray, gallery_labels: Sequence[str], *, trials: int, seed: int) -> dict:
+    """System vs offline figures, the tolerance of each, and whether they agree."""
+    system = metrics_from_hits(hits, query_labels, gallery_labels, trials=trials, seed=seed)
+    offline = offline_metrics(queries, query_labels, gallery, gallery_labels, trials=trials, seed=seed)
+
+    # The exact ranking, to see how far HNSW strayed from it.
+    g_labels = np.asarray(gallery_labels)
+    scores = _normalised(queries) @ _normalised(gallery).T
+    depth = max(len(h.ids) for h in hits)
+    exact = tm.top_k_indices(scores, depth)
+    position = {item_id: i for i, item_id in enumerate(gallery_ids)}
+    class_size = dict(zip(*np.unique(g_labels, return_counts=True), strict=True))
+
+    def differs(i: int, d: int) -> bool:
+        return list(hits[i].labels[:d]) != g_labels[exact[i, :d]].tolist()
+
+    n = len(hits)
+    neighbour_recall = float(np.mean([
+        len(set(hits[i].ids[:depth]) & {gallery_ids[j] for j in exact[i, :len(hits[i].ids)]}) / max(len(hits[i].ids), 1)
+        for i in range(n)
+    ]))
+    score_error = 0.0
+    for i, ranked in enumerate(hits):
+        for item_id, score in zip(ranked.ids, ranked.scores, strict=True):
+            score_error = max(score_error, abs(float(score) - float(scores[i, position[item_id]])))
+    picks = original_picks(n, trials, seed)
+    share = {f"recall@{k}": np.mean([differs(i, k) for i in range(n)]) for k in KS}
+    share["map@r"] = np.mean([differs(i, int(class_size.get(query_labels[i], 0))) for i in range(n)])
+    share[f"original_map@{ORIGINAL_R}"] = np.mean([differs(int(i), ORIGINAL_R) for i in picks])
+
+    rows = []
+    for name in (*[f"recall@{k}" for k in KS], "map@r", f"original_map@{ORIGINAL_R}"):
+        diff = abs(system[name] - offline[name])
+        tolerance = min(float(share[name]), ABSOLUTE_TOLERANCE) + 1e-6
+        rows.append({"metric": name, "system": system[name], "offline": offline[name], "difference": diff,
+                     "tolerance": tolerance, "queries_differing_from_exact": float(share[name]),
+                     "agree": diff <= tolerance})
+    return {
+        "rows": rows,
+        "system": system,
+        "offline": offline,
+        "neighbour_recall": neighbour_recall,
+        "max_score_error": score_error,
+        "scores_agree": score_error <= SCORE_TOLERANCE,
+        "agree": all(r["agree"] for r in rows) and score_error <= SCORE_TOLERANCE,
+        "queries": n,
+        "gallery": len(gallery_ids),
+        "trials": trials,
+        "seed": seed,
+        "absolute_tolerance": ABSOLUTE_TOLERANCE,
+    }

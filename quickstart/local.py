@@ -1,0 +1,106 @@
+"""`make up` / `make down` / `make status`: the local stack kept running in the background."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from cbir.errors import FailedPrecondition
+from quickstart import services
+from quickstart.stack import Stack
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODELS = REPO / "var" / "demo" / "models"
+DEMO_CATALOGUE = REPO / "var" / "demo" / "data" / "train"
+
+
+def _versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def ensure_model(models: Path, model_name: str, *, seed_from: Path = DEMO_MODELS) -> int:
+    """The latest version in ``models/<name>``; when there is none, copies the demo's latest model."""
+    versions = _versions(models / model_name)
+    if versions:
+        return versions[-1]
+    demo_versions = _versions(seed_from / model_name)
+    if not demo_versions:
+        raise FailedPrecondition(
+            f"no model to serve: {models / model_name} has no version directory. Run `make demo` first "
+            f"(it trains and exports one), or pass MODELS=<repo> holding {model_name}/<version>/."
+        )
+    version = demo_versions[-1]
+    target = models / model_name / str(version)
+    staging = target.with_name(f".{version}.copy")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(seed_from / model_name / str(version), staging)
+    staging.rename(target)  # published atomically (ARCHITECTURE.md, contract 2)
+    print(f"copied the demo's model {model_name} version {version} into {models}")
+    return version
+
+
+def up(args) -> int:
+    root: Path = args.root
+    models = (args.models or root / "models").resolve()
+    version = ensure_model(models, args.model_name)
+    ports = services.StackPorts(args.serving_port, args.indexer_port, args.gateway_port,
+                                services.StackPorts.defaults().indexer_metrics,
+                                services.StackPorts.defaults().gateway_metrics)
+    stack = Stack(root)
+    print(f"local stack in {root} (model {args.model_name} from {models}, latest version {version})")
+    specs = services.stack_specs(root, models, args.model_name, ports)
+    services.start_stack(stack, specs, timeout=args.timeout)
+    indexer_target = f"127.0.0.1:{ports.indexer}"
+    generation = services.active_generation(indexer_target)
+    catalogue = args.catalogue or (DEMO_CATALOGUE if DEMO_CATALOGUE.is_dir() else None)
+    if generation is None and catalogue is not None:
+        print(f"no active generation: indexing {catalogue} with {args.model_name} version {version} ...")
+        services.wait_for_model_version(f"127.0.0.1:{ports.serving}", args.model_name, version)
+        command = [sys.executable, "-m", "indexer", "reindex", "--indexer", indexer_target,
+                   "--serving", f"127.0.0.1:{ports.serving}", "--model-name", args.model_name,
+                   "--catalogue", str(catalogue)]
+        result = subprocess.run(command, cwd=REPO)
+        if result.returncode != 0:
+            print(f"reindexing failed (exit {result.returncode}); the services keep running", file=sys.stderr)
+            return 1
+    _print_status(stack)
+    print(f"\nsearch:  .venv/bin/python -m gateway search --target 127.0.0.1:{ports.gateway} --image <file>")
+    print("stop:    make down")
+    return 0
+
+
+def down(args) -> int:
+    stack = Stack(args.root)
+    stopped = stack.stop_all(grace=args.grace)
+    print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing running under {args.root}")
+    return 0
+
+
+def status(args) -> int:
+    stack = Stack(args.root)
+    if not stack.records():
+        print(f"nothing running under {args.root} (start it with `make up`)")
+        return 3
+    return 0 if _print_status(stack) else 1
+
+
+def _print_status(stack: Stack) -> bool:
+    rows = stack.status()
+    print(f"\n{'service':8s}  {'pid':>7s}  {'port':>5s}  {'health':11s}  log")
+    for row in rows:
+        pid = str(row.pid) if row.alive else "-"
+        print(f"{row.name:8s}  {pid:>7s}  {row.port:>5d}  {row.health:11s}  {row.log}")
+    healthy = all(r.health == "SERVING" for r in rows)
+    indexer = next((r for r in rows if r.name == services.INDEXER and r.alive), None)
+    if indexer is not None:
+        generation = services.active_generation(f"127.0.0.1:{indexer.port}")
+        if generation is None:
+            print("active generation: none (index a catalogue: python -m indexer reindex ...)")
+        else:
+            print(f"active generation: {generation.name} ({generation.item_count} items, model "
+                  f"{generation.space.model_name} version {generation.space.model_version})")
+    return healthy

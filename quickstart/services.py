@@ -1,0 +1,140 @@
+"""The local CBIR stack: the model server, the indexer and the gateway, as stack service specs.
+
+One function says how the three services are started on localhost, for both `make up` and the demo,
+so they cannot drift apart. The model server gets a TF Serving model config that keeps the two latest
+versions loaded: during a hot-swap the active generation's version must stay served until the new
+generation is active (ARCHITECTURE.md, contract 3).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cbir import defaults
+from cbir.errors import FailedPrecondition, NotReady
+from cbir.v1 import indexer_pb2, indexer_pb2_grpc, search_pb2, search_pb2_grpc
+from quickstart.stack import ServiceSpec, Stack, free_port
+
+SERVING, INDEXER, GATEWAY = "serving", "indexer", "gateway"
+ORDER = (SERVING, INDEXER, GATEWAY)
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    serving: int
+    indexer: int
+    gateway: int
+    # -1 disables a metrics endpoint; 0 picks a free port.
+    indexer_metrics: int = -1
+    gateway_metrics: int = -1
+
+    @classmethod
+    def defaults(cls) -> StackPorts:
+        return cls(defaults.SERVING_GRPC_PORT, defaults.INDEXER_PORT, defaults.GATEWAY_PORT,
+                   defaults.INDEXER_METRICS_PORT, defaults.GATEWAY_METRICS_PORT)
+
+    @classmethod
+    def free(cls) -> StackPorts:
+        return cls(free_port(), free_port(), free_port(), -1, -1)
+
+
+def write_model_config(path: Path, model_repo: Path, model_name: str, num_versions: int = 2) -> Path:
+    """A TF Serving ``--model_config_file`` serving the ``num_versions`` latest versions of one model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "model_config_list {\n"
+        "  config {\n"
+        f'    name: "{model_name}"\n'
+        f'    base_path: "{(model_repo / model_name).resolve()}"\n'
+        '    model_platform: "tensorflow"\n'
+        f"    model_version_policy {{ latest {{ num_versions: {num_versions} }} }}\n"
+        "  }\n"
+        "}\n"
+    )
+    return path
+
+
+def stack_specs(root: Path, model_repo: Path, model_name: str, ports: StackPorts, *,
+                poll_seconds: float = 1.0) -> list[ServiceSpec]:
+    """The three services in start order; their state lives under ``root``."""
+    config = write_model_config(root / "serving" / "models.config", model_repo, model_name)
+    serving = ServiceSpec(SERVING, "embedder", (
+        "serve",
+        f"--port={ports.serving}",
+        "--rest_api_port=0",
+        f"--model_config_file={config}",
+        f"--file_system_poll_wait_seconds={poll_seconds:g}",
+    ), ports.serving)
+    indexer = ServiceSpec(INDEXER, "indexer", (
+        "serve", "--data-dir", str(root / "indexer"), "--port", str(ports.indexer),
+        "--metrics-port", str(ports.indexer_metrics), "--host", "127.0.0.1", "--log-format", "text",
+    ), ports.indexer)
+    gateway = ServiceSpec(GATEWAY, "gateway", (
+        "serve", "--serving", serving.target, "--indexer", indexer.target, "--model-name", model_name,
+        "--port", str(ports.gateway), "--metrics-port", str(ports.gateway_metrics), "--host", "127.0.0.1",
+        "--log-format", "text", "--generation-ttl", "0.2",
+    ), ports.gateway)
+    return [serving, indexer, gateway]
+
+
+def start_stack(stack: Stack, specs: list[ServiceSpec], *, timeout: float = 180.0, log=print) -> dict[str, bool]:
+    """Starts (or finds running) every service in order; returns name -> whether it was started now."""
+    started = {}
+    for spec in specs:
+        log(f"  {spec.name:8s} starting on {spec.target} ...")
+        record, was_started = stack.start(spec, timeout=timeout)
+        started[spec.name] = was_started
+        verb = "started" if was_started else "already running"
+        log(f"  {spec.name:8s} {verb}: pid {record.pid}, {spec.target}, SERVING (log {record.log})")
+    return started
+
+
+def active_generation(indexer_target: str, timeout: float = 5.0) -> indexer_pb2.Generation | None:
+    """The indexer's active generation, or None when there is none (or it does not answer)."""
+    import grpc
+
+    with grpc.insecure_channel(indexer_target) as channel:
+        stub = indexer_pb2_grpc.IndexerServiceStub(channel)
+        try:
+            stats = stub.Stats(indexer_pb2.StatsRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return None
+        if not stats.active_generation:
+            return None
+        for generation in stats.generations:
+            if generation.name == stats.active_generation:
+                return generation
+    return None
+
+
+def serving_info(gateway_target: str, timeout: float = 5.0) -> search_pb2.ServingInfo:
+    import grpc
+
+    with grpc.insecure_channel(gateway_target) as channel:
+        try:
+            return search_pb2_grpc.SearchServiceStub(channel).GetServingInfo(
+                search_pb2.GetServingInfoRequest(), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            raise NotReady(f"gateway {gateway_target}: {exc.code().name}: {exc.details()}") from exc
+
+
+def wait_for_model_version(serving_target: str, model_name: str, version: int, timeout: float = 120.0) -> None:
+    """Waits until Serving reports ``version`` of ``model_name`` AVAILABLE (it polls the repository)."""
+    from embedder.client import EmbedderClient
+
+    deadline = time.monotonic() + timeout
+    states: dict = {}
+    with EmbedderClient(serving_target, model_name, timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                states = client.model_versions()
+            except Exception as exc:  # noqa: BLE001 - not loaded yet looks like NOT_FOUND or UNAVAILABLE
+                states = {"error": str(exc)}
+            if states.get(version) == "AVAILABLE":
+                return
+            time.sleep(0.3)
+    raise FailedPrecondition(f"Serving at {serving_target} did not load {model_name} version {version} "
+                             f"within {timeout:.0f}s (model versions: {states})")

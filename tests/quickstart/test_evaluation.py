@@ -1,0 +1,81 @@
+"""System-vs-offline evaluation: identical rankings agree exactly; approximations stay within the bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quickstart import evaluation as ev
+from trainer import metrics as tm
+
+
+def clustered(n, classes, dim, seed, spread=0.9):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim))
+    labels = np.arange(n) % classes
+    x = centres[labels] + spread * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.array([f"c{c}" for c in labels])
+
+
+@pytest.fixture
+def space():
+    gallery, g_labels = clustered(120, 4, 8, 0)
+    queries, q_labels = clustered(40, 4, 8, 1)
+    ids = [f"item-{i}" for i in range(len(gallery))]
+    return queries, q_labels, ids, gallery, g_labels
+
+
+def exact_hits(queries, gallery, ids, g_labels, depth):
+    scores = queries @ gallery.T
+    top = tm.top_k_indices(scores, depth)
+    return [ev.RankedHits([ids[j] for j in row], g_labels[row].tolist(), scores[i, row].tolist())
+            for i, row in enumerate(top)]
+
+
+def test_search_depth_covers_the_largest_class():
+    assert ev.search_depth(["a"] * 40 + ["b"] * 3) == 40
+    assert ev.search_depth(["a", "b"]) == 16
+
+
+def test_exact_hits_agree_exactly_with_trainer_metrics(space):
+    queries, q_labels, ids, gallery, g_labels = space
+    hits = exact_hits(queries, gallery, ids, g_labels, ev.search_depth(g_labels))
+    result = ev.compare(hits, queries, q_labels, ids, gallery, g_labels, trials=50, seed=3)
+    assert result["agree"] and result["scores_agree"] and result["neighbour_recall"] == 1.0
+    for row in result["rows"]:
+        assert row["difference"] < 1e-9 and row["queries_differing_from_exact"] == 0.0
+    # An independent value: plain-loop Recall@1.
+    top1 = np.argmax(queries @ gallery.T, axis=1)
+    assert result["system"]["recall@1"] == pytest.approx(np.mean(g_labels[top1] == q_labels))
+    assert 0 < result["system"]["map@r"] < 1
+
+
+def test_a_swapped_pair_of_hits_is_explained_by_the_bound(space):
+    queries, q_labels, ids, gallery, g_labels = space
+    hits = exact_hits(queries, gallery, ids, g_labels, ev.search_depth(g_labels))
+    # What an approximate search does: it misses the best hit of query 0 (the next one moves up).
+    h = hits[0]
+    hits[0] = ev.RankedHits(h.ids[1:], h.labels[1:], h.scores[1:])
+    result = ev.compare(hits, queries, q_labels, ids, gallery, g_labels, trials=50, seed=3)
+    assert result["scores_agree"] and result["neighbour_recall"] < 1.0
+    for row in result["rows"]:
+        assert row["difference"] <= row["tolerance"]
+    assert result["agree"]
+
+
+def test_different_vectors_are_caught_by_the_scores(space):
+    queries, q_labels, ids, gallery, g_labels = space
+    hits = exact_hits(queries, gallery, ids, g_labels, ev.search_depth(g_labels))
+    other_queries, _ = clustered(40, 4, 8, 7)
+    result = ev.compare(hits, other_queries, q_labels, ids, gallery, g_labels, trials=50, seed=3)
+    assert not result["scores_agree"] and not result["agree"]
+
+
+def test_wrong_metric_is_caught(space):
+    queries, q_labels, ids, gallery, g_labels = space
+    hits = exact_hits(queries, gallery, ids, g_labels, ev.search_depth(g_labels))
+    # Labels shuffled in the hits (a system returning the wrong items) beyond the absolute tolerance.
+    rng = np.random.default_rng(0)
+    hits = [ev.RankedHits(h.ids, list(rng.permutation(h.labels)), h.scores) for h in hits]
+    result = ev.compare(hits, queries, q_labels, ids, gallery, g_labels, trials=50, seed=3)
+    assert not result["agree"]
