@@ -1,0 +1,294 @@
+"""One generation's HNSW graph over hnswlib, an exact brute-force reference, and graph snapshots.
+
+hnswlib's rules this module enforces (../shared/reference/serving-hnsw-k8s.md):
+- adding and querying concurrently is unsafe, and so is resizing: a readers-writer lock lets
+  queries run in parallel and gives writes (applied in small batches) exclusive access;
+- an existing label is updated in place, but with ``allow_replace_deleted`` a label must not be
+  re-added once deleted: labels are never reused, new items take over deleted *slots* instead
+  (``replace_deleted=True``);
+- capacity is fixed until ``resize_index``; fewer than k results raise, so callers fall back to
+  :class:`ExactIndex`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+# types_pb2.Metric values -> hnswlib space names.
+SPACES = {1: "cosine", 2: "l2", 3: "ip"}
+SNAPSHOT_FORMAT = "cbir.hnsw-snapshot.v1"
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer stops new readers so writes are not starved."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def distances_to_scores(metric: int, distances: np.ndarray) -> np.ndarray:
+    """hnswlib distances -> scores (higher is more similar), per types.proto's Metric."""
+    if metric == 2:
+        return 1.0 / (1.0 + distances)
+    return 1.0 - distances
+
+
+class ExactIndex:
+    """Brute-force k-NN over a matrix, with hnswlib's distance definitions. The reference for tests."""
+
+    def __init__(self, metric: int, ids: Sequence[str], vectors: np.ndarray):
+        self.metric = metric
+        self.ids = list(ids)
+        self.vectors = np.asarray(vectors, dtype=np.float32).reshape(len(self.ids), -1)
+        if metric == 1:
+            self.vectors = _normalise(self.vectors)
+
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries, dtype=np.float32)
+        if self.metric == 1:
+            return 1.0 - _normalise(q) @ self.vectors.T
+        if self.metric == 3:
+            return 1.0 - q @ self.vectors.T
+        sq = (q * q).sum(1)[:, None] + (self.vectors * self.vectors).sum(1)[None, :] - 2.0 * q @ self.vectors.T
+        return np.maximum(sq, 0.0)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        """Ids and distances of the k nearest (fewer if fewer items), nearest first."""
+        k = min(k, len(self.ids))
+        n = len(queries)
+        if k == 0:
+            return [[] for _ in range(n)], np.zeros((n, 0), np.float32)
+        d = self.distances(queries)
+        part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < d.shape[1] else np.tile(np.arange(d.shape[1]), (n, 1))
+        rows = np.arange(n)[:, None]
+        order = np.argsort(d[rows, part], axis=1, kind="stable")
+        best = part[rows, order]
+        return [[self.ids[j] for j in r] for r in best], d[rows, best]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms == 0, 1.0, norms)
+
+
+@dataclass(frozen=True)
+class GraphParams:
+    metric: int
+    dimension: int
+    m: int
+    ef_construction: int
+    ef_search: int
+
+
+class HnswGraph:
+    """The HNSW graph of one generation: item ids <-> hnswlib labels, guarded by a RW lock.
+
+    ``applied_seq`` is the store sequence number up to which the graph is known to be complete.
+    """
+
+    def __init__(self, params: GraphParams, capacity: int = 1024):
+        self.params = params
+        self.lock = RWLock()
+        self.index = hnswlib.Index(space=SPACES[params.metric], dim=params.dimension)
+        self.index.init_index(
+            max_elements=max(capacity, 16), M=params.m, ef_construction=params.ef_construction,
+            allow_replace_deleted=True,
+        )
+        self.index.set_ef(params.ef_search)
+        self.label_of: dict[str, int] = {}
+        self.id_of: dict[int, str] = {}
+        self.next_label = 0
+        self.applied_seq = 0
+
+    # ------------------------------------------------------------------ reads (hold lock.read())
+
+    def __len__(self) -> int:
+        return len(self.label_of)
+
+    @property
+    def deleted_slots(self) -> int:
+        return self.index.element_count - len(self.label_of)
+
+    @property
+    def capacity(self) -> int:
+        return self.index.max_elements
+
+    def memory_bytes(self) -> int:
+        """Estimate from hnswlib's layout: level-0 block per slot, upper levels for ~1/ln(M) of them."""
+        p = self.params
+        level0 = p.dimension * 4 + (2 * p.m) * 4 + 4 + 8
+        upper = (p.m * 4 + 4) / max(math.log(p.m), 1.0)
+        return int(self.capacity * (level0 + 8) + self.index.element_count * upper)
+
+    def search(self, queries: np.ndarray, k: int, ef: int, accept: Callable[[int], bool] | None = None):
+        """(labels, distances) from hnswlib; raises RuntimeError if fewer than k are found."""
+        self.index.set_ef(max(ef, k))
+        if accept is None:
+            return self.index.knn_query(queries, k=k)
+        # hnswlib calls the filter with the GIL held; one thread avoids contention (hnswlib docs).
+        return self.index.knn_query(queries, k=k, num_threads=1, filter=accept)
+
+    def vectors_of(self, ids: Sequence[str]) -> np.ndarray:
+        if not ids:
+            return np.zeros((0, self.params.dimension), np.float32)
+        return np.asarray(self.index.get_items([self.label_of[i] for i in ids], return_type="numpy"), np.float32)
+
+    # ------------------------------------------------------------------ writes (hold lock.write())
+
+    def put(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Adds new ids (into deleted slots when there are some) and updates existing ones in place."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        new_rows = [j for j, i in enumerate(ids) if i not in self.label_of]
+        old_rows = [j for j, i in enumerate(ids) if i in self.label_of]
+        if old_rows:
+            self.index.add_items(vectors[old_rows], [self.label_of[ids[j]] for j in old_rows])
+        if new_rows:
+            needed = self.index.element_count + len(new_rows)
+            if needed > self.index.max_elements:
+                self.index.resize_index(max(needed, self.index.max_elements * 2))
+            labels = list(range(self.next_label, self.next_label + len(new_rows)))
+            self.next_label += len(new_rows)
+            self.index.add_items(vectors[new_rows], labels, replace_deleted=True)
+            for j, label in zip(new_rows, labels, strict=True):
+                self.label_of[ids[j]] = label
+                self.id_of[label] = ids[j]
+
+    def remove(self, ids: Sequence[str]) -> None:
+        for item_id in ids:
+            label = self.label_of.pop(item_id, None)
+            if label is not None:
+                del self.id_of[label]
+                self.index.mark_deleted(label)
+
+    # ------------------------------------------------------------------ snapshots (hold lock.read())
+
+    def save(self, directory: Path) -> None:
+        """Writes graph + label map, then the manifest with their checksums (last, atomically)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        graph_path, labels_path, manifest_path = _paths(directory)
+        self.index.save_index(str(graph_path) + ".tmp")
+        ids = list(self.label_of)
+        np.savez(str(labels_path) + ".tmp.npz", ids=np.array(ids, dtype=object).astype(str) if ids else np.zeros(0, "U1"),
+                 labels=np.array([self.label_of[i] for i in ids], dtype=np.int64))
+        for tmp, final in ((str(graph_path) + ".tmp", graph_path), (str(labels_path) + ".tmp.npz", labels_path)):
+            _fsync(tmp)
+            os.replace(tmp, final)
+        manifest = {
+            "format": SNAPSHOT_FORMAT,
+            "applied_seq": self.applied_seq,
+            "next_label": self.next_label,
+            "params": self.params.__dict__,
+            "count": len(ids),
+            "graph_sha256": _sha256(graph_path),
+            "labels_sha256": _sha256(labels_path),
+        }
+        tmp = str(manifest_path) + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(manifest, fh)
+        _fsync(tmp)
+        os.replace(tmp, manifest_path)
+
+    @classmethod
+    def load(cls, directory: Path, params: GraphParams) -> HnswGraph:
+        """Loads a snapshot; raises SnapshotError if missing, corrupt or made with other parameters."""
+        graph_path, labels_path, manifest_path = _paths(directory)
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"no readable snapshot manifest in {directory}: {exc}") from exc
+        if manifest.get("format") != SNAPSHOT_FORMAT or manifest.get("params") != params.__dict__:
+            raise SnapshotError(f"snapshot in {directory} was made with other parameters")
+        for path, key in ((graph_path, "graph_sha256"), (labels_path, "labels_sha256")):
+            if not path.exists() or _sha256(path) != manifest.get(key):
+                raise SnapshotError(f"snapshot file {path} is missing or its checksum does not match")
+        graph = cls.__new__(cls)
+        graph.params = params
+        graph.lock = RWLock()
+        try:
+            graph.index = hnswlib.Index(space=SPACES[params.metric], dim=params.dimension)
+            graph.index.load_index(str(graph_path), allow_replace_deleted=True)
+            with np.load(labels_path) as data:
+                ids = [str(i) for i in data["ids"]]
+                labels = [int(x) for x in data["labels"]]
+        except (RuntimeError, ValueError, OSError, KeyError) as exc:
+            raise SnapshotError(f"snapshot in {directory} cannot be loaded: {exc}") from exc
+        if len(ids) != manifest["count"] or graph.index.element_count - graph.index.get_current_count() < 0:
+            raise SnapshotError(f"snapshot in {directory} is inconsistent")
+        graph.index.set_ef(params.ef_search)
+        graph.label_of = dict(zip(ids, labels, strict=True))
+        graph.id_of = {label: i for i, label in zip(ids, labels, strict=True)}
+        graph.next_label = int(manifest["next_label"])
+        graph.applied_seq = int(manifest["applied_seq"])
+        return graph
+
+
+class SnapshotError(Exception):
+    """A snapshot cannot be used; the graph is rebuilt from the store instead."""
+
+
+def remove_snapshot(directory: Path) -> None:
+    for path in _paths(directory):
+        path.unlink(missing_ok=True)
+
+
+def _paths(directory: Path) -> tuple[Path, Path, Path]:
+    return directory / "hnsw.bin", directory / "labels.npz", directory / "snapshot.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

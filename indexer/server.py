@@ -1,0 +1,194 @@
+"""IndexerService servicer (a thin proto <-> core adapter) and the function that wires and starts it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cbir.errors import CbirError, InvalidInput
+from cbir.server import RunningServer, ServerOptions, start_server
+from cbir.v1 import indexer_pb2, indexer_pb2_grpc, types_pb2
+from indexer.core import GenerationInfo, IndexerCore, ItemFilter
+from indexer.store import GenerationRow, ItemRow
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "cbir.v1.IndexerService"
+
+
+# ---------------------------------------------------------------------- conversions
+
+
+def item_from_proto(item: types_pb2.Item) -> ItemRow:
+    return ItemRow(item.id, item.uri, item.label, dict(item.attributes))
+
+
+def item_to_proto(item: ItemRow) -> types_pb2.Item:
+    return types_pb2.Item(id=item.id, uri=item.uri, label=item.label, attributes=item.attributes)
+
+
+def filter_from_proto(flt: types_pb2.Filter) -> ItemFilter:
+    return ItemFilter(tuple(flt.labels), tuple((a.key, tuple(a.values)) for a in flt.attributes))
+
+
+def generation_ref(row: GenerationRow | None) -> types_pb2.GenerationRef:
+    if row is None:
+        return types_pb2.GenerationRef()
+    return types_pb2.GenerationRef(
+        name=row.name,
+        space=types_pb2.EmbeddingSpace(model_name=row.model_name, model_version=row.model_version),
+        metric=row.metric,
+    )
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def generation_to_proto(info: GenerationInfo) -> indexer_pb2.Generation:
+    row = info.row
+    return indexer_pb2.Generation(
+        name=row.name,
+        space=types_pb2.EmbeddingSpace(model_name=row.model_name, model_version=row.model_version),
+        metric=row.metric,
+        dimension=row.dimension,
+        state=row.state,
+        item_count=info.item_count,
+        deleted_slots=info.deleted_slots,
+        pending_count=info.pending_count,
+        memory_bytes=info.memory_bytes,
+        params=indexer_pb2.HnswParams(m=row.m, ef_construction=row.ef_construction, ef_search=row.ef_search),
+        created_at=_timestamp(row.created_at),
+        activated_at=_timestamp(row.activated_at),
+    )
+
+
+# ---------------------------------------------------------------------- servicer
+
+
+class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
+    """Converts requests for :class:`IndexerCore` and its answers back; no logic of its own."""
+
+    def __init__(self, core: IndexerCore):
+        self.core = core
+
+    def Upsert(self, request_iterator, context):
+        written, generation, row = 0, None, None
+        for message in request_iterator:
+            if generation is None:
+                generation = message.generation
+            elif message.generation != generation:
+                raise InvalidInput(f"every message of an Upsert stream must name the same generation "
+                                   f"({generation!r} then {message.generation!r}); {written} records were written")
+            records = [(item_from_proto(r.item), r.vector) for r in message.records]
+            try:
+                row = self.core.upsert(generation, records, offset=written)
+            except CbirError as exc:
+                if written:
+                    exc.message += f" ({written} records of earlier messages were written)"
+                raise
+            written += len(records)
+        if row is None:
+            row = self.core.get_generation(generation or "").row
+        return indexer_pb2.UpsertResponse(upserted=written, generation=generation_ref(row))
+
+    def Delete(self, request, context):
+        deleted, missing = self.core.delete(list(request.ids), request.allow_missing)
+        return indexer_pb2.DeleteResponse(deleted=deleted, not_found=missing)
+
+    def Get(self, request, context):
+        found, row = self.core.get(list(request.ids), request.generation, request.include_vectors)
+        return indexer_pb2.GetResponse(
+            records=[indexer_pb2.Record(item=item_to_proto(item), vector=[] if vec is None else vec.tolist())
+                     for item, vec in found],
+            generation=generation_ref(row),
+        )
+
+    def Knn(self, request, context):
+        results, row = self.core.knn(
+            [q.values for q in request.queries], request.k,
+            generation=request.generation, require_active=request.require_active,
+            item_filter=filter_from_proto(request.filter), ef=request.ef,
+            min_score=request.min_score if request.HasField("min_score") else None,
+            exclude_ids=list(request.exclude_ids),
+        )
+        return indexer_pb2.KnnResponse(
+            results=[indexer_pb2.Neighbors(hits=[
+                types_pb2.Hit(id=h.item.id, score=h.score, distance=h.distance, uri=h.item.uri,
+                              label=h.item.label, attributes=h.item.attributes) for h in hits]) for hits in results],
+            generation=generation_ref(row),
+        )
+
+    def Stats(self, request, context):
+        s = self.core.stats()
+        return indexer_pb2.StatsResponse(
+            item_count=s.item_count, active_generation=s.active_generation,
+            generations=[generation_to_proto(g) for g in s.generations], store_bytes=s.store_bytes,
+            process_rss_bytes=s.process_rss_bytes, shard_id=s.shard_id, shard_count=s.shard_count,
+            last_sequence=s.last_sequence,
+        )
+
+    def CreateGeneration(self, request, context):
+        p = request.params
+        return generation_to_proto(self.core.create_generation(
+            request.name, request.space.model_name, request.space.model_version, request.metric,
+            request.dimension, p.m, p.ef_construction, p.ef_search))
+
+    def GetGeneration(self, request, context):
+        return generation_to_proto(self.core.get_generation(request.name))
+
+    def ListGenerations(self, request, context):
+        return indexer_pb2.ListGenerationsResponse(
+            generations=[generation_to_proto(g) for g in self.core.list_generations()])
+
+    def ListPending(self, request, context):
+        items, token, total = self.core.list_pending(request.generation, request.page_size, request.page_token)
+        return indexer_pb2.ListPendingResponse(items=[item_to_proto(i) for i in items], next_page_token=token,
+                                               total=total)
+
+    def ListItems(self, request, context):
+        rows, token, row = self.core.list_items(request.generation, request.page_size, request.page_token,
+                                                request.include_vectors)
+        return indexer_pb2.ListItemsResponse(
+            records=[indexer_pb2.Record(item=item_to_proto(item), vector=[] if vec is None else vec.tolist())
+                     for item, vec in rows],
+            next_page_token=token, generation=generation_ref(row))
+
+    def ActivateGeneration(self, request, context):
+        return generation_to_proto(self.core.activate_generation(
+            request.name, request.allow_pending, request.expected_active))
+
+    def DropGeneration(self, request, context):
+        self.core.drop_generation(request.name)
+        return indexer_pb2.DropGenerationResponse()
+
+
+# ---------------------------------------------------------------------- wiring
+
+
+def serve(options: ServerOptions, core: IndexerCore) -> RunningServer:
+    """Starts the server NOT_SERVING, loads the index in the background, then reports SERVING."""
+    running = start_server(
+        options, [(indexer_pb2_grpc.add_IndexerServiceServicer_to_server, IndexerServicer(core))],
+        [SERVICE_NAME], serving=False,
+    )
+
+    def load() -> None:
+        try:
+            core.load()
+        except Exception:  # noqa: BLE001 - stay NOT_SERVING and say why; a broken index never answers
+            log.exception("loading the index failed; staying NOT_SERVING")
+            return
+        core.start_background()
+        running.set_serving(True)
+
+    threading.Thread(target=load, name="indexer-load", daemon=True).start()
+    # Snapshot on the way out so the next start loads instead of replaying or rebuilding.
+    running.on_stop.append(core.close)
+    return running
