@@ -8,6 +8,7 @@ names are discovered with GetModelMetadata and cached per model version, never h
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,8 @@ _REQUEST_OVERHEAD = 16 * 1024
 _PER_IMAGE_OVERHEAD = 8
 _BACKOFF_INITIAL = 0.1
 _BACKOFF_MAX = 2.0
+# How the local model server names the culprit of a rejected batch (TF Serving itself does not).
+_BAD_ITEM = re.compile(r"^(?:image|item) index (\d+) of the batch is invalid: (.*)$", re.DOTALL)
 
 
 class ModelVersionUnavailable(errors.NotReady):
@@ -291,7 +294,7 @@ class EmbedderClient:
         return info
 
     def _embed_chunk(self, images: list[bytes], offset: int, version: int | None, label: str | None,
-                     deadline: float) -> tuple[np.ndarray, int]:
+                     deadline: float, repinned: bool = False) -> tuple[np.ndarray, int]:
         info = self._signature(version, label, deadline)
         request = predict_pb2.PredictRequest(model_spec=self._model_spec(version, label, signature=True))
         request.inputs[info.input_name].CopyFrom(_string_tensor(images))
@@ -300,15 +303,25 @@ class EmbedderClient:
             response = self._call(self._predict.Predict, request, deadline, what="Predict",
                                   version=version, label=label)
         except errors.InvalidInput as exc:
+            if version is None and not repinned:
+                # Perhaps a newer version with other tensor names became latest since the names
+                # were cached: look again and, if so, ask that version with its own names.
+                latest = self._signature(None, label, deadline, refresh=True)
+                if latest != info:
+                    return self._embed_chunk(images, offset, latest.model_version, None, deadline, repinned=True)
+            named = _BAD_ITEM.match(exc.message)
+            if named:
+                # The server already said which image (the local model server does).
+                raise errors.InvalidInput(f"image {offset + int(named[1])} is invalid: {named[2]}") from exc
             if len(images) > 1:
                 self._raise_for_bad_image(images, offset, info, version, label, deadline, exc)
-            raise errors.InvalidInput(f"image {offset}: {exc.message}") from exc
+            raise errors.InvalidInput(f"image {offset} was rejected: {exc.message}") from exc
         answered = int(response.model_spec.version.value)
         answered_info = self._signature(answered, None, deadline)
         if (answered_info.input_name, answered_info.output_name) != (info.input_name, info.output_name):
             # A new version with other tensor names took over between metadata and Predict: ask it
             # again, pinned, with its own names.
-            return self._embed_chunk(images, offset, answered, None, deadline)
+            return self._embed_chunk(images, offset, answered, None, deadline, repinned=True)
         if version is None:
             with self._lock:
                 self._alias_versions[label] = answered
@@ -330,7 +343,9 @@ class EmbedderClient:
             try:
                 self._call(self._predict.Predict, request, deadline, what="Predict", version=version, label=label)
             except errors.InvalidInput as exc:
-                raise errors.InvalidInput(f"image {offset + index}: {exc.message}") from batch_error
+                named = _BAD_ITEM.match(exc.message)
+                reason = named[2] if named else exc.message
+                raise errors.InvalidInput(f"image {offset + index} is invalid: {reason}") from batch_error
         # Every image passes alone: the problem is the request itself, not one image.
         raise batch_error
 
@@ -360,7 +375,7 @@ class EmbedderClient:
             return errors.InvalidInput(details)
         if code == grpc.StatusCode.NOT_FOUND:
             wanted = (f"version {version}" if version is not None
-                      else f"version label {label!r}" if label else "any version")
+                      else f"version label {label!r}" if label else "(latest version)")
             return ModelVersionUnavailable(
                 f"model {self.model_name!r} {wanted} is not served by {self.target} "
                 f"({self._available_text()}): {details}"
@@ -381,8 +396,7 @@ class EmbedderClient:
         }.get(code)
         if mapped is not None:
             return mapped(f"{what} to {self.target}: {details}")
-        error = errors.CbirError(f"{what} to {self.target} failed with {code.name}: {details}")
-        return error
+        return errors.CbirError(f"{what} to {self.target} failed with {code.name}: {details}")
 
     def _available_text(self) -> str:
         """Best effort "available versions: [...]" for error messages; never raises."""

@@ -282,3 +282,58 @@ def load_batching_parameters(path: str | os.PathLike) -> BatchingParameters:
     except OSError as exc:
         raise InvalidInput(f"cannot read batching parameters file {str(path)!r}: {exc.strerror or exc}") from exc
     return parse_batching_parameters(text, source=str(path))
+
+
+# --------------------------------------------------------------------------- monitoring config
+
+DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+
+
+def _monitoring_message_class():
+    """TF Serving's ``tensorflow.serving.MonitoringConfig`` (monitoring_config.proto)."""
+    file = descriptor_pb2.FileDescriptorProto(
+        name="cbir_embedder/monitoring_config.proto", package="tensorflow.serving", syntax="proto3"
+    )
+    F = descriptor_pb2.FieldDescriptorProto
+    prometheus = file.message_type.add(name="PrometheusConfig")
+    prometheus.field.add(name="enable", number=1, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
+    prometheus.field.add(name="path", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    monitoring = file.message_type.add(name="MonitoringConfig")
+    monitoring.field.add(name="prometheus_config", number=1, type=F.TYPE_MESSAGE,
+                         type_name=".tensorflow.serving.PrometheusConfig", label=F.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
+
+
+MonitoringConfigProto = _monitoring_message_class()
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """Whether (and where) the REST port exposes Prometheus metrics."""
+
+    prometheus_enabled: bool = False
+    prometheus_path: str = DEFAULT_PROMETHEUS_PATH
+
+
+def parse_monitoring_config(text: str, *, source: str = "monitoring config") -> MonitoringConfig:
+    """Parses ``--monitoring_config_file``, e.g. ``prometheus_config { enable: true }``."""
+    proto = MonitoringConfigProto()
+    try:
+        text_format.Parse(text, proto)
+    except text_format.ParseError as exc:
+        raise InvalidInput(f"{source}: {exc}") from exc
+    path = proto.prometheus_config.path or DEFAULT_PROMETHEUS_PATH
+    if not path.startswith("/"):
+        raise InvalidInput(f"{source}: prometheus_config.path must start with '/', got {path!r}")
+    return MonitoringConfig(bool(proto.prometheus_config.enable), path)
+
+
+def load_monitoring_config(path: str | os.PathLike) -> MonitoringConfig:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read monitoring config file {str(path)!r}: {exc.strerror or exc}") from exc
+    return parse_monitoring_config(text, source=str(path))

@@ -1,0 +1,173 @@
+"""Dynamic batching: concurrent requests are merged into one model run, as TF Serving's batcher does.
+
+A batch closes when it reaches ``max_batch_size`` items or when its oldest request has waited
+``batch_timeout_micros``; ``num_batch_threads`` batches run at once; padded to the next
+``allowed_batch_sizes`` entry when given. If a merged batch fails, each request is run alone so an
+error (a corrupt image) reaches only the request that caused it, and good neighbours still succeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cbir.errors import InvalidInput, NotReady
+from embedder import metrics
+from embedder.model_config import BatchingParameters
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class _Task:
+    inputs: Arrays
+    size: int
+    enqueued: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Arrays | None = None
+    error: BaseException | None = None
+
+
+class DynamicBatcher:
+    """Merges ``submit`` calls from many threads into batched calls of ``process``.
+
+    ``process`` takes and returns arrays whose first dimension is the batch. Results are the
+    rows belonging to each request, in order; padding rows are dropped.
+    """
+
+    def __init__(self, process: Callable[[Arrays], Arrays], params: BatchingParameters, *, name: str):
+        self._process = process
+        self.params = params
+        self.name = name
+        self._queue: deque[_Task] = deque()
+        self._queued_items = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"batch-{name}-{i}", daemon=True)
+            for i in range(params.num_batch_threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, inputs: Arrays, size: int) -> Arrays:
+        """Blocks until the request's rows have been computed in some batch."""
+        limit = self.params.execution_batch_size
+        if size > limit:
+            if not self.params.enable_large_batch_splitting:
+                raise InvalidInput(
+                    f"Task size {size} is larger than maximum input batch size {self.params.max_batch_size}"
+                )
+            parts = [self.submit({k: v[i:i + limit] for k, v in inputs.items()}, min(limit, size - i))
+                     for i in range(0, size, limit)]
+            return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+        task = _Task(inputs, size)
+        with self._cond:
+            if self._closed:
+                # The version is being unloaded; this request still holds it, so run it directly.
+                return self._process(inputs)
+            capacity = self.params.max_enqueued_batches * self.params.max_batch_size
+            if self._queued_items + size > capacity:
+                raise NotReady("The batch scheduling queue to which this session object feeds is full.")
+            self._queue.append(task)
+            self._queued_items += size
+            self._cond.notify_all()
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        assert task.result is not None
+        return task.result
+
+    def close(self) -> None:
+        """Stops the batch threads once the queued requests are done."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ batch threads
+
+    def _next_batch(self) -> list[_Task] | None:
+        limit = self.params.execution_batch_size
+        timeout = self.params.batch_timeout_seconds
+        with self._cond:
+            while True:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return None
+                deadline = self._queue[0].enqueued + timeout
+                while (self._queue and not self._closed and self._queued_items < limit
+                       and time.monotonic() < deadline):
+                    self._cond.wait(max(0.0, deadline - time.monotonic()))
+                if not self._queue:
+                    continue  # another batch thread took them while we waited
+                batch: list[_Task] = []
+                total = 0
+                while self._queue and total + self._queue[0].size <= limit:
+                    task = self._queue.popleft()
+                    batch.append(task)
+                    total += task.size
+                self._queued_items -= total
+                return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            except BaseException as exc:  # noqa: BLE001 - a batch thread must never die
+                log.exception("batch failed unexpectedly", extra={"batcher": self.name})
+                for task in batch:
+                    if not task.done.is_set():
+                        task.error = exc
+                        task.done.set()
+
+    def _run(self, batch: list[_Task]) -> None:
+        started = time.monotonic()
+        for task in batch:
+            metrics.BATCH_WAIT.labels(self.name).observe(started - task.enqueued)
+        if len(batch) == 1:
+            self._run_alone(batch[0])
+            metrics.BATCH_SIZE.labels(self.name).observe(batch[0].size)
+            return
+        total = sum(task.size for task in batch)
+        padded = self.params.padded_size(total)
+        merged = {}
+        for alias in batch[0].inputs:
+            rows = [task.inputs[alias] for task in batch]
+            if padded > total:
+                # Padding repeats a real row, so it is always valid model input.
+                rows.append(np.repeat(rows[-1][-1:], padded - total, axis=0))
+            merged[alias] = np.concatenate(rows, axis=0)
+        metrics.BATCH_SIZE.labels(self.name).observe(padded)
+        try:
+            outputs = self._process(merged)
+        except Exception:  # noqa: BLE001 - attribute the failure to the request(s) that caused it
+            for task in batch:
+                self._run_alone(task)
+            return
+        offset = 0
+        for task in batch:
+            task.result = {alias: value[offset:offset + task.size] for alias, value in outputs.items()}
+            offset += task.size
+            task.done.set()
+
+    def _run_alone(self, task: _Task) -> None:
+        try:
+            task.result = self._process(task.inputs)
+        except BaseException as exc:  # noqa: BLE001 - delivered to the waiting request
+            task.error = exc
+        task.done.set()
