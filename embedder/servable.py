@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from cbir.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
@@ -149,7 +150,7 @@ class Servable:
             if want_string != is_string or (not want_string and not _castable(array.dtype, spec.dtype)):
                 raise InvalidInput(
                     f"Expects arg[{sorted(signature.inputs).index(alias)}] ({alias!r} of signature "
-                    f"{signature.name!r}) to be {spec.dtype.name} but {_dtype_name(array)} is provided"
+                    f"{signature.name!r}) to be {_tf_type_name(spec.dtype)} but {_dtype_name(array)} is provided"
                 )
             if not spec.shape.is_compatible_with(array.shape):
                 raise InvalidInput(
@@ -230,11 +231,16 @@ def _castable(have: np.dtype, want: tf.DType) -> bool:
         return False
 
 
+def _tf_type_name(dtype: tf.DType) -> str:
+    """TensorFlow's own spelling in error messages: DT_FLOAT -> "float", DT_STRING -> "string"."""
+    return types_pb2.DataType.Name(dtype.as_datatype_enum)[3:].lower()
+
+
 def _dtype_name(array: np.ndarray) -> str:
     if array.dtype.kind in ("O", "S", "U"):
         return "string"
     try:
-        return tf.as_dtype(array.dtype).name
+        return _tf_type_name(tf.as_dtype(array.dtype))
     except TypeError:
         return str(array.dtype)
 

@@ -1,0 +1,133 @@
+"""DynamicBatcher in-process: merging, padding, error isolation, queue limits."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from cbir.errors import InvalidInput, NotReady
+from embedder.batching import DynamicBatcher
+from embedder.model_config import BatchingParameters
+
+
+class Recorder:
+    """A 'model' that doubles its input and remembers the batch sizes it was run with."""
+
+    def __init__(self, fail_on: float | None = None, gate: threading.Event | None = None):
+        self.sizes: list[int] = []
+        self.fail_on = fail_on
+        self.gate = gate
+
+    def __call__(self, inputs):
+        if self.gate is not None:
+            self.gate.wait(10)
+        x = inputs["x"]
+        self.sizes.append(len(x))
+        if self.fail_on is not None and (x == self.fail_on).any():
+            raise InvalidInput(f"bad value {self.fail_on}")
+        return {"y": x * 2}
+
+
+def run_concurrently(batcher, values):
+    results, errors = {}, {}
+    barrier = threading.Barrier(len(values))
+
+    def one(value):
+        barrier.wait()
+        try:
+            results[value] = batcher.submit({"x": np.array([value], np.float32)}, 1)["y"]
+        except Exception as exc:  # noqa: BLE001
+            errors[value] = exc
+
+    threads = [threading.Thread(target=one, args=(v,)) for v in values]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results, errors
+
+
+def test_concurrent_requests_are_merged_and_get_their_own_rows():
+    model = Recorder()
+    params = BatchingParameters(max_batch_size=8, batch_timeout_micros=200_000, num_batch_threads=1)
+    batcher = DynamicBatcher(model, params, name="t")
+    try:
+        results, errors = run_concurrently(batcher, [float(v) for v in range(16)])
+    finally:
+        batcher.close()
+    assert not errors
+    assert {v: float(r[0]) for v, r in results.items()} == {float(v): 2.0 * v for v in range(16)}
+    assert max(model.sizes) > 1 and max(model.sizes) <= 8
+    assert sum(model.sizes) == 16
+
+
+def test_padding_to_allowed_batch_sizes():
+    model = Recorder()
+    params = BatchingParameters(max_batch_size=8, batch_timeout_micros=200_000, num_batch_threads=1,
+                                allowed_batch_sizes=(4, 8))
+    batcher = DynamicBatcher(model, params, name="t")
+    try:
+        results, errors = run_concurrently(batcher, [1.0, 2.0, 3.0, 4.0, 5.0])
+    finally:
+        batcher.close()
+    assert not errors and len(results) == 5
+    assert all(size in (1, 4, 8) for size in model.sizes), model.sizes
+
+
+def test_a_failing_request_does_not_fail_its_neighbours():
+    model = Recorder(fail_on=3.0)
+    params = BatchingParameters(max_batch_size=8, batch_timeout_micros=200_000, num_batch_threads=1)
+    batcher = DynamicBatcher(model, params, name="t")
+    try:
+        results, errors = run_concurrently(batcher, [1.0, 2.0, 3.0, 4.0])
+    finally:
+        batcher.close()
+    assert set(errors) == {3.0} and isinstance(errors[3.0], InvalidInput)
+    assert {v: float(r[0]) for v, r in results.items()} == {1.0: 2.0, 2.0: 4.0, 4.0: 8.0}
+
+
+def test_too_large_task_is_rejected_or_split():
+    model = Recorder()
+    batcher = DynamicBatcher(model, BatchingParameters(max_batch_size=4, num_batch_threads=1), name="t")
+    try:
+        with pytest.raises(InvalidInput, match="Task size 5 is larger than maximum input batch size 4"):
+            batcher.submit({"x": np.arange(5, dtype=np.float32)}, 5)
+    finally:
+        batcher.close()
+    splitting = DynamicBatcher(
+        model, BatchingParameters(max_batch_size=4, num_batch_threads=1, enable_large_batch_splitting=True),
+        name="t2")
+    try:
+        out = splitting.submit({"x": np.arange(10, dtype=np.float32)}, 10)
+    finally:
+        splitting.close()
+    np.testing.assert_array_equal(out["y"], np.arange(10) * 2)
+
+
+def test_full_queue_is_unavailable():
+    gate = threading.Event()
+    model = Recorder(gate=gate)
+    params = BatchingParameters(max_batch_size=2, max_enqueued_batches=1, num_batch_threads=1)
+    batcher = DynamicBatcher(model, params, name="t")
+    first = threading.Thread(target=batcher.submit, args=({"x": np.ones(2, np.float32)}, 2))
+    first.start()  # taken by the batch thread, which blocks on the gate
+    try:
+        for _ in range(100):
+            if batcher._queued_items == 0:
+                break
+            threading.Event().wait(0.01)
+        second = threading.Thread(target=batcher.submit, args=({"x": np.ones(2, np.float32)}, 2))
+        second.start()  # fills the queue
+        for _ in range(100):
+            if batcher._queued_items == 2:
+                break
+            threading.Event().wait(0.01)
+        with pytest.raises(NotReady, match="queue"):
+            batcher.submit({"x": np.ones(1, np.float32)}, 1)
+    finally:
+        gate.set()
+        first.join(5)
+        second.join(5)
+        batcher.close()
