@@ -295,14 +295,10 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
             t0 = time.perf_counter()
             images, labels = next(iterator)
             loss = float(train_step(images, labels))
-            elapsed = time.perf_counter() - t0
             if not math.isfinite(loss):
                 raise FailedPrecondition(f"the loss became {loss} at step {step}; lower model.fit.lr")
             step += 1
             step_var.assign(step)
-            if step > start + 1:  # the first step includes tracing; leave it out of the rate
-                images_seen += int(images.shape[0])
-                busy_seconds += elapsed
             rate = images_seen / busy_seconds if busy_seconds else 0.0
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
@@ -310,6 +306,11 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
             log_scalar("learning_rate", float(optimizer.learning_rate), step=step)
             if rate:
                 log_scalar("images_per_second", rate, step=step)
+            # The rate covers everything a step costs (data, step, read-back, logging) except checkpoints
+            # and evaluations; the first step, which traces the graph, is left out.
+            if step > start + 1:
+                images_seen += int(images.shape[0])
+                busy_seconds += time.perf_counter() - t0
             if config.checkpoint_frequency and step % config.checkpoint_frequency == 0:
                 latest.save(checkpoint_number=step)
             if eval_every and step % eval_every == 0:
