@@ -1,0 +1,61 @@
+"""Session-wide real stack for the gateway's end-to-end tests (started once, only if such a test runs)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.gateway import stack as s
+from tests.support.processes import ServiceProcess
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    model_repo: Path
+    catalogue: s.Catalogue
+    serving: str
+    serving_proc: ServiceProcess
+    indexer: str
+    indexer_proc: ServiceProcess
+    gateway: s.Gateway
+
+
+@pytest.fixture(scope="session")
+def e2e():
+    """Model server (tiny model v1) + one indexer shard with generation tiny-v1 + gateway (API keys on)."""
+    from tests.support.tiny_model import export_tiny_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="cbir-gateway-e2e-"))
+    logs = workdir / "logs"
+    logs.mkdir()
+    repo = workdir / "models"
+    export_tiny_model(repo, s.MODEL, version=1, dim=s.DIM, seed=0)
+    config = workdir / "models.config"
+    config.write_text(s.model_config(repo))
+    catalogue = s.Catalogue.make(workdir / "catalogue")
+    procs: list[ServiceProcess] = []
+    try:
+        serving_proc, serving = s.start(
+            "embedder", ["--model_config_file", str(config), "--file_system_poll_wait_seconds", "0.5",
+                         "--host", "127.0.0.1", "--max-workers", "32"], logs, "embedder")
+        procs.append(serving_proc)
+        indexer_proc, indexer = s.start("indexer", ["--data-dir", str(workdir / "index0"), "--host", "127.0.0.1", "--metrics-port", "-1"],
+                                        logs, "indexer")
+        procs.append(indexer_proc)
+        s.build_generation(serving, [indexer], catalogue, 1, "tiny-v1")
+        gateway = s.start_gateway(
+            logs, "gateway", serving, [indexer],
+            "--max-image-bytes", "2000000", "--max-image-pixels", "4000000",
+            "--max-message-bytes", str(8 * 1024 * 1024), "--generation-ttl", "0.5",
+            env={"CBIR_GATEWAY_API_KEYS": f"{s.SEARCH_KEY},{s.INFO_KEY}:info"},
+        )
+        procs.append(gateway.proc)
+        yield Stack(workdir, repo, catalogue, serving, serving_proc, indexer, indexer_proc, gateway)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
