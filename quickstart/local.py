@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -52,21 +53,25 @@ def up(args) -> int:
                                 services.StackPorts.defaults().gateway_metrics)
     stack = Stack(root)
     print(f"local stack in {root} (model {args.model_name} from {models}, latest version {version})")
-    specs = services.stack_specs(root, models, args.model_name, ports)
-    services.start_stack(stack, specs, timeout=args.timeout)
-    indexer_target = f"127.0.0.1:{ports.indexer}"
+    serving, indexer, gateway = services.stack_specs(root, models, args.model_name, ports)
+    for spec in (serving, indexer):
+        services.start_service(stack, spec, timeout=args.timeout)
+    indexer_target = indexer.target
     generation = services.active_generation(indexer_target)
     catalogue = args.catalogue or (DEMO_CATALOGUE if DEMO_CATALOGUE.is_dir() else None)
     if generation is None and catalogue is not None:
         print(f"no active generation: indexing {catalogue} with {args.model_name} version {version} ...")
         services.wait_for_model_version(f"127.0.0.1:{ports.serving}", args.model_name, version)
-        command = [sys.executable, "-m", "indexer", "reindex", "--indexer", indexer_target,
-                   "--serving", f"127.0.0.1:{ports.serving}", "--model-name", args.model_name,
-                   "--catalogue", str(catalogue)]
-        result = subprocess.run(command, cwd=REPO)
+        command = [sys.executable, "-m", "indexer", "reindex", str(catalogue), "--indexer", indexer_target,
+                   "--serving", f"127.0.0.1:{ports.serving}", "--model", args.model_name,
+                   "--model-version", str(version), "--metric", "cosine"]
+        result = subprocess.run(command, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if result.returncode != 0:
             print(f"reindexing failed (exit {result.returncode}); the services keep running", file=sys.stderr)
             return 1
+        generation = services.active_generation(indexer_target)
+    # The gateway is NOT_SERVING until a generation is active: then "up" is all we can wait for.
+    services.start_service(stack, gateway, timeout=args.timeout, require_serving=generation is not None)
     _print_status(stack)
     print(f"\nsearch:  .venv/bin/python -m gateway search --target 127.0.0.1:{ports.gateway} --image <file>")
     print("stop:    make down")

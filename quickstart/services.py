@@ -66,6 +66,8 @@ def stack_specs(root: Path, model_repo: Path, model_name: str, ports: StackPorts
         "--rest_api_port=0",
         f"--model_config_file={config}",
         f"--file_system_poll_wait_seconds={poll_seconds:g}",
+        "--host=127.0.0.1",
+        "--log-format=text",
     ), ports.serving)
     indexer = ServiceSpec(INDEXER, "indexer", (
         "serve", "--data-dir", str(root / "indexer"), "--port", str(ports.indexer),
@@ -79,16 +81,15 @@ def stack_specs(root: Path, model_repo: Path, model_name: str, ports: StackPorts
     return [serving, indexer, gateway]
 
 
-def start_stack(stack: Stack, specs: list[ServiceSpec], *, timeout: float = 180.0, log=print) -> dict[str, bool]:
-    """Starts (or finds running) every service in order; returns name -> whether it was started now."""
-    started = {}
-    for spec in specs:
-        log(f"  {spec.name:8s} starting on {spec.target} ...")
-        record, was_started = stack.start(spec, timeout=timeout)
-        started[spec.name] = was_started
-        verb = "started" if was_started else "already running"
-        log(f"  {spec.name:8s} {verb}: pid {record.pid}, {spec.target}, SERVING (log {record.log})")
-    return started
+def start_service(stack: Stack, spec: ServiceSpec, *, timeout: float = 180.0, require_serving: bool = True,
+                  log=print) -> bool:
+    """Starts (or finds running) one service; returns whether it was started now."""
+    log(f"{spec.name:8s} starting on {spec.target} ...")
+    record, was_started = stack.start(spec, timeout=timeout, require_serving=require_serving)
+    verb = "started" if was_started else "already running"
+    health = "SERVING" if require_serving else "up"
+    log(f"{spec.name:8s} {verb}: pid {record.pid}, {spec.target}, {health} (log {record.log})")
+    return was_started
 
 
 def active_generation(indexer_target: str, timeout: float = 5.0) -> indexer_pb2.Generation | None:

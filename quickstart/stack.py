@@ -157,11 +157,16 @@ class Stack:
 
     # ------------------------------------------------------------------ start
 
-    def start(self, spec: ServiceSpec, *, timeout: float = 120.0) -> tuple[ServiceRecord, bool]:
-        """Starts ``spec`` unless it already runs; waits for health SERVING. Returns (record, started)."""
+    def start(self, spec: ServiceSpec, *, timeout: float = 120.0, require_serving: bool = True
+              ) -> tuple[ServiceRecord, bool]:
+        """Starts ``spec`` unless it already runs; waits for health SERVING. Returns (record, started).
+
+        With ``require_serving=False`` any health answer will do (a gateway is NOT_SERVING until the
+        indexer has an active generation, yet it is up).
+        """
         existing = self.running(spec.name)
         if existing is not None:
-            wait_healthy(existing, timeout=timeout)
+            wait_healthy(existing, timeout=timeout, require_serving=require_serving)
             return existing, False
         if port_in_use(spec.port):
             raise FailedPrecondition(
@@ -195,7 +200,7 @@ class Stack:
         staging.write_text(json.dumps(asdict(record), indent=2))
         os.replace(staging, self._record_path(spec.name))
         try:
-            wait_healthy(record, timeout=timeout)
+            wait_healthy(record, timeout=timeout, require_serving=require_serving)
         except BaseException:
             self.stop(spec.name)
             raise
@@ -259,15 +264,16 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def wait_healthy(record: ServiceRecord, *, timeout: float) -> None:
-    """Polls grpc.health.v1 until SERVING; fails early (with the log's tail) if the process exits."""
+def wait_healthy(record: ServiceRecord, *, timeout: float, require_serving: bool = True) -> None:
+    """Polls grpc.health.v1 until SERVING (or any answer, if not ``require_serving``); fails early, with
+    the log's tail, if the process exits."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         if not is_alive(record):
             raise NotReady(f"{record.name} exited while starting; last lines of {record.log}:\n{tail(record.log)}")
         last = health_of(record.target, record.health_service)
-        if last == "SERVING":
+        if last == "SERVING" or (not require_serving and last in ("NOT_SERVING", "SERVICE_UNKNOWN")):
             return
         time.sleep(0.2)
     raise NotReady(f"{record.name} on {record.target} not SERVING after {timeout:.0f}s ({last}); "
