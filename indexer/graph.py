@@ -82,7 +82,9 @@ class ExactIndex:
     def __init__(self, metric: int, ids: Sequence[str], vectors: np.ndarray):
         self.metric = metric
         self.ids = list(ids)
-        self.vectors = np.asarray(vectors, dtype=np.float32).reshape(len(self.ids), -1)
+        self.vectors = np.asarray(vectors, dtype=np.float32)
+        if self.vectors.ndim != 2:
+            self.vectors = self.vectors.reshape(len(self.ids), -1)
         if metric == 1:
             self.vectors = _normalise(self.vectors)
 
