@@ -69,3 +69,20 @@ bench: install ## run every benchmark (~20 min on 2 cores); writes var/bench/res
 
 bench-quick: install ## smoke run of every benchmark (a few minutes)
 	$(PY) -m benchmarks --quick
+
+# Container images for Kubernetes (deploy/docker/, deploy/README.md). Only this target needs a
+# container engine: the first of docker/podman whose daemon answers, or CONTAINER_ENGINE=...
+IMAGE_REGISTRY ?= registry.example.com/cbir
+IMAGE_TAG ?= 0.1.0
+CONTAINER_ENGINE ?= $(shell for e in docker podman; do command -v $$e >/dev/null 2>&1 && $$e info >/dev/null 2>&1 && { echo $$e; break; }; done)
+IMAGES := services:$(IMAGE_TAG) trainer:$(IMAGE_TAG)-gpu trainer:$(IMAGE_TAG)-cpu
+
+images: ## build the services and trainer images (IMAGE_REGISTRY=... IMAGE_TAG=... PUSH=1 to push)
+	@if [ -z "$(CONTAINER_ENGINE)" ]; then \
+	  echo "error: make images needs a container engine, and none answers: docker or podman is not installed or its daemon is not running (try 'docker info'). Install one or set CONTAINER_ENGINE=..." >&2; \
+	  exit 1; fi
+	$(CONTAINER_ENGINE) build -f deploy/docker/services.Dockerfile -t $(IMAGE_REGISTRY)/services:$(IMAGE_TAG) .
+	$(CONTAINER_ENGINE) build -f deploy/docker/trainer.Dockerfile -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG)-gpu .
+	$(CONTAINER_ENGINE) build -f deploy/docker/trainer.Dockerfile --build-arg TF_IMAGE=tensorflow/tensorflow:2.21.0 \
+	  -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG)-cpu .
+	$(if $(PUSH),for image in $(IMAGES); do $(CONTAINER_ENGINE) push $(IMAGE_REGISTRY)/$$image || exit 1; done)
