@@ -271,22 +271,26 @@ class ModelManager:
             # A version that failed to load is not retried until its files change.
             if self._failed.get((entry.name, version)) == _fingerprint(path):
                 del on_disk[version]
-        wanted = entry.policy.select(on_disk)
-        with self._lock:
-            loaded = set(self._served.get(entry.name, {}))
-        for version in sorted(wanted - loaded, reverse=True):
-            self._load_version(entry.name, version, on_disk[version])
-        with self._lock:
-            loaded = set(self._served.get(entry.name, {}))
-        # Availability-preserving: unload only what the policy no longer wants, and never the last
-        # serving version while none of the wanted ones could be loaded.
+        while True:
+            wanted = entry.policy.select(on_disk)
+            with self._lock:
+                loaded = set(self._served.get(entry.name, {}))
+            missing = sorted(wanted - loaded, reverse=True)
+            if not missing:
+                break
+            for version in missing:
+                if not self._load_version(entry.name, version, on_disk[version]):
+                    # A version that failed does not count for the policy: the next older one
+                    # is served instead of it (and the current one is not unloaded for nothing).
+                    del on_disk[version]
+        # Availability-preserving: unload only what the policy no longer wants once the wanted
+        # versions serve; with nothing loadable left on disk, keep serving the newest loaded one.
         surplus = loaded - wanted
-        if surplus and not (loaded & wanted):
+        if surplus and not wanted:
             keep = max(surplus)
             surplus.discard(keep)
-            if wanted:
-                log.warning("keeping the previous version: the wanted ones failed to load",
-                            extra={"model": entry.name, "version": keep, "wanted": sorted(wanted)})
+            log.warning("no loadable version on disk; keeping the loaded one",
+                        extra={"model": entry.name, "version": keep})
         for version in sorted(surplus):
             self._unload(entry.name, version)
 
@@ -295,7 +299,7 @@ class ModelManager:
             self._status.setdefault(name, {})[status.version] = status
             metrics.AVAILABLE_VERSIONS.labels(name).set(len(self._served.get(name, {})))
 
-    def _load_version(self, name: str, version: int, path: Path) -> None:
+    def _load_version(self, name: str, version: int, path: Path) -> bool:
         fingerprint = _fingerprint(path)
         self._set_status(name, VersionStatus(version, State.LOADING))
         log.info("loading model version", extra={"model": name, "version": version, "path": str(path)})
@@ -324,7 +328,7 @@ class ModelManager:
             metrics.MODEL_LOADS.labels(name, "error").inc()
             log.error("model version failed to load",
                       extra={"model": name, "version": version, "path": str(path), "error": message})
-            return
+            return False
         with self._lock:
             self._served.setdefault(name, {})[version] = served
         self._set_status(name, VersionStatus(version, State.AVAILABLE))
@@ -333,6 +337,7 @@ class ModelManager:
         metrics.MODEL_LOAD_SECONDS.labels(name).observe(time.monotonic() - started)
         log.info("model version available", extra={"model": name, "version": version,
                                                      "seconds": round(time.monotonic() - started, 2)})
+        return True
 
     def _unload(self, name: str, version: int) -> None:
         with self._lock:
