@@ -146,3 +146,24 @@ def test_serving_port_default_is_tf_servings(stacks):
     for objects in stacks.values():
         serving = next(spec for w, spec in pod_specs(objects) if w["metadata"]["name"] == "cbir-tf-serving")
         assert {p["name"]: p["containerPort"] for p in serving["containers"][0]["ports"]}["grpc"] == parsed.port
+
+
+README = rendering.DEPLOY / "README.md"
+COMMAND = re.compile(r"python -m (gateway|indexer|embedder|trainer) ([a-z-]+)((?: [^`\n|]*)?)")
+
+
+def test_readme_commands_use_existing_flags_and_paths():
+    text = README.read_text()
+    commands = COMMAND.findall(text)
+    assert len(commands) >= 8
+    for package, command, rest in commands:
+        sub = _subparser(_parser(package), command)
+        for token in rest.split():
+            if token.startswith("--"):
+                flag = token.split("=", 1)[0]
+                assert flag in sub._option_string_actions, f"README: python -m {package} {command} has no {flag}"
+    paths = re.findall(r"-k (deploy/[\w/.-]+)", text) + re.findall(r"`((?:base|overlays|components|docker)/[\w/.-]+)`", text)
+    assert len(paths) >= 10
+    for path in paths:
+        full = rendering.REPO / path if path.startswith("deploy/") else rendering.DEPLOY / path
+        assert full.exists(), f"README mentions {path}, which does not exist"
