@@ -91,13 +91,14 @@ def metrics_port_of(proc: ServiceProcess, timeout: float = 10.0) -> int:
 
 
 def build_generation(serving: str, indexers: Sequence[str], catalogue: Catalogue, version: int,
-                     name: str) -> indexer_pb2.Generation:
+                     name: str, indexer_tls=None) -> indexer_pb2.Generation:
     """Embeds the catalogue with model ``version`` and activates it as generation ``name``."""
     from embedder.client import EmbedderClient
     from indexer.client import IndexerClient
 
     ids = sorted(catalogue.items)
-    with EmbedderClient(serving, MODEL, timeout=60) as embedder, IndexerClient(list(indexers), timeout=60) as index:
+    with EmbedderClient(serving, MODEL, timeout=60) as embedder, \
+            IndexerClient(list(indexers), timeout=60, tls=indexer_tls) as index:
         result = embedder.embed([catalogue.images[i] for i in ids], version=version)
         assert result.model_version == version
         index.create_generation(name, types_pb2.EmbeddingSpace(model_name=MODEL, model_version=version),
