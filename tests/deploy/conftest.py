@@ -24,4 +24,4 @@ def rendered() -> dict[tuple[str, tuple[str, ...]], tuple[dict, ...]]:
 @pytest.fixture(scope="session")
 def stacks(rendered):
     """Renders of the long-running stack (not the Job kustomizations)."""
-    return {key: objs for key, objs in rendered.items() if key[0].count("/") == 1}
+    return {key: objs for key, objs in rendered.items() if rendering.is_stack(key[0])}

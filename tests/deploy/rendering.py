@@ -18,6 +18,9 @@ DEPLOY = REPO / "deploy"
 STACK_OVERLAYS = ("gpu", "cpu")
 JOB_KUSTOMIZATIONS = ("train", "reindex")
 COMPONENTS = tuple(sorted(p.name for p in (DEPLOY / "components").iterdir() if p.is_dir()))
+# Components that only make sense with the stack (they change TF Serving, which the Jobs do not have).
+STACK_ONLY_COMPONENTS = ("local-model-server",)
+LOCAL_MODEL_SERVER = "local-model-server"
 
 # Features the manifests rely on: native grpc probes (1.27) and the StatefulSet pod-index label (1.28).
 MIN_KUBERNETES = "1.28"
@@ -51,9 +54,15 @@ def overlay_paths() -> list[str]:
 def combinations() -> Iterator[tuple[str, tuple[str, ...]]]:
     """(overlay path relative to deploy/, components): every overlay with every subset of components."""
     for path in overlay_paths():
-        for size in range(len(COMPONENTS) + 1):
-            for chosen in itertools.combinations(COMPONENTS, size):
+        usable = [c for c in COMPONENTS if is_stack(path) or c not in STACK_ONLY_COMPONENTS]
+        for size in range(len(usable) + 1):
+            for chosen in itertools.combinations(usable, size):
                 yield path, chosen
+
+
+def is_stack(path: str) -> bool:
+    """overlays/<name> is the stack; overlays/<name>/<job> a Job kustomization."""
+    return path.count("/") == 1
 
 
 def combination_id(path: str, components: tuple[str, ...]) -> str:

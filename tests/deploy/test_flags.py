@@ -67,7 +67,7 @@ def _our_containers(rendered):
     for key, objects in rendered.items():
         path, components = key
         # The Jobs read the stack's ConfigMaps (cbir-topology) at run time.
-        cluster = objects if path.count("/") == 1 else objects + rendered[(path.rsplit("/", 1)[0], components)]
+        cluster = objects if rendering.is_stack(path) else objects + rendered[(path.rsplit("/", 1)[0], components)]
         for workload, spec in pod_specs(objects):
             for c in containers(spec):
                 if not any(image in c["image"] for image in OUR_IMAGES):

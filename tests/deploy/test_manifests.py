@@ -48,7 +48,10 @@ def _container(objects, kind: str, name: str, container: str) -> dict:
 
 
 def test_every_combination_renders(rendered):
-    assert len(rendered) == len(rendering.overlay_paths()) * 2 ** len(rendering.COMPONENTS)
+    stack_combos = 2 ** len(rendering.COMPONENTS)
+    job_combos = 2 ** (len(rendering.COMPONENTS) - len(rendering.STACK_ONLY_COMPONENTS))
+    overlays = len(rendering.STACK_OVERLAYS)
+    assert len(rendered) == overlays * (stack_combos + len(rendering.JOB_KUSTOMIZATIONS) * job_combos)
     for key, objects in rendered.items():
         assert objects, f"{rendering.combination_id(*key)} rendered nothing"
 
@@ -185,11 +188,16 @@ def _gpu(container: dict, bound: str) -> str | None:
 
 
 def test_gpu_overlay_puts_serving_and_training_on_a_gpu(rendered):
-    for (path, _components), objects in rendered.items():
+    for (path, components), objects in rendered.items():
         if not path.startswith("overlays/gpu"):
             continue
         for workload, spec in pod_specs(objects):
             name = workload["metadata"]["name"]
+            if name == "cbir-tf-serving" and rendering.LOCAL_MODEL_SERVER in components:
+                # Our model server is CPU only: it must not hold a GPU it cannot use.
+                c = spec["containers"][0]
+                assert _gpu(c, "limits") is None and "cbir/services" in c["image"], path
+                continue
             if name == "cbir-tf-serving":
                 c = spec["containers"][0]
                 assert _gpu(c, "limits") == "1" and c["image"] == "tensorflow/serving:2.21.0-gpu", path
@@ -289,20 +297,21 @@ def test_ports_are_the_services_defaults(stacks):
 
 def test_indexer_accepts_only_the_gateway_and_the_reindex_job(rendered):
     for (path, components), objects in rendered.items():
-        if path.count("/") != 1:
+        if not rendering.is_stack(path):
             continue
+        job_components = tuple(c for c in components if c not in rendering.STACK_ONLY_COMPONENTS)
         policy = find(objects, "NetworkPolicy", "cbir-indexer")
         statefulset = find(objects, "StatefulSet", "cbir-indexer")
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= \
             statefulset["spec"]["template"]["metadata"]["labels"].items()
         grpc_rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "grpc")
         allowed = [peer["podSelector"]["matchLabels"] for peer in grpc_rule["from"]]
-        reindex = rendering.render(path + "/reindex", components)
+        reindex = rendering.render(path + "/reindex", job_components)
         clients = [find(objects, "Deployment", "cbir-gateway"), find(reindex, "Job", "cbir-reindex")]
         for client in clients:
             labels = client["spec"]["template"]["metadata"]["labels"]
             assert any(sel.items() <= labels.items() for sel in allowed), client["metadata"]["name"]
-        train = find(rendering.render(path + "/train", components), "Job", "cbir-train")
+        train = find(rendering.render(path + "/train", job_components), "Job", "cbir-train")
         assert not any(sel.items() <= train["spec"]["template"]["metadata"]["labels"].items() for sel in allowed)
         # Metrics only: everything else from outside is refused.
         other = [r for r in policy["spec"]["ingress"] if r is not grpc_rule]
@@ -342,7 +351,7 @@ def _mounted_file(objects, spec: dict, container: dict, path: str) -> str:
 def test_tf_serving_model_config_parses_with_the_model_servers_parser(stacks):
     from embedder.model_config import model_entries, parse_batching_parameters, parse_model_server_config
 
-    for _key, objects in stacks.items():
+    for key, objects in stacks.items():
         deployment, spec = _tf_serving(objects)
         c = spec["containers"][0]
         entries = model_entries(parse_model_server_config(
@@ -374,10 +383,14 @@ def test_tf_serving_model_config_parses_with_the_model_servers_parser(stacks):
         # The model config must be re-read in place: mounted as a directory from a fixed-name ConfigMap.
         models_volume = next(v for v in spec["volumes"] if v["name"] == "model-config")
         assert models_volume["configMap"]["name"] == "cbir-tf-serving-models"
-        # GPU memory: capped per process and grown on demand.
-        assert 0 < float(_arg(c, "--per_process_gpu_memory_fraction")) < 1
-        assert _env_value(c, "TF_FORCE_GPU_ALLOW_GROWTH") == "true"
-        assert c["command"] == ["tensorflow_model_server"]
+        if rendering.LOCAL_MODEL_SERVER in key[1]:
+            # Same flags, read by `python -m embedder serve` (checked against its parser in test_flags).
+            assert c["args"][:3] == ["-m", "embedder", "serve"] and "command" not in c
+        else:
+            # GPU memory: capped per process and grown on demand.
+            assert 0 < float(_arg(c, "--per_process_gpu_memory_fraction")) < 1
+            assert _env_value(c, "TF_FORCE_GPU_ALLOW_GROWTH") == "true"
+            assert c["command"] == ["tensorflow_model_server"]
         claim = next(v for v in spec["volumes"] if v["name"] == "models")["persistentVolumeClaim"]["claimName"]
         assert find(objects, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
 
