@@ -92,7 +92,7 @@ class TrainingConfig:
     loading_threads: int = 8
     checkpoint_frequency: int = 100
     # Not in the original files: how often (in iterations) Recall@1 on the test split is measured;
-    # 0 = at every checkpoint.
+    # 0 = at every checkpoint, -1 = never (e.g. to keep the test split out of checkpoint selection).
     eval_frequency: int = 0
 
     @property
@@ -215,8 +215,8 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainingConfig:
         _positive(value, dotted)
     if data.get("checkpoint_frequency", 0) < 0:
         raise ConfigError(f"checkpoint_frequency: must be >= 0, got {data['checkpoint_frequency']}")
-    if data.get("eval_frequency", 0) < 0:
-        raise ConfigError(f"eval_frequency: must be >= 0, got {data['eval_frequency']}")
+    if data.get("eval_frequency", 0) < -1:
+        raise ConfigError(f"eval_frequency: must be >= -1 (-1 = never), got {data['eval_frequency']}")
     if m["batch"]["P"] < 2:
         raise ConfigError(f"model.batch.P: needs at least 2 classes per batch, got {m['batch']['P']}")
     if m["batch"]["K"] < 2:

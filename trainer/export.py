@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from cbir.errors import AlreadyExists, InvalidInput
+from trainer.backbones import backbone_spec
 from trainer.config import Size, TrainingConfig
 from trainer.preprocessing import describe, preprocess_image_bytes
 
@@ -172,6 +173,7 @@ def export_model(
             "input": {"height": m.input.height, "width": m.input.width},
             "resize": {"height": m.resize.height, "width": m.resize.width},
             "preprocessing": describe(m.input, m.resize),
+            "backbone_preprocessing": backbone_spec(m.name).preprocessing,
             "signatures": {
                 "serving_default": {"inputs": {INPUT_BYTES: "string [batch]"}, "outputs": {OUTPUT: "float32 [batch, D]"}},
                 "serving_pixels": {

@@ -256,7 +256,7 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
     embed_fn = make_embed_fn(model)
     log_dir = dirs.logs / run.path.name / "train" / datetime.now().strftime("%Y%m%d-%H%M%S")
     writer = tf.summary.create_file_writer(str(log_dir))
-    eval_every = config.eval_frequency or config.checkpoint_frequency
+    eval_every = 0 if config.eval_frequency < 0 else config.eval_frequency or config.checkpoint_frequency
     last_step = m.fit.epochs
     if options.max_steps is not None:
         last_step = min(last_step, start + options.max_steps)
