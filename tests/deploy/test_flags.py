@@ -167,3 +167,21 @@ def test_readme_commands_use_existing_flags_and_paths():
     for path in paths:
         full = rendering.REPO / path if path.startswith("deploy/") else rendering.DEPLOY / path
         assert full.exists(), f"README mentions {path}, which does not exist"
+
+
+# tensorflow_model_server flags that our local model server does not need (GPU, its own health service).
+TF_SERVING_ONLY_FLAGS = {"--per_process_gpu_memory_fraction", "--enable_grpc_healthcheck_service"}
+
+
+def test_tf_serving_flags_are_the_ones_the_local_model_server_mirrors(stacks):
+    """`python -m embedder serve` keeps tensorflow_model_server's flag names, so its parser catches a
+    misspelt TF Serving flag (TF Serving itself would refuse to start)."""
+    mirrored = set(_subparser(_parser("embedder"), "serve")._option_string_actions)
+    for key, objects in stacks.items():
+        serving = next(spec for w, spec in pod_specs(objects) if w["metadata"]["name"] == "cbir-tf-serving")
+        c = serving["containers"][0]
+        if c.get("command") != ["tensorflow_model_server"]:
+            continue
+        for arg in c["args"]:
+            flag = arg.split("=", 1)[0]
+            assert flag in mirrored | TF_SERVING_ONLY_FLAGS, f"{rendering.combination_id(*key)}: unknown {flag}"

@@ -113,6 +113,7 @@ def _probe(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(HEALTH_CHECK), *args], capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.slow
 def test_health_check_follows_the_servers_status(health_server):
     servicer, port = health_server
     servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -123,11 +124,13 @@ def test_health_check_follows_the_servers_status(health_server):
     assert proc.returncode == 0 and "SERVING" in proc.stdout
 
 
+@pytest.mark.slow
 def test_health_check_fails_when_nothing_listens():
     proc = _probe(f"--port={free_port()}", "--timeout=1")
     assert proc.returncode == 1 and "UNAVAILABLE" in proc.stderr
 
 
+@pytest.mark.slow
 def test_health_check_reports_a_missing_certificate_file(tmp_path):
     proc = _probe("--port=1", f"--tls-ca={tmp_path / 'missing.crt'}")
     assert proc.returncode == 2 and "cannot read a TLS file" in proc.stderr
@@ -155,6 +158,7 @@ def certificates(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_health_check_speaks_tls_with_the_certificates_name(certificates):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()

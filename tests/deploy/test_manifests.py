@@ -232,6 +232,10 @@ def test_shard_topology_agrees_with_the_statefulset(stacks):
             # Shard i is the StatefulSet's pod i, reached through the headless governing Service.
             assert target == f"cbir-indexer-{shard}.cbir-indexer:{defaults.INDEXER_PORT}"
         statefulset = find(objects, "StatefulSet", "cbir-indexer")
+        if "shards-4" in key[1]:
+            # Shards and gateway read the topology at start-up: both templates change, so both roll.
+            for workload in (statefulset, find(objects, "Deployment", "cbir-gateway")):
+                assert workload["spec"]["template"]["metadata"]["annotations"]["cbir.io/indexer-shards"] == "4"
         service = find(objects, "Service", "cbir-indexer")
         assert statefulset["spec"]["serviceName"] == "cbir-indexer" and service["spec"]["clusterIP"] == "None"
         indexer = statefulset["spec"]["template"]["spec"]["containers"][0]
