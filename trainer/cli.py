@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=_positive_int, help="stop (and save) after this many more iterations")
     train.add_argument("--seed", type=int, default=0, help="seed of the batch sampler and augmentation")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    train.add_argument(
+        "--freeze-batchnorm", action="store_true",
+        help="keep the backbone's BatchNorm statistics frozen (fine-tuning a pretrained backbone)",
+    )
 
     embed = commands.add_parser("embed", help="embed the gallery (train split) into <data_dir>/emb/<run>.h5")
     _common(embed)
@@ -180,6 +184,7 @@ def cmd_train(args) -> int:
             seed=args.seed,
             run_name=args.run_name,
             progress=not args.no_progress,
+            freeze_batchnorm=args.freeze_batchnorm,
         ),
     )
     if result.best:

@@ -3,7 +3,7 @@
 `python -m trainer quality --data ../shared/datasets/clothing-small --minutes 15` measures, on the test
 split (leave-one-out, cosine): (a) the pretrained EfficientNet-Lite0 backbone with no training (its
 1280-d pooled features, L2-normalised), then (b) the same backbone with a 128-d direct_normalize head
-fine-tuned for a bounded time with each loss. The test split is never used to pick a checkpoint
+fine-tuned for a bounded time with each loss, the backbone's BatchNorm statistics frozen. The test split is never used to pick a checkpoint
 (eval_frequency = -1): each fine-tuned model is the last one of its time budget.
 """
 
@@ -32,7 +32,7 @@ def quality_config(data: Path, loss: str) -> dict:
         "metric": "euclidean",
         "optimizer": "adam",
         "epochs": 1_000_000,  # the time budget ends the run
-        "lr": 1e-4,  # lower than the original 3e-4: a pretrained backbone, small batches on CPU
+        "lr": 3e-4,  # the original configs' rate
         "decay_start_iteration": -1,
         **({"alpha": 45} if angular else {"margin": 0.2}),
     }
@@ -78,7 +78,16 @@ def run_quality(data: Path, *, minutes: float, work_dir: Path | None, losses: li
     for loss in losses:
         config = config_from_dict(quality_config(data, loss))
         run_name = f"quality_{loss}"
-        result = train(config, dirs, TrainOptions(max_minutes=minutes, run_name=run_name, resume=True))
+        result = train(
+            config,
+            dirs,
+            TrainOptions(
+                max_minutes=minutes,
+                run_name=run_name,
+                resume=RunDir(dirs.run_dir(run_name)).exists(),  # a re-run continues, never overwrites
+                freeze_batchnorm=True,
+            ),
+        )
         model = build_model(config, weights=None)
         step = restore_model(model, checkpoint_path(RunDir(dirs.run_dir(run_name)), "latest"))
         row = _evaluate(model, config, test.paths, test.labels)

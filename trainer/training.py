@@ -128,6 +128,21 @@ def training_dataset(split: Split, config: TrainingConfig, *, seed: int, start_s
     return dataset.batch(m.batch.size, drop_remainder=True).prefetch(2)
 
 
+def freeze_batchnorm(model: keras.Model) -> int:
+    """Puts every BatchNormalization layer of the backbone in inference mode; returns how many."""
+    def walk(layer):
+        yield layer
+        for child in getattr(layer, "layers", ()):
+            yield from walk(child)
+
+    count = 0
+    for layer in walk(model.get_layer("backbone")):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+            count += 1
+    return count
+
+
 def make_train_step(model: keras.Model, loss_fn: keras.losses.Loss, optimizer: keras.optimizers.Optimizer):
     @tf.function(reduce_retracing=True)
     def train_step(images, labels):
@@ -174,6 +189,9 @@ class TrainOptions:
     seed: int = 0
     run_name: str | None = None
     eval_batch_size: int = 32
+    # Run the backbone's BatchNorm layers in inference mode with frozen statistics, the usual choice when
+    # fine-tuning a pretrained backbone with small P x K batches (Musgrave et al. 2020 do the same).
+    freeze_batchnorm: bool = False
     progress: bool = True
     # Called after each evaluation with (step, metrics); tests and the quality command use it.
     on_eval: Callable[[int, dict], None] | None = None
@@ -233,6 +251,8 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
     run = prepare_run(config, dirs, options)
 
     model = build_model(config, weights=m.weights)
+    if options.freeze_batchnorm:
+        freeze_batchnorm(model)
     optimizer = make_optimizer(config)
     optimizer.build(model.trainable_variables)
     loss_fn = make_loss(config)

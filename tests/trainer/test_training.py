@@ -54,3 +54,24 @@ def test_p_larger_than_the_classes_is_rejected_before_training(data):
     with pytest.raises(InvalidInput, match="model.batch.P=9 .* 4 classes"):
         train(config, data, TrainOptions(progress=False))
     assert not (data.checkpoints).exists()
+
+
+def test_frozen_batchnorm_keeps_its_statistics_during_a_train_step():
+    import keras
+
+    from trainer.embedding import build_model
+    from trainer.training import freeze_batchnorm, make_loss, make_optimizer, make_train_step
+
+    config = load_config(CONFIG, TINY_OVERRIDES)
+    model = build_model(config, weights=None)
+    assert freeze_batchnorm(model) > 0
+    norms = [layer for layer in model.get_layer("backbone").layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms
+    before = [layer.moving_mean.numpy().copy() for layer in norms]
+    kernel = model.get_layer("embedding_dense").kernel.numpy().copy()
+    step = make_train_step(model, make_loss(config), make_optimizer(config))
+    images = tf.random.uniform((6, 32, 32, 3), 0, 255, seed=1)
+    step(images, tf.constant([0, 0, 1, 1, 2, 2]))
+    for layer, mean in zip(norms, before, strict=True):
+        np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
+    assert not np.array_equal(model.get_layer("embedding_dense").kernel.numpy(), kernel)
