@@ -179,3 +179,19 @@ def test_health_check_speaks_tls_with_the_certificates_name(certificates):
         assert _probe(f"--port={port}", "--timeout=2").returncode == 1
     finally:
         server.stop(None)
+
+
+def test_tls_exec_probes_run_the_health_check_the_services_image_installs(rendered):
+    copies = [rest.split() for op, rest in _instructions(DEPLOY / "docker" / "services.Dockerfile")
+              if op == "COPY" and "health_check.py" in rest]
+    assert len(copies) == 1
+    installed = copies[0][-1]
+    commands = set()
+    for objects in rendered.values():
+        for obj in objects:
+            if obj["kind"] in ("Deployment", "StatefulSet"):
+                for c in obj["spec"]["template"]["spec"]["containers"]:
+                    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                        if "exec" in c.get(probe, {}):
+                            commands.add(c[probe]["exec"]["command"][0])
+    assert commands == {installed}

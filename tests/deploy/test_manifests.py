@@ -139,6 +139,9 @@ def test_every_container_is_locked_down_and_sized(rendered):
             pod_ctx = spec.get("securityContext", {})
             assert spec.get("automountServiceAccountToken") is False, workload["metadata"]["name"]
             volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            if any("secret" in v for v in volumes.values()):
+                # Secret files are not world-readable: the non-root user reads them through fsGroup.
+                assert pod_ctx.get("fsGroup") == pod_ctx.get("runAsGroup"), workload["metadata"]["name"]
             for c in containers(spec):
                 where = f"{rendering.combination_id(*key)}: {workload['metadata']['name']}/{c['name']}"
                 ctx = c.get("securityContext", {})
