@@ -55,6 +55,8 @@ class DemoOptions:
     keep_running: bool = False
     image_size: int = 32
     embedding_dim: int = 64
+    grid_rows: int = 10
+    grid_hits: int = 8
 
     @classmethod
     def from_args(cls, args) -> DemoOptions:
@@ -70,8 +72,8 @@ class DemoOptions:
 
 
 # Small enough for a test: a few hundred images, a few dozen steps.
-QUICK = {"train_per_class": 12, "test_per_class": 4, "steps": 30, "swap_steps": 10, "image_size": 28,
-         "embedding_dim": 32}
+QUICK = {"train_per_class": 10, "test_per_class": 3, "steps": 20, "swap_steps": 5, "image_size": 28,
+         "embedding_dim": 32, "grid_rows": 5, "grid_hits": 6}
 
 
 class _Interrupted(BaseException):
@@ -137,7 +139,7 @@ class _Demo:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict:
-        with self.p.step("Installing and cleaning previous state"):
+        with self.p.step("Starting from a fresh state"):
             self._fresh_state()
         with self.p.step("Getting demo data"):
             self.data = demo_data.prepare_demo_data(
@@ -158,16 +160,15 @@ class _Demo:
         with self.p.step("Starting the model server and the indexer"):
             self.ports = services.StackPorts.free()
             specs = services.stack_specs(self.stack.root, self.models, MODEL_NAME, self.ports, poll_seconds=0.5)
-            self.report["services"] = [{"name": s.name, "target": s.target, "log": str(self.stack.log_dir / f"{s.name}.log")}
-                                       for s in specs]
+            self.report["services"] = []
             serving, indexer, self.gateway_spec = specs
             for spec in (serving, indexer):
-                services.start_service(self.stack, spec, log=self.p.info)
+                self._start(spec)
             services.wait_for_model_version(self.serving, MODEL_NAME, 1)
         with self.p.step("Indexing the catalogue through Serving (generation of version 1); starting the gateway"):
             self.gen1 = self._reindex(1)
             # The gateway serves once a generation is active.
-            services.start_service(self.stack, self.gateway_spec, log=self.p.info)
+            self._start(self.gateway_spec)
         with self.p.step(f"Searching every query through the gateway ({len(self.query_entries)} Search calls)"):
             hits, answered_by = self._search_all()
             self.p.info(f"answered by generation {answered_by}")
@@ -228,6 +229,12 @@ class _Demo:
             folder.mkdir(parents=True, exist_ok=True)
         self.p.info(f"working in {self.root} (Python {platform.python_version()}, {sys.executable})")
 
+    def _start(self, spec) -> None:
+        services.start_service(self.stack, spec, log=self.p.info)
+        record = self.stack.record(spec.name)
+        self.report["services"].append({"name": spec.name, "target": spec.target, "pid": record.pid,
+                                        "log": record.log})
+
     def _config(self) -> Path:
         size = self.o.image_size
         config = {
@@ -258,7 +265,7 @@ class _Demo:
 
     def _train(self, steps: int, *, resume: bool) -> None:
         started = time.monotonic()
-        extra = ["--max-steps", str(steps), "--seed", str(self.o.seed), "--no-progress"]
+        extra = ["--max-steps", str(steps), "--seed", str(self.o.seed)]
         if resume:
             extra.append("--resume")
         self.p.run(self._trainer("train", *extra), self.logs / "train.log", cwd=REPO)
@@ -349,6 +356,8 @@ class _Demo:
                         samples.append({"t": started - t0, "ok": False, "latency_ms": 1000 * (time.monotonic() - started),
                                         "error": f"{exc.code().name}: {exc.details()}", "model_version": None})
                     i += 1
+                    # A steady client, not a flood: leave the CPU to the reindexing it is watching.
+                    stop.wait(0.02)
 
         searcher = threading.Thread(target=keep_searching, name="searcher", daemon=True)
         searcher.start()
@@ -357,7 +366,7 @@ class _Demo:
             time.sleep(1.0)
             events["reindex starts"] = time.monotonic() - t0
             gen2 = self._reindex(2)
-            events["v2 active"] = time.monotonic() - t0
+            events["reindex done, v2 active"] = time.monotonic() - t0
             time.sleep(1.5)
         finally:
             stop.set()
@@ -377,7 +386,8 @@ class _Demo:
             "events": events,
         }
 
-    def _grid_rows(self, hits: list[evaluation.RankedHits], n: int = 8, depth: int = 8) -> list[report.GridRow]:
+    def _grid_rows(self, hits: list[evaluation.RankedHits]) -> list[report.GridRow]:
+        n, depth = self.o.grid_rows, self.o.grid_hits
         path_of = {e.id: e.path for e in self.gallery_entries}
         # One query per class first (a varied grid), then the rest.
         chosen, seen = [], set()

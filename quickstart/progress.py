@@ -67,7 +67,8 @@ class Progress:
             log.flush()
             self.current = subprocess.Popen(list(command), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         last_beat = time.monotonic()
         try:
             while self.current.poll() is None:
@@ -78,7 +79,7 @@ class Progress:
                     self.out.write("\r      " + line[: 110].ljust(110))
                     self.out.flush()
                 elif line and time.monotonic() - last_beat >= self.heartbeat:
-                    self.info(f"... {line[:150]}")
+                    self.info(f"... {time.monotonic() - started:.0f}s: {line[:150]}")
                     last_beat = time.monotonic()
                 time.sleep(0.5)
         finally:

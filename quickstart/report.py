@@ -193,6 +193,7 @@ def write_report(out_dir: Path, report: dict, figures: dict[str, str]) -> Path:
                   _table(["step", "seconds"], [[k, v] for k, v in report["timings"].items()])]
     if report.get("services"):
         parts += ["<h2>Services</h2>",
-                  _table(["service", "address", "log"], [[s["name"], s["target"], s["log"]] for s in report["services"]])]
+                  _table(["service", "address", "pid", "log"],
+                         [[s["name"], s["target"], s["pid"], s["log"]] for s in report["services"]])]
     (out_dir / "index.html").write_text("\n".join(parts))
     return out_dir / "index.html"

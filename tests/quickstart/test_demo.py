@@ -1,0 +1,97 @@
+"""`make demo --quick` end to end with real processes: the report's figures, and nothing left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.quickstart.conftest import processes_mentioning
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_demo(root: Path, data_args: list[str], *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "quickstart", "demo", "--quick", "--root", str(root), *data_args, *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def assert_nothing_left(root: Path, pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and processes_mentioning(str(root)):
+        time.sleep(0.2)
+    assert processes_mentioning(str(root)) == []
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+    assert list((root / "stack" / "run").glob("*.json")) == []
+
+
+def test_quick_demo_end_to_end(tmp_path, demo_data_args):
+    root = tmp_path / "demo"
+    proc = run_demo(root, demo_data_args)
+    try:
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-6000:]
+    assert "[11/11]" in output and f"report: {root / 'report' / 'index.html'}" in output
+
+    report = json.loads((root / "report" / "report.json").read_text())
+    # Quality through the system agrees with the offline evaluation of the same embeddings.
+    evaluation = report["evaluation"]
+    assert evaluation["agree"] and evaluation["scores_agree"]
+    assert {r["metric"] for r in evaluation["rows"]} >= {"recall@1", "map@r", "original_map@10"}
+    for row in evaluation["rows"]:
+        assert 0.0 <= row["system"] <= 1.0 and abs(row["system"] - row["offline"]) <= row["tolerance"]
+    chance = 1 / len(report["data"]["classes"])
+    assert evaluation["system"]["recall@1"] > 2 * chance, "a trained model beats a random ranking"
+    assert evaluation["queries"] == report["data"]["test_count"]
+    assert evaluation["gallery"] == report["data"]["train_count"]
+
+    # The hot-swap: searches never failed and each was answered by its generation's model version.
+    swap = report["hot_swap"]
+    assert swap["searches"] > 10 and swap["failed"] == 0 and swap["inconsistent"] == 0
+    assert swap["answered_by_old"] > 0 and swap["answered_by_new"] > 0
+    assert [m["version"] for m in report["models"]] == [1, 2]
+    assert 0 <= report["evaluation_v2"]["recall@1"] <= 1
+
+    html = (root / "report" / "index.html").read_text()
+    for name in report["figures"].values():
+        assert f"src='{name}'" in html
+        with Image.open(root / "report" / name) as image:
+            assert image.format == "PNG" and image.width > 200
+    assert "They agree." in html and "Hot-swap" in html
+
+    assert_nothing_left(root, [s["pid"] for s in report["services"]])
+
+
+def test_ctrl_c_stops_everything_the_demo_started(tmp_path, demo_data_args):
+    root = tmp_path / "demo"
+    proc = run_demo(root, demo_data_args)
+    try:
+        # Wait until services run, then press Ctrl-C (SIGINT to the demo only).
+        deadline = time.monotonic() + 600
+        record = root / "stack" / "run" / "indexer.json"
+        while not record.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert record.exists(), proc.stdout.read() if proc.poll() is not None else "no service started in time"
+        pids = [json.loads(p.read_text())["pid"] for p in (root / "stack" / "run").glob("*.json")]
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, output[-4000:]
+    assert "interrupted" in output and "stopped:" in output
+    assert_nothing_left(root, pids)

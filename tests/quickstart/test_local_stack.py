@@ -1,0 +1,66 @@
+"""`python -m quickstart up/status/down` with the real services (tiny model, generated catalogue)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quickstart.stack import free_port, health_of
+from tests.quickstart.conftest import generated_catalogue, processes_mentioning
+from tests.support.tiny_model import export_tiny_model
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def quickstart(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quickstart", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_up_is_idempotent_and_down_stops_everything(tmp_path):
+    root = tmp_path / "stack"
+    models = tmp_path / "models"
+    export_tiny_model(models, name="demo", version=1)
+    catalogue = generated_catalogue(tmp_path / "catalogue", classes=3, train=4, test=1) / "train"
+    ports = {"--serving-port": free_port(), "--indexer-port": free_port(), "--gateway-port": free_port()}
+    flags = ["--root", str(root), "--models", str(models), "--catalogue", str(catalogue),
+             *[str(x) for pair in ports.items() for x in pair]]
+    try:
+        first = quickstart("up", *flags)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert first.stdout.count(" started: pid") == 3
+        assert "active generation: demo-v1" in first.stdout and "(12 items" in first.stdout
+        pids = sorted(json.loads(p.read_text())["pid"] for p in (root / "run").glob("*.json"))
+        assert len(pids) == 3
+        assert health_of(f"127.0.0.1:{ports['--gateway-port']}") == "SERVING"
+
+        second = quickstart("up", *flags)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert second.stdout.count("already running") == 3 and " started: pid" not in second.stdout
+        assert "indexing" not in second.stdout
+        assert sorted(json.loads(p.read_text())["pid"] for p in (root / "run").glob("*.json")) == pids
+        assert len(processes_mentioning(str(root))) == 2  # serving and indexer name the root; the gateway its ports
+
+        status = quickstart("status", "--root", str(root))
+        assert status.returncode == 0 and status.stdout.count("SERVING") == 3, status.stdout
+
+        down = quickstart("down", "--root", str(root))
+        assert down.returncode == 0 and "stopped: gateway, indexer, serving" in down.stdout
+        assert processes_mentioning(str(root)) == []
+        assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+        after = quickstart("status", "--root", str(root))
+        assert after.returncode == 3 and "nothing running" in after.stdout
+    finally:
+        quickstart("down", "--root", str(root))
+
+
+def test_up_without_a_model_says_what_to_do(tmp_path):
+    result = quickstart("up", "--root", str(tmp_path / "stack"), "--models", str(tmp_path / "empty"),
+                        "--model-name", "no-such-model")
+    assert result.returncode == 1
+    assert "no model to serve" in result.stderr and "make demo" in result.stderr
