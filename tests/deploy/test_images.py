@@ -54,6 +54,9 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root(dockerfile):
         if op == "COPY" and "--from" not in rest:
             for source in rest.split()[:-1]:
                 assert (REPO / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
+    # The manifests pass `-m <package> <command> ...` as args, without a command of their own.
+    entrypoint = [rest for op, rest in steps if op == "ENTRYPOINT"][-1]
+    assert re.fullmatch(r'\["/opt/cbir/bin/python"\]', entrypoint), entrypoint
     ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
     assert ignore.exists(), "keep .venv, .git and data out of the build context"
 
