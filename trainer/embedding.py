@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cbir.errors import FailedPrecondition, InvalidInput
+from cbir.errors import CbirError, FailedPrecondition, InvalidInput
 from trainer import models
 from trainer.config import TrainingConfig
 from trainer.preprocessing import inference_dataset
@@ -25,9 +25,20 @@ from trainer.preprocessing import inference_dataset
 def build_model(config: TrainingConfig, *, weights: str | None = None) -> keras.Model:
     """The embedding model of ``config`` (backbone + head); ``weights`` as models.build_embedding_model."""
     m = config.model
-    return models.build_embedding_model(
-        m.name, m.head, m.embedding_dim, input_size=(m.input.height, m.input.width), weights=weights
-    )
+    try:
+        return models.build_embedding_model(
+            m.name, m.head, m.embedding_dim, input_size=(m.input.height, m.input.width), weights=weights
+        )
+    except CbirError:
+        raise
+    except Exception as exc:
+        if weights is None:
+            raise
+        # Typically Keras failing to download ImageNet weights on a machine without internet.
+        raise FailedPrecondition(
+            f"cannot load {weights!r} weights for {m.name}: {str(exc).splitlines()[0][:300]}; offline, pass a "
+            "local weights file with --set model.weights=PATH, or --set model.weights=null for random weights"
+        ) from exc
 
 
 def make_embed_fn(model: keras.Model):

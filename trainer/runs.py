@@ -96,5 +96,11 @@ def restore_model(model: keras.Model, path: str) -> int:
     """Loads the model weights of a training checkpoint into ``model``; returns the checkpoint's step."""
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = tf.train.Checkpoint(model=model, step=step)
-    checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+    try:
+        checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as exc:
+        raise FailedPrecondition(
+            f"checkpoint {path} does not fit the model of this config (was model.name, head, "
+            f"embedding_dim or input changed with --set?): {str(exc).splitlines()[0][:300]}"
+        ) from exc
     return int(step.numpy())

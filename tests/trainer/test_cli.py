@@ -109,3 +109,14 @@ def test_parser_rejects_bad_numbers(capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["evaluation", "-c", CONFIG, "-t", "0"])
     assert exc.value.code == 2 and "positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_original_dataset(data, per_class_train=2, per_class_test=2, size=36)
+    assert main(["train", *_args(data, "--set", "model.fit.epochs=1", "--no-progress")]) == 0
+    capsys.readouterr()
+    assert main(["embed", *_args(data, "--set", "model.embedding_dim=8", "--run-name", RUN)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and "Traceback" not in err
