@@ -107,7 +107,7 @@ def test_base_has_one_kind_per_file():
         docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
         assert len(docs) == 1 and len(kinds) == 1, f"{path.relative_to(DEPLOY)} holds {len(docs)} objects"
         expected = docs[0]["kind"].lower()
-        assert path.stem.startswith(expected) or path.stem == "job", f"{path.name} holds a {docs[0]['kind']}"
+        assert path.stem.startswith(expected), f"{path.name} holds a {docs[0]['kind']}"
 
 
 # What an overlay may change: namespace, labels, images and sizes (resources, replicas).
