@@ -90,7 +90,12 @@ def _label_masks(labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def _check_margin(margin) -> None:
-    if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin) or margin < 0:
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, int | float)
+        or not math.isfinite(margin)
+        or margin < 0
+    ):
         raise InvalidInput(f"margin must be a finite number >= 0 or 'soft', got {margin!r}")
 
 
@@ -352,7 +357,9 @@ class MultiSimilarityLoss(_MetricLoss):
         margin: float = 0.1,
         **kwargs,
     ):
-        super().__init__(scale_pos=scale_pos, scale_neg=scale_neg, threshold=threshold, margin=margin, **kwargs)
+        super().__init__(
+            scale_pos=scale_pos, scale_neg=scale_neg, threshold=threshold, margin=margin, **kwargs
+        )
 
 
 # Config names -> canonical names. The first spellings are those of the original trainings/*.json.

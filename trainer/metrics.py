@@ -147,7 +147,9 @@ def _retrieval_metrics(
     depth_cap = len(gallery) - (1 if exclude_self else 0)
     recall_hits = {k: 0 for k in ks}
     ap_sum = 0.0
-    for start, scores in _score_blocks(queries, gallery, metric, exclude_self=exclude_self, block_cells=block_cells):
+    for start, scores in _score_blocks(
+        queries, gallery, metric, exclude_self=exclude_self, block_cells=block_cells
+    ):
         rows = len(scores)
         r = r_all[start : start + rows]
         depth = min(max(max(ks), int(r.max(initial=0))), depth_cap)
@@ -246,7 +248,9 @@ def original_map(
     picks = np.random.default_rng(seed).integers(0, len(queries), size=trials)
     picked_labels = q_labels[picks]
     aps = []
-    blocks = _score_blocks(queries[picks], gallery, metric, exclude_self=False, block_cells=DEFAULT_BLOCK_CELLS)
+    blocks = _score_blocks(
+        queries[picks], gallery, metric, exclude_self=False, block_cells=DEFAULT_BLOCK_CELLS
+    )
     for start, scores in blocks:
         top = top_k_indices(scores, r)
         for row, label in zip(top, picked_labels[start : start + len(scores)], strict=True):

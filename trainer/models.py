@@ -20,6 +20,7 @@ __all__ = [
     "BACKBONES",
     "HEADS",
     "BackboneSpec",
+    "attach_head",
     "backbone_spec",
     "build_embedding_model",
     "head_is_normalized",
@@ -55,11 +56,21 @@ def build_embedding_model(
     ``model.get_layer("backbone").trainable = False``).
     """
     _check_head(head)
-    if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
-        raise InvalidInput(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
+    _check_dim(embedding_dim)
     features = build_backbone(backbone, input_size, weights)
-    height, width = features.input_shape[1:3]
+    return attach_head(features, head, embedding_dim, name=f"{backbone}_{head}")
 
+
+def attach_head(
+    features: keras.Model, head: str, embedding_dim: int, *, name: str | None = None
+) -> keras.Model:
+    """An embedding model made of a backbone (pixels -> pooled features) and a new head on top of it.
+
+    build_embedding_model uses it; it also lets a caller put a head on an already built backbone.
+    """
+    _check_head(head)
+    _check_dim(embedding_dim)
+    height, width = features.input_shape[1:3]
     inputs = keras.Input(shape=(height, width, 3), dtype="float32", name="pixels")
     x = features(inputs)
     # Orthogonal initialisation as in the original heads.
@@ -71,4 +82,9 @@ def build_embedding_model(
     if head.endswith("_normalize"):
         x = keras.layers.UnitNormalization(axis=-1, name="l2_normalize")(x)
     outputs = keras.layers.Identity(name="embedding", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name=f"{backbone}_{head}")
+    return keras.Model(inputs, outputs, name=name or f"{features.name}_{head}")
+
+
+def _check_dim(embedding_dim) -> None:
+    if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+        raise InvalidInput(f"embedding_dim must be a positive integer, got {embedding_dim!r}")

@@ -46,7 +46,11 @@ def write_legacy(monkeypatch, tmp_path):
     torch_mod._utils = utils_mod
     monkeypatch.setitem(sys.modules, "torch", torch_mod)
     monkeypatch.setitem(sys.modules, "torch._utils", utils_mod)
-    type_names = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage", np.dtype(np.float64): "DoubleStorage"}
+    type_names = {
+        np.dtype(np.float32): "FloatStorage",
+        np.dtype(np.int64): "LongStorage",
+        np.dtype(np.float64): "DoubleStorage",
+    }
 
     class Pickler(pickle.Pickler):
         def persistent_id(self, obj):
@@ -104,7 +108,9 @@ def test_reads_strided_views_offsets_and_shared_storages(write_legacy):
 
 def test_unwraps_a_nested_state_dict(write_legacy):
     storage = _Storage("1", np.array([1.5, 2.5], np.float64))
-    got = read_legacy_state_dict(write_legacy({"epoch": 3, "state_dict": {"w": _Tensor(storage, 0, (2,), (1,))}}, [storage]))
+    got = read_legacy_state_dict(
+        write_legacy({"epoch": 3, "state_dict": {"w": _Tensor(storage, 0, (2,), (1,))}}, [storage])
+    )
     np.testing.assert_array_equal(got["w"], [1.5, 2.5])
 
 

@@ -23,7 +23,11 @@ def _to_torch_state(model) -> dict[str, np.ndarray]:
         state[f"{key}.weight"] = np.transpose(w, (2, 3, 0, 1) if depthwise else (3, 2, 0, 1))
 
     def bn(layer, key):
-        for name, value in zip(("weight", "bias", "running_mean", "running_var"), model.get_layer(layer).get_weights(), strict=True):
+        for name, value in zip(
+            ("weight", "bias", "running_mean", "running_var"),
+            model.get_layer(layer).get_weights(),
+            strict=True,
+        ):
             state[f"{key}.{name}"] = value
         state[f"{key}.num_batches_tracked"] = np.array(0, np.int64)
 
@@ -56,10 +60,14 @@ def test_mapping_round_trip_and_checks():
             gamma, beta, mean, var = layer.get_weights()
             layer.set_weights([gamma * 1.1, beta + 0.1, rng.normal(size=mean.shape) * 0.1, var * 1.5])
     state = _to_torch_state(source)
-    target = efficientnet_lite.build_efficientnet_lite0((32, 32, 3), include_top=True, weights=None)
-    efficientnet_lite.load_torch_state_dict(target, state)
     x = rng.uniform(0, 255, size=(2, 32, 32, 3)).astype(np.float32)
-    np.testing.assert_allclose(target(x, training=False), source(x, training=False), atol=1e-6)
+    expected = np.asarray(source(x, training=False))
+    # Scramble every weight, then load the state dict back: the outputs must come back exactly.
+    target = source
+    target.set_weights([rng.normal(size=w.shape).astype(np.float32) + 1.0 for w in target.get_weights()])
+    assert not np.allclose(target(x, training=False), expected, atol=1e-3)
+    efficientnet_lite.load_torch_state_dict(target, state)
+    np.testing.assert_allclose(target(x, training=False), expected, atol=1e-6)
 
     missing = dict(state)
     del missing["_blocks.3._depthwise_conv.weight"]

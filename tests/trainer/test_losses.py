@@ -80,8 +80,10 @@ def _ref_pair_softmax(pair_labels, anchors, positives, logit):
         log_z = top + math.log(sum(math.exp(v - top) for v in row))
         same = [j for j in range(m) if pair_labels[j] == pair_labels[i]]
         total += sum(-(row[j] - log_z) / len(same) for j in same)
-    l2 = 0.25 * 0.002 * (
-        sum(float(np.dot(a, a)) for a in anchors) / m + sum(float(np.dot(p, p)) for p in positives) / m
+    l2 = (
+        0.25
+        * 0.002
+        * (sum(float(np.dot(a, a)) for a in anchors) / m + sum(float(np.dot(p, p)) for p in positives) / m)
     )
     return total / m + l2
 

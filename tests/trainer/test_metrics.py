@@ -138,7 +138,9 @@ def test_evaluate_agrees_with_naive_loops(metric, seed):
 
     gallery, g_labels = _clustered(rng, 5, 9, noise=2.0)
     expected = naive_evaluate(x, labels, gallery, g_labels, metric=metric)
-    got = metrics.evaluate(x, labels, gallery_embeddings=gallery, gallery_labels=g_labels, metric=metric, nmi=False)
+    got = metrics.evaluate(
+        x, labels, gallery_embeddings=gallery, gallery_labels=g_labels, metric=metric, nmi=False
+    )
     assert got == pytest.approx(expected)
 
 

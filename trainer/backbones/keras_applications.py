@@ -29,12 +29,12 @@ class CaffePreprocessing(keras.layers.Layer):
         return input_shape
 
 
-def _application(constructor, name: str, input_shape, weights):
+def _application(constructor, name: str, input_shape, weights, *, he_init_from_scratch: bool = False):
     """keras.applications model with pooled features; download failures become a clear error."""
     if weights is not None and weights != "imagenet":
         weights = str(Path(weights))
     try:
-        return constructor(include_top=False, weights=weights, input_shape=input_shape, pooling="avg")
+        model = constructor(include_top=False, weights=weights, input_shape=input_shape, pooling="avg")
     except OSError as e:
         raise InvalidInput(f"cannot load {name} weights from {weights}: {e}") from None
     except ValueError as e:
@@ -47,6 +47,25 @@ def _application(constructor, name: str, input_shape, weights):
                 "pass a local weights file instead (the *_notop.h5 file from keras.applications)"
             ) from None
         raise
+    if weights is None and he_init_from_scratch:
+        _he_initialise(model)
+    return model
+
+
+def _he_initialise(model: keras.Model, seed: int = 0) -> None:
+    """Re-draws the convolution kernels with He (fan-out) scaling for training from scratch.
+
+    With Keras' default Glorot kernels a randomly initialised MobileNetV2 outputs features of ~1e-11,
+    which an L2-normalising head cannot turn into usable embeddings; He scaling keeps them O(1).
+    (Not for ResNet50: its default initialisation is fine and He scaling makes its residual sums explode.)
+    """
+    initializer = keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_out", distribution="truncated_normal", seed=seed
+    )
+    for layer in model.layers:
+        # Conv2D and DepthwiseConv2D (Keras 3 names the depthwise weights `kernel` as well).
+        if isinstance(layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D):
+            layer.kernel.assign(initializer(layer.kernel.shape))
 
 
 def build_resnet50(input_shape, weights=None) -> keras.Model:
@@ -61,5 +80,7 @@ def build_mobilenet_v2(input_shape, weights=None) -> keras.Model:
     """MobileNetV2 (Sandler et al. 2018) features, global average pooled (1280-d), x/127.5 - 1 inside."""
     inputs = keras.Input(shape=input_shape, name="pixels")
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_inputs")(inputs)
-    base = _application(keras.applications.MobileNetV2, "mobilenet_v2", input_shape, weights)
+    base = _application(
+        keras.applications.MobileNetV2, "mobilenet_v2", input_shape, weights, he_init_from_scratch=True
+    )
     return keras.Model(inputs, base(x), name="mobilenet_v2")
