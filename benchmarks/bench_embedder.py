@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ from embedder.client import EmbedderClient
 from tests.support.processes import running_service
 
 CONCURRENCY = (1, 8, 32)
-IMAGE_SIZE = 112
-INPUT_SIZE = 96
+IMAGE_SIZE = 144
+INPUT_SIZE = 128
 DIM = 128
 # Batching as recommended for CPU in TF Serving's batching guide: no artificial wait (the queue fills
 # while the model runs), one batch thread per core pair; padding to a few sizes avoids retracing.
@@ -92,28 +93,41 @@ def make_jpegs(count: int) -> list[bytes]:
     return images
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values), q)) if values else float("nan")
+@dataclass
+class Sample:
+    """Requests answered, time spent and per-call latencies, accumulated over time slices."""
+
+    items: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    def add(self, other: Sample) -> None:
+        self.items += other.items
+        self.seconds += other.seconds
+        self.latencies.extend(other.latencies)
+
+    @property
+    def throughput(self) -> float:
+        return self.items / self.seconds
+
+    def ms(self, q: float) -> float:
+        return float(np.percentile(np.array(self.latencies), q)) * 1e3
 
 
-def measure_in_process(model_dir: Path, images: list[bytes], batch: int, seconds: float) -> dict:
-    embed = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
-    inputs = tf.constant([images[i % len(images)] for i in range(batch)])
-    for _ in range(3):
-        embed(image_bytes=inputs)
-    latencies = []
+def in_process_slice(embed, inputs: tf.Tensor, seconds: float) -> Sample:
+    sample = Sample()
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
         t0 = time.perf_counter()
         embed(image_bytes=inputs)["embedding"].numpy()
-        latencies.append(time.perf_counter() - t0)
-    elapsed = time.perf_counter() - started
-    return {"throughput": batch * len(latencies) / elapsed, "p50": _percentile(latencies, 50) * 1e3,
-            "p99": _percentile(latencies, 99) * 1e3}
+        sample.latencies.append(time.perf_counter() - t0)
+    sample.seconds = time.perf_counter() - started
+    sample.items = len(sample.latencies) * int(inputs.shape[0])
+    return sample
 
 
-def measure_server(target: str, images: list[bytes], clients: int, seconds: float) -> dict:
-    latencies: list[list[float]] = [[] for _ in range(clients)]
+def server_slice(target: str, images: list[bytes], clients: int, seconds: float) -> Sample:
+    latencies: list[list[tuple[float, float]]] = [[] for _ in range(clients)]  # (end, latency)
     failures: list[str] = []
     stop = threading.Event()
     barrier = threading.Barrier(clients + 1)
@@ -130,7 +144,8 @@ def measure_server(target: str, images: list[bytes], clients: int, seconds: floa
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     failures.append(str(exc))
                     continue
-                latencies[index].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                latencies[index].append((t1, t1 - t0))
                 i += clients
 
     threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
@@ -139,46 +154,51 @@ def measure_server(target: str, images: list[bytes], clients: int, seconds: floa
     barrier.wait()
     started = time.perf_counter()
     time.sleep(seconds)
+    stopped = time.perf_counter()
     stop.set()
-    elapsed = time.perf_counter() - started
     for thread in threads:
         thread.join(30)
-    flat = [x for per_client in latencies for x in per_client]
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
-    return {"throughput": len(flat) / elapsed, "p50": _percentile(flat, 50) * 1e3, "p99": _percentile(flat, 99) * 1e3}
+    # Only calls that finished inside the window count (and were timed from after the barrier).
+    flat = [latency for per_client in latencies for end, latency in per_client if started <= end <= stopped]
+    return Sample(len(flat), stopped - started, flat)
 
 
 def run(quick: bool, workdir: Path) -> list[dict]:
-    seconds = 1.5 if quick else 8.0
-    rounds = 1 if quick else 2
+    # Short alternating slices of baseline and server, so that load from other processes on the
+    # machine hits both alike.
+    slices, slice_seconds, warmup_seconds = (3, 0.6, 1.5) if quick else (8, 2.0, 5.0)
     work = Path(workdir) / "embedder-bench"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model_dir = export_bench_model(work / "models")
     (work / "batching.config").write_text(BATCHING)
     images = make_jpegs(64)
+    embed = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
 
-    baseline: dict[int, dict] = {}
-    served: dict[int, dict] = {}
+    baseline = {c: Sample() for c in CONCURRENCY}
+    served = {c: Sample() for c in CONCURRENCY}
     with running_service(
         "embedder", "serve", "--model_name", "bench", "--model_base_path", str(work / "models" / "bench"),
         "--enable_batching", "--batching_parameters_file", str(work / "batching.config"),
         "--max-workers", "48", "--log-level", "warning", log_dir=work,
     ) as (_proc, target):
-        # Baseline and server runs alternate per concurrency so that load from other processes on
-        # the machine hits both alike; the better of two rounds is kept for each.
+        # Both sides run a while before anything is measured: the first second of calls after a
+        # load is markedly slower (thread pools, allocator), on both sides.
+        in_process_slice(embed, tf.constant(images[:1]), warmup_seconds)
+        server_slice(target, images, 1, warmup_seconds)
         for c in CONCURRENCY:
-            for _ in range(rounds):
-                base = measure_in_process(model_dir, images, c, seconds)
-                got = measure_server(target, images, c, seconds)
-                if c not in baseline or base["throughput"] > baseline[c]["throughput"]:
-                    baseline[c] = base
-                if c not in served or got["throughput"] > served[c]["throughput"]:
-                    served[c] = got
+            inputs = tf.constant([images[i % len(images)] for i in range(c)])
+            for _ in range(2):
+                embed(image_bytes=inputs)  # warm up this batch size
+            for _ in range(slices):
+                baseline[c].add(in_process_slice(embed, inputs, slice_seconds))
+                served[c].add(server_slice(target, images, c, slice_seconds))
     figures: list[dict] = []
     for c in CONCURRENCY:
-        base, got = baseline[c], served[c]
+        base = {"throughput": baseline[c].throughput, "p50": baseline[c].ms(50), "p99": baseline[c].ms(99)}
+        got = {"throughput": served[c].throughput, "p50": served[c].ms(50), "p99": served[c].ms(99)}
         in_process = f"in-process TF, batch of {c}"
         figures.append({
             "name": f"embedder throughput, {c} client{'s' if c > 1 else ''}", "value": round(got["throughput"], 1),
@@ -192,11 +212,11 @@ def run(quick: bool, workdir: Path) -> list[dict]:
                 "unit": "ms", "baseline_name": f"{in_process} ({q} per call)", "baseline": round(base[q], 2),
                 "ratio": round(got[q] / base[q], 3), "goal": "report", "higher_is_better": False,
             })
-    overhead = served[1]["p50"] - baseline[1]["p50"]
+    overhead = served[1].ms(50) - baseline[1].ms(50)
     figures.append({
         "name": "embedder added latency, 1 client (p50 server - p50 in-process call)",
         "value": round(overhead, 2), "unit": "ms", "baseline_name": "in-process single-image call p50",
-        "baseline": round(baseline[1]["p50"], 2), "ratio": round(served[1]["p50"] / baseline[1]["p50"], 3),
+        "baseline": round(baseline[1].ms(50), 2), "ratio": round(served[1].ms(50) / baseline[1].ms(50), 3),
         "goal": "value <= 3", "higher_is_better": False,
     })
     return figures
