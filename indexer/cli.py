@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     env_flag(serve, "--hnsw-m", env=f"{ENV}_HNSW_M", default=16, type=int, help="Default HNSW M.")
     env_flag(serve, "--hnsw-ef-construction", env=f"{ENV}_HNSW_EF_CONSTRUCTION", default=200, type=int,
              help="Default HNSW ef_construction.")
-    env_flag(serve, "--hnsw-ef-search", env=f"{ENV}_HNSW_EF_SEARCH", default=200, type=int,
+    env_flag(serve, "--hnsw-ef-search", env=f"{ENV}_HNSW_EF_SEARCH", default=300, type=int,
              help="Default HNSW ef for queries (raised to k).")
     env_flag(serve, "--exact-threshold", env=f"{ENV}_EXACT_THRESHOLD", default=10_000, type=int,
              help="Filtered queries matching at most this many items use exact search.")
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _client(args):
+def make_client(args):
+    """An IndexerClient for the --indexer/--tls-ca/--timeout flags."""
     from indexer.client import IndexerClient
 
     targets = [t.strip() for t in args.indexer.split(",") if t.strip()]
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reindex":
             from indexer import reindex
 
-            return reindex.run(args, _client)
-        with _client(args) as client:
+            return reindex.run(args, make_client)
+        with make_client(args) as client:
             if args.command == "stats":
                 from google.protobuf.json_format import MessageToDict
 

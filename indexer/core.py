@@ -60,7 +60,7 @@ class IndexerConfig:
     max_batch: int = 4096
     default_m: int = 16
     default_ef_construction: int = 200
-    default_ef_search: int = 200
+    default_ef_search: int = 300
     # Filtered queries whose matching items are at most this many are answered by exact search.
     exact_threshold: int = 10_000
     # Rebuild a graph once this fraction of its slots are deleted (and it has at least 1024 slots).
@@ -572,27 +572,24 @@ class IndexerCore:
         graph = gen.graph
         with graph.lock.read():
             ids, dists = self._search(gen, graph, q, k, ef or gen.row.ef_search, flt, set(exclude_ids))
+        dists = np.asarray(dists, np.float32).reshape(len(q), -1)
         if gen.row.metric != 3:
             # Float rounding can give an item a distance of -1e-7 to itself; distances are >= 0.
-            dists = [np.maximum(np.asarray(d, np.float32), 0.0) for d in dists]
-        scores = [distances_to_scores(gen.row.metric, np.asarray(d, np.float32)) for d in dists]
+            dists = np.maximum(dists, 0.0)
+        score_rows = distances_to_scores(gen.row.metric, dists).tolist()
         items = self._catalogue.items
         results: list[list[Hit]] = []
-        for qi, row_ids in enumerate(ids):
-            hits = []
-            for j, item_id in enumerate(row_ids):
-                score = float(scores[qi][j])
-                if min_score is not None and score < min_score:
-                    continue
-                hits.append(Hit(items.get(item_id) or ItemRow(item_id), float(dists[qi][j]), score))
-            results.append(hits)
+        for row_ids, row_dists, row_scores in zip(ids, dists.tolist(), score_rows, strict=True):
+            results.append([Hit(items.get(i) or ItemRow(i), d, sc)
+                            for i, d, sc in zip(row_ids, row_dists, row_scores, strict=False)
+                            if min_score is None or sc >= min_score])
         return results, gen.row
 
     def _search(self, gen: GenerationState, graph: HnswGraph, q: np.ndarray, k: int, ef: int,
                 flt: ItemFilter, exclude: set[str]):
         live = len(graph)
         if live == 0:
-            return [[] for _ in q], [np.zeros(0, np.float32) for _ in q]
+            return [[] for _ in q], np.zeros((len(q), 0), np.float32)
         excluded_labels = {graph.label_of[i] for i in exclude if i in graph.label_of}
         if not flt:
             if live - len(excluded_labels) <= max(k, 256):

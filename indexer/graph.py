@@ -169,7 +169,8 @@ class HnswGraph:
         """(labels, distances) from hnswlib; raises RuntimeError if fewer than k are found."""
         self.index.set_ef(max(ef, k))
         if accept is None:
-            return self.index.knn_query(queries, k=k)
+            # hnswlib's thread pool costs more than it saves for a handful of queries.
+            return self.index.knn_query(queries, k=k, num_threads=1 if len(queries) < 8 else -1)
         # hnswlib calls the filter with the GIL held; one thread avoids contention (hnswlib docs).
         return self.index.knn_query(queries, k=k, num_threads=1, filter=accept)
 
@@ -190,7 +191,8 @@ class HnswGraph:
         if new_rows:
             needed = self.index.element_count + len(new_rows)
             if needed > self.index.max_elements:
-                self.index.resize_index(max(needed, self.index.max_elements * 2))
+                # Grow by half: amortised like doubling, with less slack memory in a big index.
+                self.index.resize_index(max(needed, self.index.max_elements * 3 // 2))
             labels = list(range(self.next_label, self.next_label + len(new_rows)))
             self.next_label += len(new_rows)
             self.index.add_items(vectors[new_rows], labels, replace_deleted=True)

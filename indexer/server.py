@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cbir.errors import CbirError, InvalidInput
@@ -69,6 +70,14 @@ def generation_to_proto(info: GenerationInfo) -> indexer_pb2.Generation:
     )
 
 
+def _hit(hit) -> types_pb2.Hit:
+    item = hit.item
+    message = types_pb2.Hit(id=item.id, score=hit.score, distance=hit.distance, uri=item.uri, label=item.label)
+    if item.attributes:  # filling an empty map costs as much as the rest of the hit
+        message.attributes.update(item.attributes)
+    return message
+
+
 # ---------------------------------------------------------------------- servicer
 
 
@@ -112,16 +121,14 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
 
     def Knn(self, request, context):
         results, row = self.core.knn(
-            [q.values for q in request.queries], request.k,
+            [np.asarray(q.values, np.float32) for q in request.queries], request.k,
             generation=request.generation, require_active=request.require_active,
             item_filter=filter_from_proto(request.filter), ef=request.ef,
             min_score=request.min_score if request.HasField("min_score") else None,
             exclude_ids=list(request.exclude_ids),
         )
         return indexer_pb2.KnnResponse(
-            results=[indexer_pb2.Neighbors(hits=[
-                types_pb2.Hit(id=h.item.id, score=h.score, distance=h.distance, uri=h.item.uri,
-                              label=h.item.label, attributes=h.item.attributes) for h in hits]) for hits in results],
+            results=[indexer_pb2.Neighbors(hits=[_hit(h) for h in hits]) for hits in results],
             generation=generation_ref(row),
         )
 

@@ -65,9 +65,9 @@ CREATE TABLE IF NOT EXISTS changes (
 BUILDING, ACTIVE, RETIRED = 1, 2, 3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ItemRow:
-    """A catalogue item as stored."""
+    """A catalogue item as stored (slots: one is kept in memory per item)."""
 
     id: str
     uri: str = ""

@@ -1,0 +1,230 @@
+"""Indexer benchmark: the `python -m indexer serve` process against in-process hnswlib with the same
+parameters, on clustered vectors of dimension 128 (200k; quick mode 20k).
+
+Figures: build time (streaming upserts, durable, through gRPC) vs raw hnswlib add_items; resident
+memory of the server vs the raw float32 vectors; recall@10 vs exact search; batched and single-query
+QPS vs in-process hnswlib; per-query gRPC overhead (p50 single-query latency minus in-process p50,
+goal <= 1 ms); reindex throughput (catalogue -> local model server -> indexer) vs the model server's
+own throughput on the same images and batch size (goal >= 0.8).
+
+The vectors are Gaussian blobs each spread over an 8-dim subspace (+ small noise), like real
+embeddings: clustered by class with a low intrinsic dimension.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from cbir.v1 import indexer_pb2, types_pb2
+from indexer.client import IndexerClient
+from indexer.graph import ExactIndex
+from tests.support.processes import ServiceProcess, running_service, wait_for_health, wait_for_port_file
+
+DIM = 128
+M, EF_CONSTRUCTION, EF_SEARCH = 16, 200, 300  # the server defaults
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int, centres: int = 200, intrinsic: int = 8) -> np.ndarray:
+    c = rng.normal(size=(centres, dim)) * 2
+    bases = rng.normal(size=(centres, intrinsic, dim)) / np.sqrt(intrinsic)
+    which = rng.integers(0, centres, n)
+    z = rng.normal(size=(n, intrinsic))
+    out = np.empty((n, dim), np.float32)
+    for start in range(0, n, 20_000):  # chunked: the einsum's temporaries stay small
+        s = slice(start, start + 20_000)
+        out[s] = c[which[s]] + np.einsum("ni,nid->nd", z[s], bases[which[s]]) + 0.1 * rng.normal(size=(len(z[s]), dim))
+    return out
+
+
+def _figure(name, value, unit, baseline_name, baseline, goal, higher_is_better, ratio=None) -> dict:
+    if ratio is None:
+        ratio = value / baseline if baseline else float("nan")
+    return {"name": name, "value": float(value), "unit": unit, "baseline_name": baseline_name,
+            "baseline": float(baseline), "ratio": float(ratio), "goal": goal, "higher_is_better": higher_is_better}
+
+
+def _recall(found: list[list[str]], exact: list[list[str]]) -> float:
+    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)]))
+
+
+def _start_embedder(workdir: Path, n_images: int):
+    """Exports the embedder benchmark's CNN and starts the local model server (not waited for)."""
+    try:
+        from benchmarks.bench_embedder import BATCHING, export_bench_model, make_jpegs
+    except ImportError:
+        return None
+    repo = workdir / "models"
+    export_bench_model(repo)
+    (workdir / "batching.txt").write_text(BATCHING)
+    images = workdir / "catalogue" / "all"
+    images.mkdir(parents=True, exist_ok=True)
+    jpegs = make_jpegs(n_images)
+    for j, data in enumerate(jpegs):
+        (images / f"img{j:05d}.jpg").write_bytes(data)
+    port_file = workdir / "embedder.port"
+    proc = ServiceProcess(["-m", "embedder", "serve", "--model_name", "bench", "--model_base_path",
+                           str(repo / "bench"), "--enable_batching", "--batching_parameters_file",
+                           str(workdir / "batching.txt"), "--port", "0", "--port-file", str(port_file),
+                           "--log-format", "text"], workdir / "embedder.log")
+    return proc, port_file, jpegs
+
+
+def _log(message: str, t0: list[float] = [time.perf_counter()]) -> None:  # noqa: B006 - start time
+    print(f"[{time.perf_counter() - t0[0]:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def run(quick: bool, workdir: Path) -> list[dict]:
+    workdir = Path(workdir)
+    for leftover in ("models", "catalogue", "index", "index-reindex"):  # of an earlier run
+        shutil.rmtree(workdir / leftover, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    n = 20_000 if quick else 200_000
+    n_images = 256 if quick else 1024
+    rng = np.random.default_rng(0)
+    x = clustered(rng, n, DIM)
+    q = clustered(rng, 200, DIM)
+    ids = [f"item-{j:07d}" for j in range(n)]
+    figures: list[dict] = []
+    with ExitStack() as stack:
+        # The model is exported and its server loads TensorFlow while the index is being built.
+        embedder_pool = stack.enter_context(ThreadPoolExecutor(1))
+        embedder_future = embedder_pool.submit(_start_embedder, workdir, n_images)
+        stack.callback(lambda: embedder_future.result() and embedder_future.result()[0].stop())
+        _proc, target = stack.enter_context(running_service(
+            "indexer", "serve", "--data-dir", str(workdir / "index"), "--metrics-port", "-1",
+            "--log-format", "text", "--snapshot-interval", "3600", log_dir=workdir))
+        client = stack.enter_context(IndexerClient([target], timeout=120))
+        rss_empty = client.stats()[0].process_rss_bytes
+        _log('indexer up')
+
+        # ---- build: durable streaming upserts vs raw hnswlib
+        client.create_generation("bench", types_pb2.EmbeddingSpace(model_name="bench", model_version=1),
+                                 types_pb2.METRIC_COSINE, DIM)
+        started = time.perf_counter()
+        for s in range(0, n, 20_000):
+            client.upsert((indexer_pb2.Record(item=types_pb2.Item(id=ids[j]), vector=x[j])
+                           for j in range(s, min(s + 20_000, n))), generation="bench", batch_size=1000)
+        build = time.perf_counter() - started
+        _log('built through the server')
+        client.activate_generation("bench")
+        raw = hnswlib.Index(space="cosine", dim=DIM)
+        raw.init_index(max_elements=n, M=M, ef_construction=EF_CONSTRUCTION)
+        started = time.perf_counter()
+        raw.add_items(x, np.arange(n))
+        raw_build = time.perf_counter() - started
+        _log('built in-process')
+        raw.set_ef(EF_SEARCH)
+        figures.append(_figure(f"build {n} x {DIM} (durable, gRPC)", build, "s", "in-process hnswlib add_items",
+                               raw_build, "ratio <= 3", False))
+
+        stats = client.stats()[0]
+        raw_bytes = n * DIM * 4
+        figures.append(_figure("server resident memory", (stats.process_rss_bytes - rss_empty) / 2**20, "MiB",
+                               "raw float32 vectors", raw_bytes / 2**20, "ratio <= 3", False))
+
+        # ---- recall@10 vs exact
+        exact, _ = ExactIndex(1, ids, x).search(q, 10)
+        answer = client.knn(q, 10, generation="bench")
+        recall = _recall([[h.id for h in r.hits] for r in answer.results], exact)
+        figures.append(_figure("recall@10 (default params)", recall, "", "exact search", 1.0, ">= 0.98", True))
+
+        # ---- batched QPS
+        def qps(call, seconds=3.0, per_call=1):
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                call()
+                done += per_call
+            return done / (time.perf_counter() - started)
+
+        batch = q[:100]
+        server_batched = qps(lambda: client.knn(batch, 10, generation="bench"), per_call=100)
+        raw_batched = qps(lambda: raw.knn_query(batch, k=10), per_call=100)
+        figures.append(_figure("batched QPS (100 queries / RPC)", server_batched, "queries/s",
+                               "in-process hnswlib batched", raw_batched, "ratio >= 0.5", True))
+
+        # ---- single-query latency and QPS
+        def latencies(call, count):
+            out = []
+            for j in range(count):
+                t0 = time.perf_counter()
+                call(j)
+                out.append(time.perf_counter() - t0)
+            return np.array(out)
+
+        count = 300 if quick else 1000
+        latencies(lambda j: client.knn(q[j % 200], 10, generation="bench"), 20)  # warm-up
+        server_lat = latencies(lambda j: client.knn(q[j % 200], 10, generation="bench"), count)
+        raw_lat = latencies(lambda j: raw.knn_query(q[j % 200 : j % 200 + 1], k=10, num_threads=1), count)
+        figures.append(_figure("single-query QPS (1 client)", 1 / server_lat.mean(), "queries/s",
+                               "in-process hnswlib single query", 1 / raw_lat.mean(), "ratio >= 0.3", True))
+        overhead = (np.median(server_lat) - np.median(raw_lat)) * 1e3
+        figures.append(_figure("gRPC overhead per query (p50)", overhead, "ms", "in-process hnswlib p50",
+                               np.median(raw_lat) * 1e3, "value <= 1", False))
+
+        _log("queries measured")
+        figures.append(_figure("machine load average while measuring (1 min)", os.getloadavg()[0], "",
+                               "CPU cores", os.cpu_count() or 1, "informational", False))
+        embedder = embedder_future.result()
+        # ---- reindex throughput vs the model server's own
+        if embedder is not None:
+            # A fresh indexer: the benchmark's 20k vector-only items would be "pending" in a new
+            # generation of this one (they have no image to embed).
+            _proc2, target2 = stack.enter_context(running_service(
+                "indexer", "serve", "--data-dir", str(workdir / "index-reindex"), "--metrics-port", "-1",
+                "--log-format", "text", log_dir=workdir))
+            figures.extend(_reindex_figures(workdir, embedder, target2))
+    return figures
+
+
+def _reindex_figures(workdir: Path, embedder, indexer_target: str) -> list[dict]:
+    from cbir.catalogue import read_catalogue
+    from embedder.client import EmbedderClient
+    from indexer.cli import build_parser, make_client
+    from indexer.reindex import entry_items, reindex
+
+    proc, port_file, jpegs = embedder
+    serving = f"127.0.0.1:{wait_for_port_file(port_file, proc, 180)}"
+    wait_for_health(serving, timeout=180, proc=proc)
+    batch = 32
+    with EmbedderClient(serving, "bench", timeout=60) as client:
+        client.embed(jpegs[:batch])  # warm-up
+        started = time.perf_counter()
+        for s in range(0, len(jpegs), batch):
+            client.embed(jpegs[s : s + batch])
+        serving_rate = len(jpegs) / (time.perf_counter() - started)
+    _log("model server measured")
+    args = build_parser().parse_args([
+        "reindex", str(workdir / "catalogue"), "--indexer", indexer_target, "--serving", serving, "--model", "bench",
+        "--batch-size", str(batch), "--no-progress", "--generation", "reindex-bench", "--no-activate",
+        "--check-samples", "5"])
+    items = entry_items(read_catalogue(args.catalogue))
+    report = reindex(items, args, make_client)
+    _log("reindex measured")
+    if report.failed or report.embedded != len(jpegs):
+        raise RuntimeError(f"reindex embedded {report.embedded} of {len(jpegs)} ({len(report.failed)} failed)")
+    return [
+        _figure(f"reindex streaming throughput ({len(jpegs)} JPEGs, batch {batch})", report.stream_items_per_second,
+                "images/s", "model server alone (same batches)", serving_rate, "ratio >= 0.8", True),
+        _figure("reindex end to end (incl. create, drain, check)", report.items_per_second, "images/s",
+                "model server alone (same batches)", serving_rate, "informational", True),
+    ]
+
+
+if __name__ == "__main__":
+    import json
+
+    quick = "--full" not in sys.argv
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        for fig in run(quick, Path(tmp)):
+            print(json.dumps(fig))
