@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cbir import defaults
 from cbir.config import env_flag
-from cbir.errors import CbirError
+from cbir.errors import CbirError, InvalidInput
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
 from gateway.images import ImageLimits
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
              help="Seconds the active generation read from shard 0 is reused.")
     env_flag(serve, "--dependency-timeout", env=f"{ENV}_DEPENDENCY_TIMEOUT", default=10.0, type=float,
              help="Longest wait for Serving or an indexer per call (the caller's deadline, if shorter, wins).")
+    env_flag(serve, "--coalesce-in-flight", env=f"{ENV}_COALESCE_IN_FLIGHT", default=2, type=int,
+             help="Concurrent image searches are merged into shared Serving/indexer calls, with at most this "
+                  "many merged batches in flight; 0 sends every search on its own.")
     env_flag(serve, "--probe-period", env=f"{ENV}_PROBE_PERIOD", default=2.0, type=float,
              help="Seconds between health probes of Serving and the indexer shards.")
     env_flag(serve, "--probe-timeout", env=f"{ENV}_PROBE_TIMEOUT", default=2.0, type=float,
@@ -115,7 +118,7 @@ def _serve(args) -> int:
     ]
     for name in ("max_k", "max_batch", "max_image_bytes", "max_image_pixels"):
         if getattr(args, name) < 1:
-            raise CbirError(f"--{name.replace('_', '-')} must be at least 1")
+            raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1")
     limits = SearchLimits(
         max_k=args.max_k,
         max_batch=args.max_batch,
@@ -123,6 +126,7 @@ def _serve(args) -> int:
         generation_retries=max(0, args.generation_retries),
         generation_ttl=max(0.0, args.generation_ttl),
         dependency_timeout=args.dependency_timeout,
+        coalesce_in_flight=max(0, args.coalesce_in_flight),
     )
     config = GatewayConfig(
         serving=args.serving,

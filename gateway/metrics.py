@@ -29,6 +29,11 @@ REENCODED_IMAGES = prometheus_client.Counter(
     "Query images re-encoded before embedding (animated, or a BMP variant the model cannot decode).",
     ["reason"],
 )
+COALESCED_BATCH = prometheus_client.Histogram(
+    "cbir_gateway_coalesced_batch_size",
+    "Concurrent image searches answered together by one Serving call and one Knn fan-out.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 DEPENDENCY_UP = prometheus_client.Gauge(
     "cbir_gateway_dependency_up",
     "1 when the last health probe reached the dependency (serving, indexer shard N), else 0.",

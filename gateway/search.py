@@ -15,6 +15,7 @@ So every answer is computed in exactly one space, and that space is the one repo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -35,6 +36,7 @@ from cbir.errors import (
 )
 from cbir.v1 import indexer_pb2, types_pb2
 from gateway import metrics
+from gateway.coalesce import Coalescer
 from gateway.images import ImageLimits, prepare_image
 
 MAX_ITEM_ID_BYTES = 256
@@ -85,6 +87,9 @@ class SearchLimits:
     generation_ttl: float = 1.0
     # Upper bound for each dependency call when the caller sent no deadline.
     dependency_timeout: float = 10.0
+    # Merge concurrent image searches into shared Serving/Knn calls (gateway/coalesce.py), with at
+    # most this many merged batches in flight at once (0 disables merging).
+    coalesce_in_flight: int = 2
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,17 @@ class Deadline:
         self._clock = clock
         self._end = None if seconds is None else clock() + seconds
         self._cap = cap
+
+    def remaining(self) -> float | None:
+        """Seconds left (never negative), or None without a deadline."""
+        return None if self._end is None else max(0.0, self._end - self._clock())
+
+    @staticmethod
+    def latest(deadlines: Sequence[Deadline]) -> Deadline:
+        """The most generous of several deadlines (for work done on behalf of all of them)."""
+        if any(d._end is None for d in deadlines):
+            return deadlines[[d._end for d in deadlines].index(None)]
+        return max(deadlines, key=lambda d: d._end)
 
     def timeout(self, before: str) -> float:
         """Seconds for the next dependency call; DeadlineExceeded if nothing is left."""
@@ -168,6 +184,11 @@ class SearchCore:
         self._clock = clock
         self._lock = threading.Lock()
         self._cached: tuple[float, indexer_pb2.Generation] | None = None
+        self._coalescer = (
+            Coalescer(self._run_renumbered, Deadline.latest, max_batch=limits.max_batch,
+                      max_in_flight=limits.coalesce_in_flight)
+            if limits.coalesce_in_flight > 0 else None
+        )
 
     # ----------------------------------------------------------------------------- public API
 
@@ -175,8 +196,10 @@ class SearchCore:
         return Deadline(seconds, self.limits.dependency_timeout, self._clock)
 
     def search(self, query: Query, deadline: Deadline) -> SearchResult:
-        prepared = [self._validate(query, 0, "")]
-        return self._run(prepared, deadline)[0]
+        prepared = self._validate(query, 0, "")
+        if self._coalescer is not None and prepared.image is not None:
+            return self._coalescer.submit(prepared, deadline)
+        return self._run([prepared], deadline)[0]
 
     def batch_search(self, queries: Sequence[Query], deadline: Deadline) -> tuple[list[SearchResult], types_pb2.GenerationRef]:
         if not queries:
@@ -246,6 +269,10 @@ class SearchCore:
         return _Prepared(index, k, image, query.item_id, query.filter, query.min_score, query.ef)
 
     # ----------------------------------------------------------------------------- the search loop
+
+    def _run_renumbered(self, prepared: list[_Prepared], deadline: Deadline) -> list[SearchResult]:
+        """Runs searches of different callers together (each was validated as query 0)."""
+        return self._run([dataclasses.replace(p, index=i) for i, p in enumerate(prepared)], deadline)
 
     def _run(self, prepared: list[_Prepared], deadline: Deadline) -> list[SearchResult]:
         refresh = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,8 @@ class FakeEmbedder:
         self.calls: list[tuple[int, int]] = []  # (number of images, version)
         self.on_embed = None  # hook run before answering (to simulate concurrent activation)
         self.down = False
+        self.reject: set[bytes] = set()  # images "the model graph" refuses (Pillow accepted them)
+        self.delay = 0.0
 
     def embed(self, images, *, version=None, version_label=None, timeout=None):
         if self.down:
@@ -51,6 +54,11 @@ class FakeEmbedder:
         if version not in self.versions:
             raise NotReady(f"model {self.model_name!r} version {version} is not available "
                            f"(available: {sorted(self.versions)})")
+        for index, image in enumerate(images):
+            if image in self.reject:
+                raise InvalidInput(f"image {index}: the model cannot decode it")
+        if self.delay:
+            time.sleep(self.delay)
         self.calls.append((len(images), version))
         if self.on_embed:
             hook, self.on_embed = self.on_embed, None

@@ -1,0 +1,95 @@
+"""Opportunistic batching of concurrent image searches: same answers, fewer dependency calls, isolation."""
+
+import threading
+import time
+
+import pytest
+
+from cbir.errors import DeadlineExceeded, InvalidInput
+from cbir.v1 import types_pb2
+from gateway.search import Query, SearchCore, SearchLimits
+from tests.gateway.fakes import FakeEmbedder, FakeIndexer, fake_embedding
+from tests.support.images import make_image
+
+N = 24
+
+
+@pytest.fixture()
+def world():
+    embedder = FakeEmbedder()
+    indexer = FakeIndexer()
+    indexer.add_generation("gen1", version=1)
+    images = [make_image(i, label=i % 5) for i in range(N)]
+    for i, image in enumerate(images):
+        indexer.put("gen1", types_pb2.Item(id=f"id{i}"), fake_embedding(image, 1))
+    return embedder, indexer, images
+
+
+def _concurrently(core, queries):
+    results, errors = [None] * len(queries), [None] * len(queries)
+    barrier = threading.Barrier(len(queries))
+
+    def one(i):
+        barrier.wait()
+        try:
+            results[i] = core.search(queries[i], core.deadline(10))
+        except Exception as exc:  # noqa: BLE001 - inspected by the test
+            errors[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(queries))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results, errors
+
+
+def test_concurrent_searches_share_calls_and_each_gets_its_own_answer(world):
+    embedder, indexer, images = world
+    embedder.delay = 0.02  # long enough for the others to queue behind the first batch
+    core = SearchCore(lambda name: embedder, indexer, SearchLimits(coalesce_in_flight=1))
+    queries = [Query(image=images[i], k=3) for i in range(N)]
+    results, errors = _concurrently(core, queries)
+    assert errors == [None] * N
+    assert [r.hits[0].id for r in results] == [f"id{i}" for i in range(N)]
+    assert sum(n for n, _ in embedder.calls) == N and len(embedder.calls) < N / 2
+    assert indexer.knn_calls == len(embedder.calls)
+
+
+def test_different_parameters_in_one_batch_are_respected(world):
+    embedder, indexer, images = world
+    embedder.delay = 0.02
+    core = SearchCore(lambda name: embedder, indexer, SearchLimits(coalesce_in_flight=1))
+    queries = [Query(image=images[i], k=1 + i % 4) for i in range(12)]
+    results, errors = _concurrently(core, queries)
+    assert errors == [None] * 12 and [len(r.hits) for r in results] == [1 + i % 4 for i in range(12)]
+
+
+def test_an_image_the_model_rejects_fails_alone(world):
+    embedder, indexer, images = world
+    embedder.delay = 0.02
+    embedder.reject = {images[5]}
+    core = SearchCore(lambda name: embedder, indexer, SearchLimits(coalesce_in_flight=1))
+    results, errors = _concurrently(core, [Query(image=images[i], k=2) for i in range(10)])
+    assert isinstance(errors[5], InvalidInput)
+    assert all(results[i].hits[0].id == f"id{i}" for i in range(10) if i != 5)
+
+
+def test_deadline_passing_in_the_queue(world):
+    embedder, indexer, images = world
+    embedder.delay = 0.5
+    core = SearchCore(lambda name: embedder, indexer, SearchLimits(coalesce_in_flight=1))
+    first = threading.Thread(target=core.search, args=(Query(image=images[0]), core.deadline(10)))
+    first.start()
+    time.sleep(0.15)  # the first search is now inside its 0.5 s Serving call
+    with pytest.raises(DeadlineExceeded, match="queued"):
+        core.search(Query(image=images[1]), core.deadline(0.1))
+    first.join(10)
+
+
+def test_disabled_means_one_call_per_search(world):
+    embedder, indexer, images = world
+    embedder.delay = 0.01
+    core = SearchCore(lambda name: embedder, indexer, SearchLimits(coalesce_in_flight=0))
+    results, errors = _concurrently(core, [Query(image=images[i]) for i in range(8)])
+    assert errors == [None] * 8 and len(embedder.calls) == 8
