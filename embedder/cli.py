@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from cbir.errors import CbirError, InvalidInput
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 
 ENV_PREFIX = "CBIR_EMBEDDER"
+DEFAULT_MAX_WORKERS = 64
 
 log = logging.getLogger("embedder")
 
@@ -31,6 +33,10 @@ def _tf_bool_flag(parser: argparse.ArgumentParser, flag: str, *, default: bool, 
 
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add_common_flags(parser, env_prefix=ENV_PREFIX, port=SERVING_GRPC_PORT, metrics_port=-1)
+    if f"{ENV_PREFIX}_MAX_WORKERS" not in os.environ:
+        # With batching, every request waiting for its batch holds an RPC thread: allow enough of
+        # them for batches to fill (TF Serving's gRPC server is not limited to a few threads either).
+        parser.set_defaults(max_workers=DEFAULT_MAX_WORKERS)
     p = ENV_PREFIX
     group = parser.add_argument_group("tensorflow_model_server flags (same names and meaning)")
     env_flag(group, "--rest_api_port", env=f"{p}_REST_API_PORT", default=0, type=int,

@@ -38,7 +38,7 @@ def test_new_versions_swap_in_without_failures(tmp_path):
         [ModelEntry("tiny", str(repo / "tiny"), VersionPolicy("latest", num_versions=2))]))
     with running_service(
         "embedder", "serve", "--model_config_file", str(config), "--file_system_poll_wait_seconds", "0.2",
-        "--enable_batching", "--log-format", "text", log_dir=tmp_path,
+        "--model_config_file_poll_wait_seconds", "0.3", "--enable_batching", "--log-format", "text", log_dir=tmp_path,
     ) as (proc, target):
         stop = threading.Event()
         failures: list[str] = []
@@ -105,6 +105,17 @@ def test_new_versions_swap_in_without_failures(tmp_path):
                 client.embed(IMAGES, version=1)
             assert client.embed(IMAGES).model_version == 3
             assert client.embed(IMAGES, version=2).model_version == 2
+            # The config file is polled: a label added to it becomes usable without a restart.
+            config.write_text(format_model_server_config([ModelEntry(
+                "tiny", str(repo / "tiny"), VersionPolicy("latest", num_versions=2), {"stable": 2})]))
+
+            def stable_version():
+                try:
+                    return client.embed(IMAGES, version_label="stable").model_version
+                except ModelVersionUnavailable:
+                    return None
+
+            wait_for(lambda: stable_version() == 2, what="label from the re-read config file")
 
         import grpc
 
