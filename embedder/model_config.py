@@ -132,7 +132,8 @@ def load_model_server_config(path: str | os.PathLike) -> list[ModelEntry]:
             text = fh.read()
     except OSError as exc:
         raise InvalidInput(f"cannot read model config file {str(path)!r}: {exc.strerror or exc}") from exc
-    return model_entries(parse_model_server_config(text, source=str(path)), source=str(path))
+    source = f"model config file {str(path)!r}"
+    return model_entries(parse_model_server_config(text, source=source), source=source)
 
 
 def single_model_config(name: str, base_path: str) -> list[ModelEntry]:
@@ -281,7 +282,7 @@ def load_batching_parameters(path: str | os.PathLike) -> BatchingParameters:
             text = fh.read()
     except OSError as exc:
         raise InvalidInput(f"cannot read batching parameters file {str(path)!r}: {exc.strerror or exc}") from exc
-    return parse_batching_parameters(text, source=str(path))
+    return parse_batching_parameters(text, source=f"batching parameters file {str(path)!r}")
 
 
 # --------------------------------------------------------------------------- monitoring config
@@ -336,4 +337,4 @@ def load_monitoring_config(path: str | os.PathLike) -> MonitoringConfig:
             text = fh.read()
     except OSError as exc:
         raise InvalidInput(f"cannot read monitoring config file {str(path)!r}: {exc.strerror or exc}") from exc
-    return parse_monitoring_config(text, source=str(path))
+    return parse_monitoring_config(text, source=f"monitoring config file {str(path)!r}")
