@@ -284,7 +284,10 @@ class _MetricLoss(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction)
         self._kwargs = kwargs
         # Check arguments now rather than at the first training step.
-        self.fn(np.zeros([4], np.int64) + np.array([0, 0, 1, 1]), np.eye(4, 3, dtype=np.float32), **kwargs)
+        try:
+            self.fn(np.array([0, 0, 1, 1]), np.eye(4, 3, dtype=np.float32), **kwargs)
+        except TypeError as e:
+            raise InvalidInput(f"{type(self).__name__}: {e}") from None
 
     def call(self, y_true, y_pred):
         return type(self).fn(y_true, y_pred, **self._kwargs)

@@ -299,6 +299,8 @@ def test_get_loss_names_and_arguments():
         losses.get_loss("angular_loss", margin=0.2)
     with pytest.raises(InvalidInput, match="alpha"):
         losses.get_loss("angular_loss", alpha=-3)
+    with pytest.raises(InvalidInput, match="scale_neg"):
+        losses.get_loss("semi_hard_triplet", scale_neg=3.0)
 
 
 @pytest.mark.parametrize(
