@@ -218,8 +218,15 @@ class Servable:
             return count
         signature = self.signatures.get(DEFAULT_SIGNATURE)
         if signature is not None and [s.dtype for s in signature.inputs.values()] == [tf.string]:
-            image = tf.io.encode_png(tf.zeros((32, 32, 3), tf.uint8)).numpy()
-            predict(signature, {next(iter(signature.inputs)): np.array([image], dtype=object)})
+            # Not TF Serving behaviour but cheap: the first real request does not pay for the
+            # first run. Best effort, since a model may accept only some image formats.
+            image = tf.io.encode_jpeg(tf.fill((64, 64, 3), tf.constant(128, tf.uint8))).numpy()
+            try:
+                predict(signature, {next(iter(signature.inputs)): np.array([image], dtype=object)})
+            except (InvalidInput, tf.errors.OpError) as exc:
+                log.warning("default warmup skipped", extra={"model": self.name, "version": self.version,
+                                                             "error": str(exc)[:300]})
+                return 0
             return 1
         return 0
 

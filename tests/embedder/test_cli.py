@@ -62,6 +62,7 @@ def test_bad_model_config_file_names_the_line(tmp_path, capsys):
     assert str(config) in err and "2:" in err and "bogus" in err
 
 
+@pytest.mark.slow
 def test_embed_against_nothing_is_a_clean_error():
     done = subprocess.run(
         [sys.executable, "-m", "embedder", "embed", "--target", "127.0.0.1:1", "--model-name", "m",
