@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 import prometheus_client
+import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2
 
@@ -168,6 +169,11 @@ class RestApi:
         servable, _ = self.manager.metadata(ref)
         signature = servable.signature(signature_name)
         inputs, row_format = predict_inputs(request, sorted(signature.inputs))
+        for alias, array in inputs.items():
+            spec = signature.inputs.get(alias)
+            # JSON numbers have no width: take the signature's dtype, as TF Serving's REST API does.
+            if spec is not None and spec.dtype != tf.string and array.dtype.kind in "iufb":
+                inputs[alias] = array.astype(spec.dtype.as_numpy_dtype)
         result = self.manager.predict(ref, signature_name, inputs)
         outputs = result.outputs
         if not row_format:

@@ -205,6 +205,13 @@ def test_rest_api(server):
         urllib.request.Request(server["rest"] + "/v1/models/tiny/versions/1:predict", data=body), timeout=20).read())
     want = reference_embedding(server["repo"] / "tiny" / "1", IMAGES[:2])
     np.testing.assert_allclose(np.array(answer["predictions"]), want, atol=1e-5)
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 16, 16, 3)).round(2)
+    body = json.dumps({"signature_name": "serving_pixels", "inputs": {"pixels": pixels.tolist()}}).encode()
+    answer = json.loads(urllib.request.urlopen(
+        urllib.request.Request(server["rest"] + "/v1/models/tiny/labels/canary:predict", data=body), timeout=20).read())
+    loaded = tf.saved_model.load(str(server["repo"] / "tiny" / "2"))
+    want = loaded.signatures["serving_pixels"](pixels=tf.constant(pixels, tf.float32))["embedding"].numpy()
+    np.testing.assert_allclose(np.array(answer["outputs"]), want, atol=1e-5)
     status = json.loads(urllib.request.urlopen(server["rest"] + "/v1/models/tiny", timeout=20).read())
     assert {s["version"]: s["state"] for s in status["model_version_status"]} == {"1": "AVAILABLE", "2": "AVAILABLE"}
     metadata = json.loads(urllib.request.urlopen(server["rest"] + "/v1/models/tiny/metadata", timeout=20).read())
