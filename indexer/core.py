@@ -197,6 +197,7 @@ class IndexerCore:
         self._closed = threading.Event()
         self._snapshot_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._pending_cache: dict[str, tuple[int, int]] = {}
 
     # ================================================================== lifecycle
 
@@ -371,6 +372,7 @@ class IndexerCore:
             directory = self._generation_dir(name)
             shutil.rmtree(directory, ignore_errors=True)  # leftovers of a dropped namesake
             self.store.create_generation(row)
+            self._pending_cache.pop(name, None)
             graph = HnswGraph(self._params(row))
             graph.applied_seq = self.store.last_sequence()
             self._generations[name] = GenerationState(row, graph, directory)
@@ -421,6 +423,7 @@ class IndexerCore:
                 raise FailedPrecondition(f"generation {name!r} is active; activate another one before dropping it")
             self.store.drop_generation(name)
             del self._generations[name]
+            self._pending_cache.pop(name, None)
             with self._snapshot_lock:
                 remove_snapshot(gen.directory)
                 shutil.rmtree(gen.directory, ignore_errors=True)
@@ -453,9 +456,20 @@ class IndexerCore:
         rows = rows[:size]
         return rows, (_encode_token(rows[-1][0].id) if more else ""), gen.row
 
+    def _pending_count(self, name: str) -> int:
+        # Counting is a join over the whole catalogue; the answer only changes with a write, so it
+        # is cached per (generation, last sequence number) for GetGeneration/Stats callers.
+        seq = self.store.last_sequence()
+        cached = self._pending_cache.get(name)
+        if cached is not None and cached[0] == seq:
+            return cached[1]
+        count = self.store.pending_count(name)
+        self._pending_cache[name] = (seq, count)
+        return count
+
     def _info(self, gen: GenerationState) -> GenerationInfo:
         graph = gen.graph
-        return GenerationInfo(gen.row, len(graph), graph.deleted_slots, self.store.pending_count(gen.name),
+        return GenerationInfo(gen.row, len(graph), graph.deleted_slots, self._pending_count(gen.name),
                               graph.memory_bytes())
 
     # ================================================================== items
@@ -491,7 +505,10 @@ class IndexerCore:
         if not cleaned:
             return gen.row
         with self._write_lock:
-            gen = self._resolve(generation)  # may have been dropped/activated meanwhile
+            if self._resolve(generation) is not gen:
+                # The active generation changed (or this one was dropped and re-created) since the
+                # records were validated against it: its dimension may differ.
+                raise Aborted(f"generation {gen.name!r} stopped being the target during the write; retry")
             written = self.store.upsert(gen.name, list(cleaned.values()), bump_unchanged=(gen.name == self._active))
             for w in written:
                 self._catalogue.put(w.item)
@@ -604,7 +621,7 @@ class IndexerCore:
         items, id_of = self._catalogue.items, graph.id_of
 
         def accept(label: int) -> bool:
-            item_id = id_of.get(label)
+            item_id = id_of[label]
             return item_id is not None and label not in excluded_labels and flt.matches(items.get(item_id))
 
         return self._hnsw_or_exact(gen, graph, q, k, ef, accept, lambda: self._candidates(graph, flt, exclude))

@@ -141,7 +141,9 @@ class HnswGraph:
         )
         self.index.set_ef(params.ef_search)
         self.label_of: dict[str, int] = {}
-        self.id_of: dict[int, str] = {}
+        # Labels are dense (0, 1, 2, ...), so label -> id is a list (None once deleted): 8 bytes an
+        # item instead of a dict entry.
+        self.id_of: list[str | None] = []
         self.next_label = 0
         self.applied_seq = 0
 
@@ -198,13 +200,13 @@ class HnswGraph:
             self.index.add_items(vectors[new_rows], labels, replace_deleted=True)
             for j, label in zip(new_rows, labels, strict=True):
                 self.label_of[ids[j]] = label
-                self.id_of[label] = ids[j]
+            self.id_of.extend(ids[j] for j in new_rows)
 
     def remove(self, ids: Sequence[str]) -> None:
         for item_id in ids:
             label = self.label_of.pop(item_id, None)
             if label is not None:
-                del self.id_of[label]
+                self.id_of[label] = None
                 self.index.mark_deleted(label)
 
     # ------------------------------------------------------------------ snapshots (hold lock.read())
@@ -263,8 +265,10 @@ class HnswGraph:
             raise SnapshotError(f"snapshot in {directory} is inconsistent")
         graph.index.set_ef(params.ef_search)
         graph.label_of = dict(zip(ids, labels, strict=True))
-        graph.id_of = {label: i for i, label in zip(ids, labels, strict=True)}
         graph.next_label = int(manifest["next_label"])
+        graph.id_of = [None] * graph.next_label
+        for i, label in zip(ids, labels, strict=True):
+            graph.id_of[label] = i
         graph.applied_seq = int(manifest["applied_seq"])
         return graph
 
