@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from benchmarks.bench_embedder import BATCHING, export_bench_model, make_jpegs
 from cbir.v1 import indexer_pb2, search_pb2, search_pb2_grpc, types_pb2
-from tests.support.processes import running_service
+from tests.support.processes import ServiceProcess, free_port, wait_for_health, wait_for_port_file
 
 CATALOGUE = 1000
 K = 10
@@ -127,6 +127,19 @@ def _load_generation(indexer: str, vectors: np.ndarray) -> None:
         client.activate_generation("bench-v1")
 
 
+def _start(module: str, args: list[str], work: Path) -> tuple[ServiceProcess, Path]:
+    port_file = work / f"{module}.port"
+    proc = ServiceProcess(["-m", module, "serve", *args, "--host", "127.0.0.1", "--port", "0",
+                           "--port-file", str(port_file), "--log-level", "warning"], work / f"{module}.log")
+    return proc, port_file
+
+
+def _ready(proc: ServiceProcess, port_file: Path, timeout: float = 180.0) -> str:
+    target = f"127.0.0.1:{wait_for_port_file(port_file, proc, timeout)}"
+    wait_for_health(target, "", timeout, proc)
+    return target
+
+
 def run(quick: bool, workdir: Path) -> list[dict]:
     seconds = 2.0 if quick else 8.0
     rounds = 1 if quick else 2
@@ -135,39 +148,52 @@ def run(quick: bool, workdir: Path) -> list[dict]:
     work.mkdir(parents=True)
     model_dir = export_bench_model(work / "models")
     (work / "batching.config").write_text(BATCHING)
-    images = make_jpegs(CATALOGUE if not quick else 300)
-    queries = images[: min(64, len(images))]
-    vectors = build_catalogue(model_dir, images)
-    index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
-    index.init_index(max_elements=len(vectors), M=M, ef_construction=EF_CONSTRUCTION)
-    index.add_items(vectors, np.arange(len(vectors)))
-    index.set_ef(EF_SEARCH)
+    procs: list[ServiceProcess] = []
+    try:
+        # All three services start at once (their imports dominate a quick run); the gateway turns
+        # SERVING by itself once the generation below is active.
+        # The gateway needs the model server's address up front, so that one gets a fixed free port.
+        serving_target = f"127.0.0.1:{free_port()}"
+        serving_proc = ServiceProcess(
+            ["-m", "embedder", "serve", "--model_name", "bench", "--model_base_path", str(work / "models" / "bench"),
+             "--enable_batching", "--batching_parameters_file", str(work / "batching.config"), "--max-workers", "48",
+             "--host", "127.0.0.1", "--port", serving_target.rsplit(":", 1)[1], "--log-level", "warning"],
+            work / "embedder.log")
+        procs.append(serving_proc)
+        indexer_proc, indexer_port = _start("indexer", ["--data-dir", str(work / "index"), "--metrics-port", "-1"], work)
+        procs.append(indexer_proc)
+        indexer = _ready(indexer_proc, indexer_port)
+        gateway_proc, gateway_port = _start("gateway", [
+            "--serving", serving_target, "--indexer", indexer, "--metrics-port", "-1", "--max-workers", "48",
+            "--probe-period", "0.5"], work)
+        procs.append(gateway_proc)
 
-    with running_service(
-        "embedder", "serve", "--model_name", "bench", "--model_base_path", str(work / "models" / "bench"),
-        "--enable_batching", "--batching_parameters_file", str(work / "batching.config"),
-        "--max-workers", "48", "--log-level", "warning", "--host", "127.0.0.1", log_dir=work,
-    ) as (_serving_proc, serving), running_service(
-        "indexer", "serve", "--data-dir", str(work / "index"), "--metrics-port", "-1", "--log-level", "warning",
-        "--host", "127.0.0.1", log_dir=work,
-    ) as (_indexer_proc, indexer):
+        images = make_jpegs(CATALOGUE if not quick else 300)
+        queries = images[: min(64, len(images))]
+        vectors = build_catalogue(model_dir, images)
+        index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
+        index.init_index(max_elements=len(vectors), M=M, ef_construction=EF_CONSTRUCTION)
+        index.add_items(vectors, np.arange(len(vectors)))
+        index.set_ef(EF_SEARCH)
+
+        wait_for_health(serving_target, "", 180, serving_proc)
         _load_generation(indexer, vectors)
-        with running_service(
-            "gateway", "serve", "--serving", serving, "--indexer", indexer, "--metrics-port", "-1",
-            "--max-workers", "48", "--log-level", "warning", "--host", "127.0.0.1", log_dir=work,
-        ) as (_gateway_proc, gateway):
-            results: dict[str, dict] = {}
+        gateway = _ready(gateway_proc, gateway_port)
+        results: dict[str, dict] = {}
 
-            def keep_best(key: str, got: dict) -> None:
-                if key not in results or got["throughput"] > results[key]["throughput"]:
-                    results[key] = got
+        def keep_best(key: str, got: dict) -> None:
+            if key not in results or got["throughput"] > results[key]["throughput"]:
+                results[key] = got
 
-            # Alternate baseline and system per round so background load hits both alike.
-            for _ in range(rounds):
-                keep_best("inproc", measure_in_process(model_dir, index, queries, seconds))
-                keep_best("gw1", measure_gateway(gateway, queries, 1, seconds))
-                keep_best("serving16", measure_serving(serving, queries, 16, seconds))
-                keep_best("gw16", measure_gateway(gateway, queries, 16, seconds))
+        # Alternate baseline and system per round so background load hits both alike.
+        for _ in range(rounds):
+            keep_best("inproc", measure_in_process(model_dir, index, queries, seconds))
+            keep_best("gw1", measure_gateway(gateway, queries, 1, seconds))
+            keep_best("serving16", measure_serving(serving_target, queries, 16, seconds))
+            keep_best("gw16", measure_gateway(gateway, queries, 16, seconds))
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
 
     inproc, gw1, gw16, serving16 = results["inproc"], results["gw1"], results["gw16"], results["serving16"]
     base_name = "in-process embed + hnswlib, 1 query at a time"

@@ -3,6 +3,8 @@ one shard, transport security, and health that follows the shards."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import grpc
@@ -117,6 +119,26 @@ def _wait_health(gateway, expected, timeout=20.0) -> int:
         time.sleep(0.1)
         status = _health(gateway)
     return status
+
+
+def test_a_hung_shard_gives_deadline_exceeded_not_a_hang(e2e, sharded):
+    gateway, shards, _, _, _ = sharded
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert _wait_health(gateway, SERVING) == SERVING
+    proc = shards[1][0]
+    os.kill(proc.pid, signal.SIGSTOP)  # accepts connections (kernel), answers nothing
+    try:
+        request = search_pb2.SearchRequest(image=e2e.catalogue.images["item-004"], k=3)
+        with gateway.channel() as ch:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                gateway.stub(ch).Search(request, metadata=AUTH, timeout=1.5)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 3
+        assert _wait_health(gateway, NOT_SERVING) == NOT_SERVING
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert _wait_health(gateway, SERVING) == SERVING
 
 
 def test_health_follows_a_shard_going_down_and_coming_back(e2e, sharded):
