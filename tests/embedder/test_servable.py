@@ -96,3 +96,16 @@ def test_scan_versions_ignores_what_tf_serving_ignores(tmp_path):
     (base / "7").write_text("a file, not a directory")
     assert sorted(scan_versions(base)) == [1, 6, 12]
     assert scan_versions(tmp_path / "missing") == {}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.random.default_rng(0).random((3, 8), dtype=np.float32), np.arange(6, dtype=np.int64).reshape(2, 3),
+     np.array([True, False]), np.zeros((0, 4), np.float32), np.array([b"a", b"bc"], dtype=object)],
+)
+def test_answers_convert_to_tensor_protos_exactly(value):
+    from embedder.server import array_to_tensor
+
+    back = tf.make_ndarray(array_to_tensor(value))
+    assert back.shape == value.shape
+    np.testing.assert_array_equal(back, value)
