@@ -6,12 +6,14 @@ import logging
 import threading
 
 import numpy as np
+import prometheus_client
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cbir.errors import CbirError, InvalidInput
 from cbir.server import RunningServer, ServerOptions, start_server
 from cbir.v1 import indexer_pb2, indexer_pb2_grpc, types_pb2
 from indexer.core import GenerationInfo, IndexerCore, ItemFilter
+from indexer.metrics import IndexCollector
 from indexer.store import GenerationRow, ItemRow
 
 log = logging.getLogger(__name__)
@@ -185,6 +187,9 @@ def serve(options: ServerOptions, core: IndexerCore) -> RunningServer:
         options, [(indexer_pb2_grpc.add_IndexerServiceServicer_to_server, IndexerServicer(core))],
         [SERVICE_NAME], serving=False,
     )
+    collector = IndexCollector(core)
+    prometheus_client.REGISTRY.register(collector)
+    running.on_stop.append(lambda: prometheus_client.REGISTRY.unregister(collector))
 
     def load() -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -13,14 +14,20 @@ from cbir import errors
 from cbir.sharding import shard_of
 from cbir.v1 import indexer_pb2, indexer_pb2_grpc, types_pb2
 from indexer.client import IndexerClient
-from tests.support.processes import ServiceProcess, running_service, wait_for_health, wait_for_port_file
+from tests.support.processes import (
+    ServiceProcess,
+    free_port,
+    running_service,
+    wait_for_health,
+    wait_for_port_file,
+)
 
 pytestmark = pytest.mark.slow
 SPACE = types_pb2.EmbeddingSpace(model_name="m", model_version=1)
 
 
-def _serve(data_dir, *extra, log_dir=None):
-    return running_service("indexer", "serve", "--data-dir", str(data_dir), "--metrics-port", "-1",
+def _serve(data_dir, *extra, log_dir=None, metrics_port=-1):
+    return running_service("indexer", "serve", "--data-dir", str(data_dir), "--metrics-port", str(metrics_port),
                            "--log-format", "text", *extra, log_dir=log_dir)
 
 
@@ -29,8 +36,10 @@ def _records(ids, vectors, label=""):
             for i, v in zip(ids, vectors, strict=True)]
 
 
-def test_statuses_over_grpc(tmp_path):
-    with _serve(tmp_path / "data", log_dir=tmp_path) as (_proc, target), grpc.insecure_channel(target) as channel:
+def test_statuses_over_grpc_and_metrics(tmp_path):
+    metrics_port = free_port()
+    with _serve(tmp_path / "data", log_dir=tmp_path, metrics_port=metrics_port) as (_proc, target), \
+            grpc.insecure_channel(target) as channel:
         stub = indexer_pb2_grpc.IndexerServiceStub(channel)
 
         def code(call, request):
@@ -67,6 +76,10 @@ def test_statuses_over_grpc(tmp_path):
         assert answer.generation.space.model_version == 1 and answer.generation.metric == types_pb2.METRIC_COSINE
         stats = stub.Stats(indexer_pb2.StatsRequest())
         assert stats.item_count == 2 and stats.active_generation == "g" and stats.process_rss_bytes > 0
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'cbir_indexer_generation_vectors{generation="g",state="active"} 2.0' in text
+        assert "cbir_indexer_items 2.0" in text
+        assert 'cbir_grpc_requests_total{code="INVALID_ARGUMENT",method="Knn",service="indexer"}' in text
 
 
 def _start(data_dir, log_dir, name):

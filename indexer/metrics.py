@@ -1,0 +1,36 @@
+"""Prometheus figures of the index, read from the core at scrape time (no bookkeeping on the hot path)."""
+
+from __future__ import annotations
+
+from prometheus_client.core import GaugeMetricFamily
+
+from indexer.core import IndexerCore
+
+
+class IndexCollector:
+    """Items, per-generation vectors, deleted slots, graph memory and the last durable sequence."""
+
+    def __init__(self, core: IndexerCore):
+        self.core = core
+
+    def collect(self):
+        if not self.core.ready:
+            return
+        items = GaugeMetricFamily("cbir_indexer_items", "Live items in this shard's catalogue.")
+        items.add_metric([], len(self.core._catalogue.items))
+        yield items
+        vectors = GaugeMetricFamily("cbir_indexer_generation_vectors", "Vectors in a generation's graph.",
+                                    labels=["generation", "state"])
+        deleted = GaugeMetricFamily("cbir_indexer_generation_deleted_slots",
+                                    "Graph slots marked deleted and not yet reused or compacted.", labels=["generation"])
+        memory = GaugeMetricFamily("cbir_indexer_generation_memory_bytes",
+                                   "Estimated resident size of a generation's HNSW graph.", labels=["generation"])
+        states = {1: "building", 2: "active", 3: "retired"}
+        for gen in list(self.core._generations.values()):
+            graph = gen.graph
+            vectors.add_metric([gen.name, states.get(gen.row.state, "unknown")], len(graph))
+            deleted.add_metric([gen.name], graph.deleted_slots)
+            memory.add_metric([gen.name], graph.memory_bytes())
+        yield vectors
+        yield deleted
+        yield memory
