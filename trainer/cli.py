@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-batchnorm", action="store_true",
         help="keep the backbone's BatchNorm statistics frozen (fine-tuning a pretrained backbone)",
     )
+    train.add_argument(
+        "--train-from", metavar="LAYER",
+        help="fine-tune only the backbone layers from LAYER on (e.g. block11_expand_conv); earlier ones stay frozen",
+    )
 
     embed = commands.add_parser("embed", help="embed the gallery (train split) into <data_dir>/emb/<run>.h5")
     _common(embed)
@@ -132,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--losses", default="semi_hard_triplet,angular_loss", help="comma-separated losses to fine-tune with"
     )
     quality.add_argument("--output", type=Path, help="also write the results as JSON here")
+    quality.add_argument(
+        "--train-from", metavar="LAYER",
+        help="fine-tune only the backbone layers from LAYER on (e.g. block11_expand_conv; default: all)",
+    )
     quality.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -185,6 +193,7 @@ def cmd_train(args) -> int:
             run_name=args.run_name,
             progress=not args.no_progress,
             freeze_batchnorm=args.freeze_batchnorm,
+            train_from=args.train_from,
         ),
     )
     if result.best:
@@ -376,7 +385,7 @@ def cmd_quality(args) -> int:
     from trainer.quality import run_quality
 
     run_quality(args.data, minutes=args.minutes, work_dir=args.work_dir,
-                losses=[x for x in args.losses.split(",") if x], output=args.output)
+                losses=[x for x in args.losses.split(",") if x], output=args.output, train_from=args.train_from)
     return 0
 
 

@@ -60,7 +60,15 @@ def _evaluate(model, config, paths, labels) -> dict:
     return {k: round(float(v), 4) for k, v in result.items()}
 
 
-def run_quality(data: Path, *, minutes: float, work_dir: Path | None, losses: list[str], output: Path | None) -> dict:
+def run_quality(
+    data: Path,
+    *,
+    minutes: float,
+    work_dir: Path | None,
+    losses: list[str],
+    output: Path | None,
+    train_from: str | None = None,
+) -> dict:
     data = Path(data).expanduser().resolve()
     if not (data / "train").is_dir() or not (data / "test").is_dir():
         raise InvalidInput(f"{data} must be a folder-per-class dataset with train/ and test/ split folders")
@@ -77,7 +85,7 @@ def run_quality(data: Path, *, minutes: float, work_dir: Path | None, losses: li
 
     for loss in losses:
         config = config_from_dict(quality_config(data, loss))
-        run_name = f"quality_{loss}"
+        run_name = f"quality_{loss}" + (f"_from_{train_from}" if train_from else "")
         result = train(
             config,
             dirs,
@@ -86,12 +94,15 @@ def run_quality(data: Path, *, minutes: float, work_dir: Path | None, losses: li
                 run_name=run_name,
                 resume=RunDir(dirs.run_dir(run_name)).exists(),  # a re-run continues, never overwrites
                 freeze_batchnorm=True,
+                train_from=train_from,
             ),
         )
         model = build_model(config, weights=None)
         step = restore_model(model, checkpoint_path(RunDir(dirs.run_dir(run_name)), "latest"))
         row = _evaluate(model, config, test.paths, test.labels)
-        row.update(steps=step, images_per_second=round(result.images_per_second, 1), minutes=minutes)
+        row.update(steps=step, images_per_second=round(result.images_per_second, 2), minutes=minutes)
+        if train_from:
+            row["train_from"] = train_from
         rows[f"(b) fine-tuned, {loss} ({config.run_name})"] = row
         print(f"{loss}: {row}")
 
