@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args) -> int:
+    from gateway.light_imports import use_tensorflow_protos_only
+
+    use_tensorflow_protos_only()
     from gateway.server import GatewayConfig, build_gateway
 
     indexers = _targets(args.indexer) or _targets(os.environ.get(f"{ENV}_INDEXER")) or [

@@ -116,6 +116,10 @@ def build_gateway(options: ServerOptions, config: GatewayConfig) -> RunningServe
     from indexer.client import IndexerClient
 
     keys = ApiKeys.load(config.api_keys_file, config.api_keys_env)
+    for tls in (config.serving_tls, config.indexer_tls):
+        if tls is not None:
+            # Read the PEM files now: a wrong path is a startup error, not a failure of the first search.
+            tls.credentials()
     indexer = IndexerClient(
         list(config.indexers),
         tls=config.indexer_tls,

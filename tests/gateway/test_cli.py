@@ -33,3 +33,16 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0 and "serve" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--api-keys-file", "/nonexistent/keys"], "cannot read --api-keys-file"),
+        (["--serving-tls-ca", "/nonexistent/ca.pem"], "cannot read TLS CA file"),
+        (["--tls-cert", "/nonexistent/cert.pem"], "TLS needs both"),
+    ],
+)
+def test_startup_mistakes_are_clean_errors(flags, message, capsys):
+    code = main(["serve", "--port", "0", "--metrics-port", "-1", "--indexer", "127.0.0.1:1", *flags])
+    assert code == 2 and message in capsys.readouterr().err
