@@ -345,6 +345,19 @@ class IndexerCore:
     def active_name(self) -> str | None:
         return self._active
 
+    def generation_row(self, name: str = "") -> GenerationRow:
+        """The generation a request naming ``name`` (empty: the active one) would use."""
+        self._check_ready()
+        return self._resolve(name).row
+
+    def graph_figures(self) -> list[tuple[GenerationRow, int, int, int]]:
+        """(row, vectors, deleted slots, memory bytes) per generation; cheap (no store access)."""
+        return [(g.row, len(g.graph), g.graph.deleted_slots, g.graph.memory_bytes())
+                for g in list(self._generations.values())]
+
+    def item_count(self) -> int:
+        return len(self._catalogue.items)
+
     def create_generation(self, name: str, model_name: str, model_version: int, metric: int,
                           dimension: int, m: int = 0, ef_construction: int = 0, ef_search: int = 0) -> GenerationInfo:
         self._check_ready()

@@ -17,7 +17,7 @@ class IndexCollector:
         if not self.core.ready:
             return
         items = GaugeMetricFamily("cbir_indexer_items", "Live items in this shard's catalogue.")
-        items.add_metric([], len(self.core._catalogue.items))
+        items.add_metric([], self.core.item_count())
         yield items
         vectors = GaugeMetricFamily("cbir_indexer_generation_vectors", "Vectors in a generation's graph.",
                                     labels=["generation", "state"])
@@ -26,11 +26,10 @@ class IndexCollector:
         memory = GaugeMetricFamily("cbir_indexer_generation_memory_bytes",
                                    "Estimated resident size of a generation's HNSW graph.", labels=["generation"])
         states = {1: "building", 2: "active", 3: "retired"}
-        for gen in list(self.core._generations.values()):
-            graph = gen.graph
-            vectors.add_metric([gen.name, states.get(gen.row.state, "unknown")], len(graph))
-            deleted.add_metric([gen.name], graph.deleted_slots)
-            memory.add_metric([gen.name], graph.memory_bytes())
+        for row, count, deleted_slots, memory_bytes in self.core.graph_figures():
+            vectors.add_metric([row.name, states.get(row.state, "unknown")], count)
+            deleted.add_metric([row.name], deleted_slots)
+            memory.add_metric([row.name], memory_bytes)
         yield vectors
         yield deleted
         yield memory

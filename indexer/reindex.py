@@ -325,7 +325,7 @@ def reindex(items: list[ItemRow], args, make_client) -> ReindexReport:
             raise FailedPrecondition("no image could be embedded; nothing was written")
         name = name_box[0]
         pending_embedded = _drain_pending(client, pipeline, name)
-        _check(client, name, args.check_samples)
+        _check(client, name, args.check_samples, args.allow_pending)
         activated = False
         if not args.no_activate and not pipeline.failed:
             client.activate_generation(name, allow_pending=args.allow_pending)
@@ -363,7 +363,7 @@ def _drain_pending(client, pipeline: Pipeline, generation: str, rounds: int = 5)
     return done
 
 
-def _check(client, generation: str, samples: int) -> None:
+def _check(client, generation: str, samples: int, allow_pending: bool = False) -> None:
     """Counts match across shards, nothing pending, and sampled items are their own nearest neighbour."""
     gens = [client.get_generation(generation, shard=s) for s in range(client.shard_count)]
     stats = client.stats()
@@ -371,6 +371,9 @@ def _check(client, generation: str, samples: int) -> None:
     catalogue = sum(s.item_count for s in stats)
     pending = sum(g.pending_count for g in gens)
     print(f"check: {in_generation} vectors for {catalogue} catalogue items, {pending} pending")
+    if (pending or in_generation != catalogue) and not allow_pending:
+        raise FailedPrecondition(f"check failed: generation {generation} has {in_generation} vectors for {catalogue} "
+                                 f"catalogue items ({pending} pending); run again to resume, or pass --allow-pending")
     if samples <= 0 or in_generation == 0:
         return
     records = []

@@ -106,7 +106,7 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
                 raise
             written += len(records)
         if row is None:
-            row = self.core.get_generation(generation or "").row
+            row = self.core.generation_row(generation or "")
         return indexer_pb2.UpsertResponse(upserted=written, generation=generation_ref(row))
 
     def Delete(self, request, context):

@@ -123,10 +123,12 @@ class ItemStore:
         return conn
 
     def _reader(self) -> sqlite3.Connection:
-        # One read connection per thread: WAL readers never block the writer or each other.
+        # One read connection per thread: WAL readers never block the writer or each other. Their
+        # page caches are kept small: there is one per RPC thread, and reads are rare (Get, counts).
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
+            conn.execute("PRAGMA cache_size=-512")
             self._local.conn = conn
         return conn
 
