@@ -68,6 +68,15 @@ def measure_serving(target: str, queries: list[bytes], clients: int, seconds: fl
         return _closed_loop(lambda image: client.embed([image], version=1), queries, clients, seconds)
 
 
+def measure_knn(target: str, vectors: np.ndarray, seconds: float) -> dict:
+    """The indexer alone: one Knn RPC per query vector (what the gateway's neighbour stage costs)."""
+    from indexer.client import IndexerClient
+
+    rows = list(vectors[:64])
+    with IndexerClient([target], timeout=30) as client:
+        return _closed_loop(lambda v: client.knn(v, K, generation="bench-v1"), rows, 1, seconds)
+
+
 def measure_gateway(target: str, queries: list[bytes], clients: int, seconds: float) -> dict:
     import grpc
 
@@ -77,7 +86,7 @@ def measure_gateway(target: str, queries: list[bytes], clients: int, seconds: fl
                             queries, clients, seconds)
 
 
-def _closed_loop(call, queries: list[bytes], clients: int, seconds: float) -> dict:
+def _closed_loop(call, queries: list, clients: int, seconds: float) -> dict:
     """``clients`` threads each calling ``call(image)`` back to back for ``seconds``."""
     latencies: list[list[float]] = [[] for _ in range(clients)]
     failures: list[str] = []
@@ -189,6 +198,8 @@ def run(quick: bool, workdir: Path) -> list[dict]:
         for _ in range(rounds):
             keep_best("inproc", measure_in_process(model_dir, index, queries, seconds))
             keep_best("gw1", measure_gateway(gateway, queries, 1, seconds))
+            keep_best("serving1", measure_serving(serving_target, queries, 1, seconds / 2))
+            keep_best("knn1", measure_knn(indexer, vectors, seconds / 2))
             keep_best("serving16", measure_serving(serving_target, queries, 16, seconds))
             keep_best("gw16", measure_gateway(gateway, queries, 16, seconds))
     finally:
@@ -196,12 +207,24 @@ def run(quick: bool, workdir: Path) -> list[dict]:
             proc.stop()
 
     inproc, gw1, gw16, serving16 = results["inproc"], results["gw1"], results["gw16"], results["serving16"]
+    serving1, knn1 = results["serving1"], results["knn1"]
+    own = gw1["p50"] - serving1["p50"] - knn1["p50"]
     base_name = "in-process embed + hnswlib, 1 query at a time"
     return [
         {"name": "gateway Search p50 overhead, 1 client (gateway p50 - in-process p50)",
          "value": round(gw1["p50"] - inproc["p50"], 2), "unit": "ms", "baseline_name": f"{base_name} (p50)",
          "baseline": round(inproc["p50"], 2), "ratio": round(gw1["p50"] / inproc["p50"], 3),
          "goal": "value <= 5", "higher_is_better": False},
+        {"name": "gateway's own p50 share, 1 client (gateway p50 - model server RPC p50 - indexer Knn RPC p50)",
+         "value": round(own, 2), "unit": "ms", "baseline_name": "gateway Search p50, 1 client",
+         "baseline": round(gw1["p50"], 2), "ratio": round(own / gw1["p50"], 3), "goal": "report",
+         "higher_is_better": False},
+        {"name": "model server Predict p50, 1 client (one image, EmbedderClient)", "value": round(serving1["p50"], 2),
+         "unit": "ms", "baseline_name": "in-process embed + hnswlib p50", "baseline": round(inproc["p50"], 2),
+         "ratio": round(serving1["p50"] / inproc["p50"], 3), "goal": "report", "higher_is_better": False},
+        {"name": "indexer Knn RPC p50, 1 client (k=10, IndexerClient)", "value": round(knn1["p50"], 2), "unit": "ms",
+         "baseline_name": "in-process embed + hnswlib p50", "baseline": round(inproc["p50"], 2),
+         "ratio": round(knn1["p50"] / inproc["p50"], 3), "goal": "report", "higher_is_better": False},
         {"name": "gateway Search p50 latency, 1 client", "value": round(gw1["p50"], 2), "unit": "ms",
          "baseline_name": f"{base_name} (p50)", "baseline": round(inproc["p50"], 2),
          "ratio": round(gw1["p50"] / inproc["p50"], 3), "goal": "report", "higher_is_better": False},

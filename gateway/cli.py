@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
              help="Seconds the active generation read from shard 0 is reused.")
     env_flag(serve, "--dependency-timeout", env=f"{ENV}_DEPENDENCY_TIMEOUT", default=10.0, type=float,
              help="Longest wait for Serving or an indexer per call (the caller's deadline, if shorter, wins).")
-    env_flag(serve, "--coalesce-in-flight", env=f"{ENV}_COALESCE_IN_FLIGHT", default=2, type=int,
+    env_flag(serve, "--coalesce-in-flight", env=f"{ENV}_COALESCE_IN_FLIGHT", default=1, type=int,
              help="Concurrent image searches are merged into shared Serving/indexer calls, with at most this "
                   "many merged batches in flight; 0 sends every search on its own.")
     env_flag(serve, "--probe-period", env=f"{ENV}_PROBE_PERIOD", default=2.0, type=float,

@@ -37,7 +37,7 @@ class Coalescer(Generic[Q, R]):
     """Runs ``run_batch(queries, deadline) -> results`` over whatever searches are waiting."""
 
     def __init__(self, run_batch: Callable[[list[Q], object], list[R]], merge_deadlines: Callable[[list], object],
-                 *, max_batch: int = 64, max_in_flight: int = 2):
+                 *, max_batch: int = 64, max_in_flight: int = 1):
         self._run_batch = run_batch
         self._merge_deadlines = merge_deadlines
         self.max_batch = max(1, max_batch)

@@ -89,7 +89,7 @@ class SearchLimits:
     dependency_timeout: float = 10.0
     # Merge concurrent image searches into shared Serving/Knn calls (gateway/coalesce.py), with at
     # most this many merged batches in flight at once (0 disables merging).
-    coalesce_in_flight: int = 2
+    coalesce_in_flight: int = 1
 
 
 @dataclass(frozen=True)
