@@ -86,7 +86,7 @@ class ItemFilter:
         return all(item.attributes.get(key) in values for key, values in self.attributes)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Hit:
     item: ItemRow
     distance: float
@@ -650,7 +650,7 @@ class IndexerCore:
             # hnswlib found fewer than k (deletes, a narrow filter): answer exactly instead.
             return self._exact(gen, graph, q, k, candidates())
         id_of = graph.id_of
-        return [[id_of[int(label)] for label in row] for row in labels], dists
+        return [[id_of[label] for label in row] for row in labels.tolist()], dists
 
     def _exact(self, gen: GenerationState, graph: HnswGraph, q: np.ndarray, k: int, ids: list[str]):
         index = ExactIndex(gen.row.metric, ids, graph.vectors_of(ids))
