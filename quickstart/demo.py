@@ -148,6 +148,7 @@ class _Demo:
     def run(self) -> dict:
         with self.p.step("Starting from a fresh state"):
             self._fresh_state()
+            services.import_tensorflow_quietly()
         with self.p.step("Getting demo data"):
             self.data = demo_data.prepare_demo_data(
                 self.root / "data", data=self.o.data, train_per_class=self.o.train_per_class,

@@ -89,7 +89,7 @@ def status(args) -> int:
     stack = Stack(args.root)
     if not stack.records():
         print(f"nothing running under {args.root} (start it with `make up`)")
-        return 3
+        return 0
     return 0 if _print_status(stack) else 1
 
 

@@ -8,6 +8,7 @@ generation is active (ARCHITECTURE.md, contract 3).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +123,34 @@ def serving_info(gateway_target: str, timeout: float = 5.0) -> search_pb2.Servin
             raise NotReady(f"gateway {gateway_target}: {exc.code().name}: {exc.details()}") from exc
 
 
+def import_tensorflow_quietly() -> None:
+    """Imports the embedder client (and so TensorFlow) with stderr muted at the file-descriptor level.
+
+    TensorFlow's C++ start-up lines (CUDA probing, absl's "WARNING: All log messages before ...") ignore
+    TF_CPP_MIN_LOG_LEVEL and would land in the middle of the progress display.
+    """
+    import sys
+
+    if "embedder.client" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+
+        import embedder.client  # noqa: F401
+
+        tf.constant(0)  # the first op initialises the runtime, which logs too
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def wait_for_model_version(serving_target: str, model_name: str, version: int, timeout: float = 120.0) -> None:
     """Waits until Serving reports ``version`` of ``model_name`` AVAILABLE (it polls the repository)."""
+    import_tensorflow_quietly()
     from embedder.client import EmbedderClient
 
     deadline = time.monotonic() + timeout
