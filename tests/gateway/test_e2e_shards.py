@@ -141,6 +141,27 @@ def test_a_hung_shard_gives_deadline_exceeded_not_a_hang(e2e, sharded):
     assert _wait_health(gateway, SERVING) == SERVING
 
 
+def test_a_hung_model_server_gives_deadline_exceeded_and_flips_health(e2e, sharded):
+    gateway = sharded[0]
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert _wait_health(gateway, SERVING) == SERVING
+    os.kill(e2e.serving_proc.pid, signal.SIGSTOP)
+    try:
+        request = search_pb2.SearchRequest(image=e2e.catalogue.images["item-009"], k=3)
+        with gateway.channel() as ch:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                gateway.stub(ch).Search(request, metadata=AUTH, timeout=1.5)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 3
+        assert _wait_health(gateway, NOT_SERVING) == NOT_SERVING
+    finally:
+        os.kill(e2e.serving_proc.pid, signal.SIGCONT)
+    assert _wait_health(gateway, SERVING) == SERVING
+    with gateway.channel() as ch:
+        assert gateway.stub(ch).Search(request, metadata=AUTH, timeout=20).hits[0].id == "item-009"
+
+
 def test_health_follows_a_shard_going_down_and_coming_back(e2e, sharded):
     gateway, shards, certs, _, logs = sharded
     SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
