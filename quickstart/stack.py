@@ -226,10 +226,14 @@ class Stack:
             # Anything left in the group (a grandchild that ignored SIGTERM) goes too.
             _signal_group(record.pid, signal.SIGKILL)
         if child is not None:
+            if record is None and child.poll() is None:
+                # Interrupted between starting it and writing its pid file.
+                was_running = True
+                _signal_group(child.pid, signal.SIGTERM)
             try:
-                child.wait(5)
+                child.wait(grace if record is None else 5)
             except subprocess.TimeoutExpired:
-                child.kill()
+                _signal_group(child.pid, signal.SIGKILL)
                 child.wait(5)
         self._record_path(name).unlink(missing_ok=True)
         return was_running

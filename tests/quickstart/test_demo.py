@@ -78,11 +78,11 @@ def test_quick_demo_end_to_end(tmp_path, demo_data_args):
 
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path, demo_data_args):
     root = tmp_path / "demo"
-    proc = run_demo(root, demo_data_args)
+    proc = run_demo(root, demo_data_args, "--steps", "6", "--swap-steps", "2")
     try:
-        # Wait until services run, then press Ctrl-C (SIGINT to the demo only).
+        # Wait until a service runs, then press Ctrl-C (SIGINT to the demo only) while the next starts.
         deadline = time.monotonic() + 600
-        record = root / "stack" / "run" / "indexer.json"
+        record = root / "stack" / "run" / "serving.json"
         while not record.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert record.exists(), proc.stdout.read() if proc.poll() is not None else "no service started in time"

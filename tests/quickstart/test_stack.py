@@ -83,3 +83,15 @@ def test_a_service_that_dies_while_starting_reports_its_log(tmp_path):
     with pytest.raises(NotReady, match="exited while starting"):
         stack.start(bad, timeout=30)
     assert stack.records() == []
+
+
+def test_a_child_without_pid_file_is_stopped_too(tmp_path):
+    """Ctrl-C between starting a process and writing its pid file must not orphan it."""
+    import subprocess
+    import sys
+
+    stack = Stack(tmp_path / "stack")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    stack._children["half-started"] = child
+    assert stack.stop_all(grace=5) == ["half-started"]
+    assert child.poll() is not None
