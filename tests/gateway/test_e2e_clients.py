@@ -53,3 +53,15 @@ def test_command_line_search(e2e):
     assert done.returncode == 2 and "cannot read --image" in done.stderr and "Traceback" not in done.stderr
     done = _cli("--target", e2e.gateway.target, "--item-id", "item-030", "--k", "-3")
     assert done.returncode == 1 and "INVALID_ARGUMENT" in done.stderr
+
+
+def test_readme_python_example_runs(e2e):
+    readme = (REPO / "gateway" / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    item = e2e.catalogue.items["item-005"]
+    code = (code.replace("localhost:50051", e2e.gateway.target).replace("MY-KEY", s.SEARCH_KEY)
+            .replace('"query.jpg"', repr(item.uri)).replace('"dress"', repr(item.label)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith("item-005 1.0 class1")
+    assert "model version" in done.stdout
