@@ -1,5 +1,5 @@
-"""Two TLS indexer shards behind a TLS gateway with client certificates and a keys file: same answers as
-one shard, transport security, and health that follows the shards."""
+"""Two TLS indexer shards and a TLS model server behind a TLS gateway with client certificates and a keys
+file: same answers as one shard, transport security, and health that follows the dependencies."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def sharded(e2e):
     ca_only = grpc.ssl_channel_credentials(certs.ca.read_bytes())
     with IndexerClient([e2e.indexer]) as single:
         active = single.active_generation()
-    shards = []
+    shards: list[list] = []  # [process, target] of indexer shard i
+    servings: list = []
     try:
         for shard in range(2):
             proc, target = s.start(
@@ -45,17 +46,23 @@ def sharded(e2e):
         indexer_tls = ClientTLS(ca_file=str(certs.ca), server_name="localhost")
         s.build_generation(e2e.serving, targets, e2e.catalogue, active.space.model_version, active.name,
                            indexer_tls=indexer_tls)
+        # Its own model server, over TLS, on the same model repository (exercises --serving-tls-*).
+        serving_proc, serving = s.start(
+            "embedder", ["--model_config_file", str(e2e.workdir / "models.config"), "--host", "127.0.0.1",
+                         *server_tls], logs, "embedder-tls", credentials=ca_only)
+        servings.append(serving_proc)
         (workdir / "keys").write_text(f"# gateway keys\n{KEY}:search+info\n")
         client_creds = grpc.ssl_channel_credentials(
             certs.ca.read_bytes(), certs.client_key.read_bytes(), certs.client_cert.read_bytes())
         gateway = s.start_gateway(
-            logs, "gateway-sharded", e2e.serving, targets, *server_tls, "--tls-client-ca", str(certs.ca),
+            logs, "gateway-sharded", serving, targets, *server_tls, "--tls-client-ca", str(certs.ca),
+            "--serving-tls-ca", str(certs.ca), "--serving-tls-server-name", "localhost",
             "--indexer-tls-ca", str(certs.ca), "--indexer-tls-server-name", "localhost",
             "--api-keys-file", str(workdir / "keys"), credentials=client_creds)
-        yield gateway, shards, certs, active, logs
+        yield gateway, shards, certs, active, logs, serving_proc
         gateway.proc.stop()
     finally:
-        for proc, _ in shards:
+        for proc in [*servings, *(p for p, _ in shards)]:
             proc.stop()
 
 
@@ -68,7 +75,7 @@ def test_items_really_are_split_over_both_shards(e2e, sharded):
 
 
 def test_two_shards_answer_exactly_like_one(e2e, sharded):
-    gateway, _, _, active, _ = sharded
+    gateway, _, _, active, _, _ = sharded
     flt = types_pb2.Filter(attributes=[types_pb2.AttributeFilter(key="colour", values=["green"])])
     requests = [search_pb2.SearchRequest(image=e2e.catalogue.images[i], k=10) for i in ("item-000", "item-017", "item-033")]
     requests += [search_pb2.SearchRequest(item_id="item-008", k=15),
@@ -88,7 +95,7 @@ def test_two_shards_answer_exactly_like_one(e2e, sharded):
 
 
 def test_tls_with_client_certificates_is_enforced(e2e, sharded):
-    gateway, _, certs, _, _ = sharded
+    gateway, _, certs, _, _, _ = sharded
     request = search_pb2.SearchRequest(image=e2e.catalogue.images["item-001"], k=1)
     no_cert = grpc.ssl_channel_credentials(certs.ca.read_bytes())
     with grpc.secure_channel(gateway.target, no_cert, options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
@@ -122,7 +129,7 @@ def _wait_health(gateway, expected, timeout=20.0) -> int:
 
 
 def test_a_hung_shard_gives_deadline_exceeded_not_a_hang(e2e, sharded):
-    gateway, shards, _, _, _ = sharded
+    gateway, shards, _, _, _, _ = sharded
     SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert _wait_health(gateway, SERVING) == SERVING
     proc = shards[1][0]
@@ -142,10 +149,10 @@ def test_a_hung_shard_gives_deadline_exceeded_not_a_hang(e2e, sharded):
 
 
 def test_a_hung_model_server_gives_deadline_exceeded_and_flips_health(e2e, sharded):
-    gateway = sharded[0]
+    gateway, serving_proc = sharded[0], sharded[-1]
     SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert _wait_health(gateway, SERVING) == SERVING
-    os.kill(e2e.serving_proc.pid, signal.SIGSTOP)
+    os.kill(serving_proc.pid, signal.SIGSTOP)
     try:
         request = search_pb2.SearchRequest(image=e2e.catalogue.images["item-009"], k=3)
         with gateway.channel() as ch:
@@ -156,14 +163,14 @@ def test_a_hung_model_server_gives_deadline_exceeded_and_flips_health(e2e, shard
             assert time.monotonic() - started < 3
         assert _wait_health(gateway, NOT_SERVING) == NOT_SERVING
     finally:
-        os.kill(e2e.serving_proc.pid, signal.SIGCONT)
+        os.kill(serving_proc.pid, signal.SIGCONT)
     assert _wait_health(gateway, SERVING) == SERVING
     with gateway.channel() as ch:
         assert gateway.stub(ch).Search(request, metadata=AUTH, timeout=20).hits[0].id == "item-009"
 
 
 def test_health_follows_a_shard_going_down_and_coming_back(e2e, sharded):
-    gateway, shards, certs, _, logs = sharded
+    gateway, shards, certs, _, logs, _ = sharded
     SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert _wait_health(gateway, SERVING) == SERVING
     proc, target = shards[1]
