@@ -600,8 +600,13 @@ class IndexerCore:
         flt = item_filter or ItemFilter()
         _check_filter(flt)
         graph = gen.graph
-        with graph.lock.read():
-            ids, dists = self._search(gen, graph, q, k, ef or gen.row.ef_search, flt, set(exclude_ids))
+        if ef and ef != gen.row.ef_search:
+            # A search-width override is rare: it runs alone on the graph (see HnswGraph.custom_ef).
+            with graph.lock.write(), graph.custom_ef(ef):
+                ids, dists = self._search(gen, graph, q, k, flt, set(exclude_ids))
+        else:
+            with graph.lock.read():
+                ids, dists = self._search(gen, graph, q, k, flt, set(exclude_ids))
         dists = np.asarray(dists, np.float32).reshape(len(q), -1)
         if gen.row.metric != 3:
             # Float rounding can give an item a distance of -1e-7 to itself; distances are >= 0.
@@ -615,7 +620,7 @@ class IndexerCore:
                             if min_score is None or sc >= min_score])
         return results, gen.row
 
-    def _search(self, gen: GenerationState, graph: HnswGraph, q: np.ndarray, k: int, ef: int,
+    def _search(self, gen: GenerationState, graph: HnswGraph, q: np.ndarray, k: int,
                 flt: ItemFilter, exclude: set[str]):
         live = len(graph)
         if live == 0:
@@ -627,7 +632,7 @@ class IndexerCore:
             accept = None
             if excluded_labels:
                 accept = lambda label: label not in excluded_labels  # noqa: E731
-            return self._hnsw_or_exact(gen, graph, q, k, ef, accept,
+            return self._hnsw_or_exact(gen, graph, q, k, accept,
                                        lambda: [i for i in graph.label_of if i not in exclude])
         if self._catalogue.estimate(flt) <= self.config.exact_threshold:
             return self._exact(gen, graph, q, k, self._candidates(graph, flt, exclude))
@@ -637,15 +642,15 @@ class IndexerCore:
             item_id = id_of[label]
             return item_id is not None and label not in excluded_labels and flt.matches(items.get(item_id))
 
-        return self._hnsw_or_exact(gen, graph, q, k, ef, accept, lambda: self._candidates(graph, flt, exclude))
+        return self._hnsw_or_exact(gen, graph, q, k, accept, lambda: self._candidates(graph, flt, exclude))
 
     def _candidates(self, graph: HnswGraph, flt: ItemFilter, exclude: set[str]) -> list[str]:
         return [i for i in self._catalogue.matching(flt) if i in graph.label_of and i not in exclude]
 
-    def _hnsw_or_exact(self, gen, graph, q, k, ef, accept: Callable[[int], bool] | None,
+    def _hnsw_or_exact(self, gen, graph, q, k, accept: Callable[[int], bool] | None,
                        candidates: Callable[[], list[str]]):
         try:
-            labels, dists = graph.search(q, k, ef, accept)
+            labels, dists = graph.search(q, k, accept)
         except RuntimeError:
             # hnswlib found fewer than k (deletes, a narrow filter): answer exactly instead.
             return self._exact(gen, graph, q, k, candidates())

@@ -167,14 +167,27 @@ class HnswGraph:
         upper = (p.m * 4 + 4) / max(math.log(p.m), 1.0)
         return int(self.capacity * (level0 + 8) + self.index.element_count * upper)
 
-    def search(self, queries: np.ndarray, k: int, ef: int, accept: Callable[[int], bool] | None = None):
-        """(labels, distances) from hnswlib; raises RuntimeError if fewer than k are found."""
-        self.index.set_ef(max(ef, k))
+    def search(self, queries: np.ndarray, k: int, accept: Callable[[int], bool] | None = None):
+        """(labels, distances) from hnswlib; raises RuntimeError if fewer than k are found.
+
+        The search width is the index's ef (hnswlib raises it to k itself). It is one setting for
+        the whole index, so it stays at the generation's default; see :meth:`custom_ef`.
+        """
         if accept is None:
             # hnswlib's thread pool costs more than it saves for a handful of queries.
             return self.index.knn_query(queries, k=k, num_threads=1 if len(queries) < 8 else -1)
         # hnswlib calls the filter with the GIL held; one thread avoids contention (hnswlib docs).
         return self.index.knn_query(queries, k=k, num_threads=1, filter=accept)
+
+    @contextmanager
+    def custom_ef(self, ef: int):
+        """Searches with another ef. hnswlib's ef belongs to the index, not to a query, so the caller
+        must hold the write lock: the override must not leak into concurrent queries."""
+        self.index.set_ef(ef)
+        try:
+            yield
+        finally:
+            self.index.set_ef(self.params.ef_search)
 
     def vectors_of(self, ids: Sequence[str]) -> np.ndarray:
         if not ids:

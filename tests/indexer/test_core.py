@@ -150,6 +150,15 @@ def test_filters_give_the_exact_filtered_answers(small, flt):
     assert _recall(results, exact_ids) >= 0.97 if keep else all(not r for r in results)
 
 
+def test_ef_override_is_per_query(small):
+    core, ids, x, *_ = small
+    q = np.random.default_rng(11).normal(size=(20, 8)).astype(np.float32)
+    exact_ids, _ = ExactIndex(COSINE, ids, x).search(q, 10)
+    assert all(len(r) == 10 for r in core.knn(q, 10, ef=1)[0])  # hnswlib widens to k itself
+    assert _recall(core.knn(q, 10, ef=600)[0], exact_ids) == 1.0
+    assert core._generations["g1"].graph.index.ef == core.get_generation().row.ef_search  # restored
+
+
 def test_fewer_than_k_deletes_exclusions_and_min_score(small):
     core, ids, x, *_ = small
     res, _ = core.knn(x[:1], 1000)

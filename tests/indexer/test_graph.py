@@ -52,7 +52,7 @@ def test_updates_in_place_reuses_deleted_slots_and_grows():
     assert g.deleted_slots == 2 and len(g) == 38
     g.put(["new1", "new2"], np.zeros((2, 4), np.float32))  # take over the two deleted slots
     assert g.index.element_count == 40 and g.deleted_slots == 0
-    labels, _ = g.search(np.zeros((1, 4), np.float32), 2, 50)
+    labels, _ = g.search(np.zeros((1, 4), np.float32), 2)
     assert {g.id_of[int(label)] for label in labels[0]} == {"new1", "new2"}
     assert "i1" not in g.label_of and "i2" not in g.label_of
 
@@ -67,7 +67,7 @@ def test_snapshot_round_trip_and_corruption_is_detected(tmp_path):
     loaded = HnswGraph.load(tmp_path, g.params)
     assert loaded.applied_seq == 77 and loaded.label_of == g.label_of and loaded.next_label == g.next_label
     q = x[:5]
-    np.testing.assert_array_equal(loaded.search(q, 3, 50)[0], g.search(q, 3, 50)[0])
+    np.testing.assert_array_equal(loaded.search(q, 3)[0], g.search(q, 3)[0])
     with pytest.raises(SnapshotError):
         HnswGraph.load(tmp_path, GraphParams(2, 4, 16, 50, 50))  # other parameters
     data = bytearray((tmp_path / "hnsw.bin").read_bytes())
