@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -96,7 +97,9 @@ def validate_figures(figures: object) -> list[dict]:
 def run_module(path: Path, quick: bool, workdir: Path, budget: float, python: str = sys.executable) -> BenchmarkResult:
     """Runs one benchmark file in a child process, killed after ``budget`` seconds."""
     name = path.stem.removeprefix("bench_")
-    workdir.mkdir(parents=True, exist_ok=True)
+    # A fresh folder per run: state left by an earlier run (a training run, an index) must not leak in.
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     out = workdir / "figures.json"
     out.unlink(missing_ok=True)
     log_path = workdir / "output.log"

@@ -111,8 +111,7 @@ def run_demo(options: DemoOptions) -> int:
             progress.say(f"services left running (stop: python -m quickstart down --root {stack.root})")
         else:
             stopped = stack.stop_all()
-            if stopped:
-                progress.say(f"stopped: {', '.join(stopped)}")
+            progress.say(f"stopped: {', '.join(stopped)}" if stopped else "no service left running")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if ok else 1
