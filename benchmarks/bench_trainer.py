@@ -3,7 +3,8 @@
 Both train the same model (small_cnn) with the same loss, optimizer and P x K input pipeline
 (trainer.training.training_dataset over generated images in the original layout), so the ratio
 measures only what the custom loop adds or saves: its train step, per-step loss read-back, progress
-bar and TensorBoard scalars. The first step (tracing) is left out of both rates.
+bar and TensorBoard scalars. The first step (tracing) is left out of both rates; each is run in
+alternating rounds (2 quick, 3 full), and its best round counts.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _keras_fit_rate(config, dirs: DataDirs, steps: int) -> float:
 
 
 def run(quick: bool, workdir: Path) -> list[dict]:
-    steps = 30 if quick else 120
+    steps, rounds = (20, 2) if quick else (100, 3)
     data = Path(workdir) / "trainer-bench"
     write_original_dataset(data, per_class_train=12, per_class_test=2, size=72)
     overrides = [
@@ -66,8 +67,14 @@ def run(quick: bool, workdir: Path) -> list[dict]:
     ]
     config = load_config(CONFIG, overrides)
     dirs = DataDirs(data)
-    baseline = _keras_fit_rate(config, dirs, steps)
-    ours = train(config, dirs, TrainOptions(progress=True, run_name="bench")).images_per_second
+    # Alternate the two and keep each one's best round: the machine is shared, so a single run of each
+    # mostly measures who got the CPU.
+    baselines, ours_rates = [], []
+    for round_ in range(rounds):
+        baselines.append(_keras_fit_rate(config, dirs, steps))
+        options = TrainOptions(progress=True, run_name=f"bench-{round_}")
+        ours_rates.append(train(config, dirs, options).images_per_second)
+    baseline, ours = max(baselines), max(ours_rates)
     return [
         {
             "name": "trainer train loop (small_cnn 64x64, P=4 K=4, semi-hard triplet)",

@@ -75,9 +75,9 @@ _SCALAR_METADATA = summary_pb2.SummaryMetadata(
 ).SerializeToString()
 
 
-def log_scalar(name: str, value: float, step: int) -> None:
-    """A TensorBoard scalar in the default summary writer."""
-    tf.summary.write(name, tf.constant(float(value), tf.float32), step=step, metadata=_SCALAR_METADATA)
+def log_scalar(name: str, value, step) -> None:
+    """A TensorBoard scalar in the default summary writer (eagerly or inside a tf.function)."""
+    tf.summary.write(name, tf.cast(value, tf.float32), step=step, metadata=_SCALAR_METADATA)
 
 
 def learning_rate(config: TrainingConfig):
@@ -158,7 +158,17 @@ def freeze_backbone_before(model: keras.Model, layer_name: str) -> int:
     return cut
 
 
-def make_train_step(model: keras.Model, loss_fn: keras.losses.Loss, optimizer: keras.optimizers.Optimizer):
+def make_train_step(
+    model: keras.Model,
+    loss_fn: keras.losses.Loss,
+    optimizer: keras.optimizers.Optimizer,
+    step: tf.Variable | None = None,
+):
+    """One optimisation step as a graph; with ``step``, it also counts and logs loss and learning rate.
+
+    Counting and logging inside the graph keeps per-step Python work (eager ops) out of the loop.
+    """
+
     @tf.function(reduce_retracing=True)
     def train_step(images, labels):
         with tf.GradientTape() as tape:
@@ -168,6 +178,10 @@ def make_train_step(model: keras.Model, loss_fn: keras.losses.Loss, optimizer: k
                 loss += tf.add_n(model.losses)
         gradients = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        if step is not None:
+            step.assign_add(1)
+            log_scalar("loss", loss, step=step)
+            log_scalar("learning_rate", optimizer.learning_rate, step=step)
         return loss
 
     return train_step
@@ -292,7 +306,7 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
     best_recall = best_metrics["recall@1"] if best_metrics else -math.inf
 
     dataset = training_dataset(train_split, config, seed=options.seed, start_step=start)
-    train_step = make_train_step(model, loss_fn, optimizer)
+    train_step = make_train_step(model, loss_fn, optimizer, step_var)
     embed_fn = make_embed_fn(model)
     log_dir = dirs.logs / run.path.name / "train" / datetime.now().strftime("%Y%m%d-%H%M%S")
     writer = tf.summary.create_file_writer(str(log_dir))
@@ -338,13 +352,10 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
             if not math.isfinite(loss):
                 raise FailedPrecondition(f"the loss became {loss} at step {step}; lower model.fit.lr")
             step += 1
-            step_var.assign(step)
             rate = images_seen / busy_seconds if busy_seconds else 0.0
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
-            log_scalar("loss", loss, step=step)
-            log_scalar("learning_rate", float(optimizer.learning_rate), step=step)
-            if rate:
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
+            bar.update(1)  # redraws at most every 0.1 s
+            if rate and step % 20 == 0:
                 log_scalar("images_per_second", rate, step=step)
             # The rate covers everything a step costs (data, step, read-back, logging) except checkpoints
             # and evaluations; the first step, which traces the graph, is left out.

@@ -45,6 +45,14 @@ def test_ctrl_c_finishes_the_step_saves_and_stops(data):
     assert result.stopped == "interrupted" and result.step == 2 and calls == [2]
     assert tf.train.latest_checkpoint(str(result.run_dir / "tf_ckpts")).endswith("ckpt-2")
     assert signal.getsignal(signal.SIGINT) is not None  # our handler is gone again
+    events = list((data.logs / result.run_dir.name / "train").rglob("events.out.tfevents.*"))
+    tags = {
+        (value.tag, event.step)
+        for path in events
+        for event in tf.compat.v1.train.summary_iterator(str(path))
+        for value in event.summary.value
+    }
+    assert {("loss", 1), ("loss", 2), ("learning_rate", 2), ("test/recall@1", 2)} <= tags
     resumed = train(config, data, TrainOptions(progress=False, resume=True, max_steps=1))
     assert resumed.step == 3 and resumed.stopped == "step budget"
 
