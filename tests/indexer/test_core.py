@@ -46,12 +46,17 @@ def _clustered(rng, n, dim, centres=100, intrinsic=8):
     return (c[which] + np.einsum("ni,nid->nd", z, bases[which]) + 0.1 * rng.normal(size=(n, dim))).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "clustered"])
+@pytest.mark.parametrize("kind", ["uniform", "clustered", "clustered, queries from other clusters"])
 def test_recall_at_10_with_default_params_and_identical_after_restart(tmp_path, kind):
     rng = np.random.default_rng(1)
     n = 20_000
-    x = rng.normal(size=(n, DIM)).astype(np.float32) if kind == "uniform" else _clustered(rng, n, DIM)
-    q = rng.normal(size=(200, DIM)).astype(np.float32) if kind == "uniform" else _clustered(rng, 200, DIM)
+    if kind == "uniform":
+        x, q = rng.normal(size=(n, DIM)).astype(np.float32), rng.normal(size=(200, DIM)).astype(np.float32)
+    elif kind == "clustered":  # queries drawn from the catalogue's own clusters
+        pool = _clustered(rng, n + 200, DIM)
+        x, q = pool[:n], pool[n:]
+    else:  # queries unlike any catalogue item (other clusters): the hard case for HNSW
+        x, q = _clustered(rng, n, DIM), _clustered(rng, 200, DIM)
     ids = [f"item-{j}" for j in range(n)]
     core = _core(tmp_path)
     core.create_generation("g", "m", 1, COSINE, DIM)
