@@ -37,30 +37,29 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def _check_image(image_bytes: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     """Asserts the bytes look like an image TF can decode; the error message names the batch index."""
-    head3 = tf.strings.substr(image_bytes, 0, 3)
-    head4 = tf.strings.substr(image_bytes, 0, 4)
+    # Padding makes every prefix slice valid, even of an empty string (substr past the end is an error).
+    padded = tf.strings.join([image_bytes, tf.constant(b"\0" * 12)])
+    head4 = tf.strings.substr(padded, 0, 4)
     known = tf.reduce_any(
         tf.stack(
             [
-                tf.equal(head3, b"\xff\xd8\xff"),  # JPEG
+                tf.equal(tf.strings.substr(padded, 0, 3), b"\xff\xd8\xff"),  # JPEG
                 tf.equal(head4, b"\x89PNG"),
                 tf.equal(head4, b"GIF8"),
-                tf.equal(tf.strings.substr(image_bytes, 0, 2), b"BM"),
-                tf.logical_and(tf.equal(head4, b"RIFF"), tf.equal(tf.strings.substr(image_bytes, 8, 4), b"WEBP")),
+                tf.equal(tf.strings.substr(padded, 0, 2), b"BM"),
+                tf.logical_and(tf.equal(head4, b"RIFF"), tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP")),
             ]
         )
     )
     size = tf.strings.length(image_bytes)
-    not_empty = tf.debugging.Assert(
-        size > 0, [tf.strings.format("image_bytes[{}] is empty", index)], name="image_not_empty"
+    # One assertion with one message, so the error says the right thing whatever order ops run in.
+    message = tf.where(
+        size > 0,
+        tf.strings.format("image_bytes[{}] is not a JPEG, PNG, GIF, BMP or WebP image ({} bytes)", (index, size)),
+        tf.strings.format("image_bytes[{}] is empty", index),
     )
-    with tf.control_dependencies([not_empty]):
-        is_image = tf.debugging.Assert(
-            known,
-            [tf.strings.format("image_bytes[{}] is not a JPEG, PNG, GIF, BMP or WebP image ({} bytes)", (index, size))],
-            name="image_format_known",
-        )
-    with tf.control_dependencies([is_image]):
+    check = tf.debugging.Assert(tf.logical_and(size > 0, known), [message], name="image_is_decodable")
+    with tf.control_dependencies([check]):
         return tf.identity(image_bytes)
 
 
