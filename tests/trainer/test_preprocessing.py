@@ -25,7 +25,7 @@ def _encoded(fmt: str, mode: str = "RGB", size=(45, 37)) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("fmt, mode", [("PNG", "RGB"), ("JPEG", "RGB"), ("PNG", "L"), ("PNG", "RGBA"), ("GIF", "P"), ("BMP", "RGB")])
+@pytest.mark.parametrize("fmt, mode", [("PNG", "RGB"), ("JPEG", "RGB"), ("PNG", "L"), ("PNG", "RGBA"), ("GIF", "P"), ("BMP", "RGB"), ("WEBP", "RGB")])
 def test_output_shape_type_and_range(fmt, mode):
     out = preprocess_image_bytes(tf.constant(_encoded(fmt, mode)), INPUT, RESIZE)
     assert out.shape == (24, 20, 3) and out.dtype == tf.float32
