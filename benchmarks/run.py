@@ -6,9 +6,10 @@ dict is a figure: {"name", "value", "unit", "baseline_name", "baseline", "ratio"
 crashes, hangs or leaks memory is reported as failed and the others still run. Results go to
 ``<out>/results.json`` and ``<out>/results.md`` (a markdown table plus the machine and the date).
 
-``goal`` is free text; when it reads as a comparison (``ratio >= 2``, ``>= 0.9``, ``value < 50``,
-``<= 1.1x``: a trailing ``x`` compares the ratio) the table says whether it is met. A figure may also
-carry ``"passed": true|false`` itself.
+``goal`` is free text; when it reads as a comparison (``ratio >= 2``, ``value < 50``, ``<= 1.1x``: a
+trailing ``x`` compares the ratio; a bare ``>= 0.9`` compares the value of a figure without a unit and
+the ratio of one with a unit) the table says whether it is met. A figure may also carry
+``"passed": true|false`` itself.
 """
 
 from __future__ import annotations
@@ -68,7 +69,13 @@ def goal_met(figure: dict) -> bool | None:
     if not match:
         return None
     subject, op, number, times = match.groups()
-    value = figure["ratio"] if (subject or "").lower() == "ratio" or times else figure["value"]
+    if subject:
+        use_ratio = subject.lower() == "ratio"
+    else:
+        # A bare ">= 0.9" means the value for a dimensionless figure (a recall), the ratio otherwise
+        # (">= 0.9" against images/s can only mean 0.9x the baseline).
+        use_ratio = bool(times) or bool(figure.get("unit", "").strip())
+    value = figure["ratio"] if use_ratio else figure["value"]
     threshold = float(number)
     return {
         ">=": value >= threshold, "≥": value >= threshold, "<=": value <= threshold, "≤": value <= threshold,

@@ -50,7 +50,13 @@ def test_discover_finds_bench_files_only_and_filters(bench_dir):
      ("< 50", 60, 0, False), ("<= 1.1x", 0, 1.2, False), ("≥ 2×", 0, 3, True), ("as fast as possible", 1, 1, None)],
 )
 def test_goal_met(goal, value, ratio, expected):
-    assert harness.goal_met({"goal": goal, "value": value, "ratio": ratio}) is expected
+    assert harness.goal_met({"goal": goal, "value": value, "ratio": ratio, "unit": ""}) is expected
+
+
+def test_a_bare_goal_compares_the_ratio_of_a_figure_with_a_unit():
+    throughput = {"goal": ">= 0.9", "value": 272.0, "ratio": 0.81, "unit": "images/s"}
+    assert harness.goal_met(throughput) is False
+    assert harness.goal_met({**throughput, "goal": "value >= 0.9"}) is True
 
 
 def test_passed_field_overrides_goal():
