@@ -94,9 +94,26 @@ def _start_ticks(pid: int) -> int | None:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after its closing one.
     fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":  # a zombie has exited; only its exit status is left
+    if fields[0] == "Z" and not _other_threads_running(pid):
+        # A zombie has exited; only its exit status is left. (A multi-threaded process killed with
+        # SIGKILL shows its main thread as Z while the others still exit and still hold its sockets.)
         return None
     return int(fields[19])
+
+
+def _other_threads_running(pid: int) -> bool:
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 def is_alive(record: ServiceRecord) -> bool:
