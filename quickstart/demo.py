@@ -47,8 +47,8 @@ class DemoOptions:
     quick: bool = False
     train_per_class: int = 200
     test_per_class: int = 30
-    steps: int = 300
-    swap_steps: int = 60
+    steps: int = 600
+    swap_steps: int = 100
     seed: int = 0
     install: bool = True
     keep_running: bool = False
