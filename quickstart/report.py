@@ -155,9 +155,10 @@ def write_report(out_dir: Path, report: dict, figures: dict[str, str]) -> Path:
             f"<p>{ev['queries']} queries (test split) against {ev['gallery']} catalogue items; "
             f"original mAP@10 over {ev['trials']} seeded query draws. Tolerance per metric: the share of queries "
             f"whose first <i>depth</i> hit labels differ from an exact search over the exported vectors (the most "
-            f"an approximate index can change the mean), capped at {ev['absolute_tolerance']}. "
-            f"HNSW neighbour recall vs exact: {ev['neighbour_recall']:.4f}; largest hit-score difference: "
-            f"{ev['max_score_error']:.2e}. "
+            f"an approximate index can change the mean). HNSW neighbour recall vs exact: "
+            f"{ev['neighbour_recall']:.4f} (required: {ev['min_neighbour_recall']}); largest hit-score difference "
+            f"from the offline cosine: {ev['max_score_error']:.2e}; hits whose label differs from the stored "
+            f"one: {ev['hits_with_wrong_label']}. "
             + ("<b class='ok'>They agree.</b>" if ev["agree"] else "<b class='bad'>They DISAGREE.</b>") + "</p>",
             _table(["metric", "system (Search RPC)", "offline (trainer.metrics)", "|difference|", "tolerance", "agree"],
                    [[r["metric"], r["system"], r["offline"], r["difference"], r["tolerance"], r["agree"]]

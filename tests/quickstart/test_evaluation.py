@@ -71,6 +71,17 @@ def test_different_vectors_are_caught_by_the_scores(space):
     assert not result["scores_agree"] and not result["agree"]
 
 
+def test_an_index_that_misses_too_many_neighbours_is_caught(space):
+    queries, q_labels, ids, gallery, g_labels = space
+    depth = ev.search_depth(g_labels)
+    hits = exact_hits(queries, gallery, ids, g_labels, 3 * depth)
+    # Every other true neighbour dropped: scores and labels are right, but it is not a good ANN.
+    hits = [ev.RankedHits(h.ids[::2][:depth], h.labels[::2][:depth], h.scores[::2][:depth]) for h in hits]
+    result = ev.compare(hits, queries, q_labels, ids, gallery, g_labels, trials=50, seed=3)
+    assert result["scores_agree"] and result["hits_with_wrong_label"] == 0
+    assert result["neighbour_recall"] < ev.MIN_NEIGHBOUR_RECALL and not result["agree"]
+
+
 def test_wrong_metric_is_caught(space):
     queries, q_labels, ids, gallery, g_labels = space
     hits = exact_hits(queries, gallery, ids, g_labels, ev.search_depth(g_labels))
@@ -78,4 +89,4 @@ def test_wrong_metric_is_caught(space):
     rng = np.random.default_rng(0)
     hits = [ev.RankedHits(h.ids, list(rng.permutation(h.labels)), h.scores) for h in hits]
     result = ev.compare(hits, queries, q_labels, ids, gallery, g_labels, trials=50, seed=3)
-    assert not result["agree"]
+    assert result["hits_with_wrong_label"] > 0 and not result["agree"]
