@@ -61,9 +61,41 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted.
+
+    A plain StreamHandler keeps the stream it was built with; when that stream is swapped and closed
+    (pytest's capture, contextlib.redirect_stderr), a late record — TensorFlow logs some from
+    garbage collection — fails with a "Logging error" traceback instead of being printed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_cli_logging(level: str | int = "INFO", fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """Plain-text logs of a command-line tool on the current stderr; calling it again only resets
+    the level and format (no duplicate handlers across repeated ``main()`` calls)."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, CurrentStderrHandler)), None)
+    if handler is None:
+        handler = CurrentStderrHandler()
+        root.addHandler(handler)
+    handler.setFormatter(logging.Formatter(fmt))
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
 def configure_logging(service: str, level: str = "info", fmt: str = "json") -> None:
     """Routes the root logger to stderr in ``fmt`` ("json" or "text") at ``level``."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = CurrentStderrHandler()
     handler.setFormatter(JsonFormatter(service) if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

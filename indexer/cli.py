@@ -11,6 +11,7 @@ from pathlib import Path
 from cbir.config import env_flag
 from cbir.defaults import INDEXER_METRICS_PORT, INDEXER_PORT
 from cbir.errors import CbirError
+from cbir.logs import configure_cli_logging
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command != "reindex":
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            configure_cli_logging("INFO", "%(message)s")
         if args.command == "reindex":
             from indexer import reindex
 

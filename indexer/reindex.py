@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.errors import CbirError, FailedPrecondition, InvalidInput, NotFound
+from cbir.logs import configure_cli_logging
 from cbir.v1 import indexer_pb2, types_pb2
 from indexer.core import check_item
 from indexer.store import ItemRow
@@ -208,7 +209,7 @@ class Pipeline:
 
 def run(args, make_client) -> int:
     """The reindex command; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_cli_logging("INFO", "%(message)s")
     from cbir.catalogue import read_catalogue
 
     try:

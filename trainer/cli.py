@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.errors import CbirError, InvalidInput
+from cbir.logs import configure_cli_logging
 from trainer.config import ConfigError, DataDirs, TrainingConfig, load_config, resolve_data_dir
 
 log = logging.getLogger("trainer")
@@ -402,7 +403,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    configure_cli_logging(args.log_level)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, CbirError) as exc:

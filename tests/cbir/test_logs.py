@@ -25,3 +25,26 @@ def test_json_line_has_request_id_and_extras():
 def test_no_request_id_outside_requests():
     record = logging.LogRecord("svc", logging.WARNING, __file__, 1, "hello", (), None)
     assert "request_id" not in json.loads(JsonFormatter("gateway").format(record))
+
+
+def test_cli_logging_follows_stderr_swaps_without_duplicate_handlers():
+    import contextlib
+    import io
+
+    from cbir.logs import CurrentStderrHandler, configure_cli_logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        configure_cli_logging("INFO")
+        configure_cli_logging("WARNING")
+        assert sum(isinstance(h, CurrentStderrHandler) for h in root.handlers) == 1
+        first, second = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(first):
+            logging.getLogger("t").warning("one")
+        first.close()  # a closed old stream must not be written to again
+        with contextlib.redirect_stderr(second):
+            logging.getLogger("t").warning("two")
+        assert "WARNING t: two" in second.getvalue()
+    finally:
+        root.handlers[:] = before
