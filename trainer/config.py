@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cbir.catalogue import ORIGINAL_DATASETS
-from trainer.losses import LOSS_NAMES, PAIR_LOSSES, canonical_loss_name
+from trainer.loss_names import LOSS_NAMES, PAIR_LOSSES, canonical_loss_name
 
 
 class ConfigError(ValueError):

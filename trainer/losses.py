@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from cbir.errors import InvalidInput
+from trainer.loss_names import LOSS_NAMES, canonical_loss_name
 
 __all__ = [
     "LOSS_NAMES",
@@ -363,37 +364,6 @@ class MultiSimilarityLoss(_MetricLoss):
         super().__init__(
             scale_pos=scale_pos, scale_neg=scale_neg, threshold=threshold, margin=margin, **kwargs
         )
-
-
-# Config names -> canonical names. The first spellings are those of the original trainings/*.json.
-_ALIASES = {
-    "semi_hard_triplet": "semi_hard_triplet",
-    "triplet_semihard_loss": "semi_hard_triplet",
-    "semihard_triplet": "semi_hard_triplet",
-    "angular_loss": "angular_loss",
-    "angular": "angular_loss",
-    "batch_hard_triplet": "batch_hard_triplet",
-    "batch_hard": "batch_hard_triplet",
-    "contrastive": "contrastive",
-    "contrastive_loss": "contrastive",
-    "npair": "npair",
-    "npairs_loss": "npair",
-    "n_pair": "npair",
-    "multi_similarity": "multi_similarity",
-    "multi_similarity_loss": "multi_similarity",
-}
-LOSS_NAMES = tuple(sorted(_ALIASES))
-
-# Losses that read rows 2i, 2i+1 as an anchor-positive pair: the trainer must use K=2 batches.
-PAIR_LOSSES = frozenset({"angular_loss", "npair"})
-
-
-def canonical_loss_name(name: str) -> str:
-    """The canonical name of a loss given any accepted spelling; InvalidInput naming the choices."""
-    try:
-        return _ALIASES[name]
-    except (KeyError, TypeError):
-        raise InvalidInput(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}") from None
 
 
 def get_loss(
