@@ -27,13 +27,7 @@ FIELD_VALUES = {"metadata.labels['apps.kubernetes.io/pod-index']": "0", "metadat
 
 
 def _parser(package: str) -> argparse.ArgumentParser:
-    try:
-        cli = importlib.import_module(f"{package}.cli")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{package}.cli":
-            pytest.skip(f"{package}.cli does not exist yet")
-        raise
-    return cli.build_parser()
+    return importlib.import_module(f"{package}.cli").build_parser()
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
