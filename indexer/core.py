@@ -490,6 +490,14 @@ class IndexerCore:
     def validate_item(self, item: ItemRow, where: str) -> None:
         check_item(item, where, self.config.shard_id, self.config.shard_count)
 
+    def _check_ids(self, ids: Sequence[str]) -> None:
+        """A non-empty list of valid ids within the batch limit (Delete and Get)."""
+        if not ids:
+            raise InvalidInput("ids must not be empty")
+        self.check_batch(len(ids), "ids")
+        for j, item_id in enumerate(ids):
+            _check_id(item_id, f"ids[{j}]")
+
     def check_batch(self, n: int, what: str) -> None:
         if n > self.config.max_batch:
             raise InvalidInput(f"at most {self.config.max_batch} {what} per message (--max-batch), got {n}")
@@ -536,11 +544,7 @@ class IndexerCore:
 
     def delete(self, ids: Sequence[str], allow_missing: bool = False) -> tuple[int, list[str]]:
         self._check_ready()
-        if not ids:
-            raise InvalidInput("ids must not be empty")
-        self.check_batch(len(ids), "ids")
-        for j, item_id in enumerate(ids):
-            _check_id(item_id, f"ids[{j}]")
+        self._check_ids(ids)
         unique = list(dict.fromkeys(ids))
         with self._write_lock:
             missing = [i for i in unique if i not in self._catalogue.items]
@@ -565,11 +569,7 @@ class IndexerCore:
     def get(self, ids: Sequence[str], generation: str = "", include_vectors: bool = False):
         """(items with vectors or None, generation row or None) in the order asked."""
         self._check_ready()
-        if not ids:
-            raise InvalidInput("ids must not be empty")
-        self.check_batch(len(ids), "ids")
-        for j, item_id in enumerate(ids):
-            _check_id(item_id, f"ids[{j}]")
+        self._check_ids(ids)
         gen = self._resolve(generation) if (generation or include_vectors or self._active) else None
         items = self.store.get_items(ids)
         missing = [i for i in ids if i not in items]
