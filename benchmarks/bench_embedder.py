@@ -65,10 +65,13 @@ class BenchEmbedder(tf.Module):
             image = tf.io.decode_jpeg(data, channels=3)
             image = tf.image.resize(tf.cast(image, tf.float32), (IMAGE_SIZE, IMAGE_SIZE))
             offset = (IMAGE_SIZE - INPUT_SIZE) // 2
-            return image[offset:offset + INPUT_SIZE, offset:offset + INPUT_SIZE, :]
+            return image[offset : offset + INPUT_SIZE, offset : offset + INPUT_SIZE, :]
 
-        pixels = tf.map_fn(preprocess, image_bytes, fn_output_signature=tf.TensorSpec(
-            (INPUT_SIZE, INPUT_SIZE, 3), tf.float32))
+        pixels = tf.map_fn(
+            preprocess,
+            image_bytes,
+            fn_output_signature=tf.TensorSpec((INPUT_SIZE, INPUT_SIZE, 3), tf.float32),
+        )
         return {"embedding": self._pixels_to_embedding(pixels)}
 
 
@@ -180,9 +183,20 @@ def run(quick: bool, workdir: Path) -> list[dict]:
     baseline = {c: Sample() for c in CONCURRENCY}
     served = {c: Sample() for c in CONCURRENCY}
     with running_service(
-        "embedder", "serve", "--model_name", "bench", "--model_base_path", str(work / "models" / "bench"),
-        "--enable_batching", "--batching_parameters_file", str(work / "batching.config"),
-        "--max-workers", "48", "--log-level", "warning", log_dir=work,
+        "embedder",
+        "serve",
+        "--model_name",
+        "bench",
+        "--model_base_path",
+        str(work / "models" / "bench"),
+        "--enable_batching",
+        "--batching_parameters_file",
+        str(work / "batching.config"),
+        "--max-workers",
+        "48",
+        "--log-level",
+        "warning",
+        log_dir=work,
     ) as (_proc, target):
         # Both sides run a while before anything is measured: the first second of calls after a
         # load is markedly slower (thread pools, allocator), on both sides.
@@ -200,25 +214,44 @@ def run(quick: bool, workdir: Path) -> list[dict]:
         base = {"throughput": baseline[c].throughput, "p50": baseline[c].ms(50), "p99": baseline[c].ms(99)}
         got = {"throughput": served[c].throughput, "p50": served[c].ms(50), "p99": served[c].ms(99)}
         in_process = f"in-process TF, batch of {c}"
-        figures.append({
-            "name": f"embedder throughput, {c} client{'s' if c > 1 else ''}", "value": round(got["throughput"], 1),
-            "unit": "images/s", "baseline_name": in_process, "baseline": round(base["throughput"], 1),
-            "ratio": round(got["throughput"] / base["throughput"], 3),
-            "goal": "ratio >= 0.8" if c == 32 else "report", "higher_is_better": True,
-        })
+        figures.append(
+            {
+                "name": f"embedder throughput, {c} client{'s' if c > 1 else ''}",
+                "value": round(got["throughput"], 1),
+                "unit": "images/s",
+                "baseline_name": in_process,
+                "baseline": round(base["throughput"], 1),
+                "ratio": round(got["throughput"] / base["throughput"], 3),
+                "goal": "ratio >= 0.8" if c == 32 else "report",
+                "higher_is_better": True,
+            }
+        )
         for q in ("p50", "p99"):
-            figures.append({
-                "name": f"embedder {q} latency, {c} client{'s' if c > 1 else ''}", "value": round(got[q], 2),
-                "unit": "ms", "baseline_name": f"{in_process} ({q} per call)", "baseline": round(base[q], 2),
-                "ratio": round(got[q] / base[q], 3), "goal": "report", "higher_is_better": False,
-            })
+            figures.append(
+                {
+                    "name": f"embedder {q} latency, {c} client{'s' if c > 1 else ''}",
+                    "value": round(got[q], 2),
+                    "unit": "ms",
+                    "baseline_name": f"{in_process} ({q} per call)",
+                    "baseline": round(base[q], 2),
+                    "ratio": round(got[q] / base[q], 3),
+                    "goal": "report",
+                    "higher_is_better": False,
+                }
+            )
     overhead = served[1].ms(50) - baseline[1].ms(50)
-    figures.append({
-        "name": "embedder added latency, 1 client (p50 server - p50 in-process call)",
-        "value": round(overhead, 2), "unit": "ms", "baseline_name": "in-process single-image call p50",
-        "baseline": round(baseline[1].ms(50), 2), "ratio": round(served[1].ms(50) / baseline[1].ms(50), 3),
-        "goal": "value <= 3", "higher_is_better": False,
-    })
+    figures.append(
+        {
+            "name": "embedder added latency, 1 client (p50 server - p50 in-process call)",
+            "value": round(overhead, 2),
+            "unit": "ms",
+            "baseline_name": "in-process single-image call p50",
+            "baseline": round(baseline[1].ms(50), 2),
+            "ratio": round(served[1].ms(50) / baseline[1].ms(50), 3),
+            "goal": "value <= 3",
+            "higher_is_better": False,
+        }
+    )
     return figures
 
 

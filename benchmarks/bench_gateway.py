@@ -37,7 +37,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 def build_catalogue(model_dir: Path, images: list[bytes]) -> np.ndarray:
     embed = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
-    vectors = [embed(image_bytes=tf.constant(images[i:i + 64]))["embedding"].numpy() for i in range(0, len(images), 64)]
+    vectors = [
+        embed(image_bytes=tf.constant(images[i : i + 64]))["embedding"].numpy()
+        for i in range(0, len(images), 64)
+    ]
     return np.concatenate(vectors)
 
 
@@ -56,8 +59,11 @@ def measure_in_process(model_dir: Path, index: hnswlib.Index, queries: list[byte
         latencies.append(time.perf_counter() - t0)
         i += 1
     elapsed = time.perf_counter() - started
-    return {"throughput": len(latencies) / elapsed, "p50": _percentile(latencies, 50) * 1e3,
-            "p99": _percentile(latencies, 99) * 1e3}
+    return {
+        "throughput": len(latencies) / elapsed,
+        "p50": _percentile(latencies, 50) * 1e3,
+        "p99": _percentile(latencies, 99) * 1e3,
+    }
 
 
 def measure_serving(target: str, queries: list[bytes], clients: int, seconds: float) -> dict:
@@ -82,8 +88,12 @@ def measure_gateway(target: str, queries: list[bytes], clients: int, seconds: fl
 
     with grpc.insecure_channel(target) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)
-        return _closed_loop(lambda image: stub.Search(search_pb2.SearchRequest(image=image, k=K), timeout=30),
-                            queries, clients, seconds)
+        return _closed_loop(
+            lambda image: stub.Search(search_pb2.SearchRequest(image=image, k=K), timeout=30),
+            queries,
+            clients,
+            seconds,
+        )
 
 
 def _closed_loop(call, queries: list, clients: int, seconds: float) -> dict:
@@ -120,26 +130,51 @@ def _closed_loop(call, queries: list, clients: int, seconds: float) -> dict:
     if failures:
         raise RuntimeError(f"{len(failures)} calls failed, e.g. {failures[0]}")
     flat = [x for per_client in latencies for x in per_client]
-    return {"throughput": len(flat) / elapsed, "p50": _percentile(flat, 50) * 1e3, "p99": _percentile(flat, 99) * 1e3}
+    return {
+        "throughput": len(flat) / elapsed,
+        "p50": _percentile(flat, 50) * 1e3,
+        "p99": _percentile(flat, 99) * 1e3,
+    }
 
 
 def _load_generation(indexer: str, vectors: np.ndarray) -> None:
     from indexer.client import IndexerClient
 
     with IndexerClient([indexer], timeout=60) as client:
-        client.create_generation("bench-v1", types_pb2.EmbeddingSpace(model_name="bench", model_version=1),
-                                 types_pb2.METRIC_COSINE, vectors.shape[1],
-                                 indexer_pb2.HnswParams(m=M, ef_construction=EF_CONSTRUCTION, ef_search=EF_SEARCH))
-        records = (indexer_pb2.Record(item=types_pb2.Item(id=f"item-{i:05d}", label=f"c{i % 10}"), vector=v.tolist())
-                   for i, v in enumerate(vectors))
+        client.create_generation(
+            "bench-v1",
+            types_pb2.EmbeddingSpace(model_name="bench", model_version=1),
+            types_pb2.METRIC_COSINE,
+            vectors.shape[1],
+            indexer_pb2.HnswParams(m=M, ef_construction=EF_CONSTRUCTION, ef_search=EF_SEARCH),
+        )
+        records = (
+            indexer_pb2.Record(item=types_pb2.Item(id=f"item-{i:05d}", label=f"c{i % 10}"), vector=v.tolist())
+            for i, v in enumerate(vectors)
+        )
         client.upsert(records, generation="bench-v1")
         client.activate_generation("bench-v1")
 
 
 def _start(module: str, args: list[str], work: Path) -> tuple[ServiceProcess, Path]:
     port_file = work / f"{module}.port"
-    proc = ServiceProcess(["-m", module, "serve", *args, "--host", "127.0.0.1", "--port", "0",
-                           "--port-file", str(port_file), "--log-level", "warning"], work / f"{module}.log")
+    proc = ServiceProcess(
+        [
+            "-m",
+            module,
+            "serve",
+            *args,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--log-level",
+            "warning",
+        ],
+        work / f"{module}.log",
+    )
     return proc, port_file
 
 
@@ -164,17 +199,50 @@ def run(quick: bool, workdir: Path) -> list[dict]:
         # The gateway needs the model server's address up front, so that one gets a fixed free port.
         serving_target = f"127.0.0.1:{free_port()}"
         serving_proc = ServiceProcess(
-            ["-m", "embedder", "serve", "--model_name", "bench", "--model_base_path", str(work / "models" / "bench"),
-             "--enable_batching", "--batching_parameters_file", str(work / "batching.config"), "--max-workers", "48",
-             "--host", "127.0.0.1", "--port", serving_target.rsplit(":", 1)[1], "--log-level", "warning"],
-            work / "embedder.log")
+            [
+                "-m",
+                "embedder",
+                "serve",
+                "--model_name",
+                "bench",
+                "--model_base_path",
+                str(work / "models" / "bench"),
+                "--enable_batching",
+                "--batching_parameters_file",
+                str(work / "batching.config"),
+                "--max-workers",
+                "48",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                serving_target.rsplit(":", 1)[1],
+                "--log-level",
+                "warning",
+            ],
+            work / "embedder.log",
+        )
         procs.append(serving_proc)
-        indexer_proc, indexer_port = _start("indexer", ["--data-dir", str(work / "index"), "--metrics-port", "-1"], work)
+        indexer_proc, indexer_port = _start(
+            "indexer", ["--data-dir", str(work / "index"), "--metrics-port", "-1"], work
+        )
         procs.append(indexer_proc)
         indexer = _ready(indexer_proc, indexer_port)
-        gateway_proc, gateway_port = _start("gateway", [
-            "--serving", serving_target, "--indexer", indexer, "--metrics-port", "-1", "--max-workers", "48",
-            "--probe-period", "0.5"], work)
+        gateway_proc, gateway_port = _start(
+            "gateway",
+            [
+                "--serving",
+                serving_target,
+                "--indexer",
+                indexer,
+                "--metrics-port",
+                "-1",
+                "--max-workers",
+                "48",
+                "--probe-period",
+                "0.5",
+            ],
+            work,
+        )
         procs.append(gateway_proc)
 
         images = make_jpegs(CATALOGUE if not quick else 300)
@@ -211,40 +279,106 @@ def run(quick: bool, workdir: Path) -> list[dict]:
     own = gw1["p50"] - serving1["p50"] - knn1["p50"]
     base_name = "in-process embed + hnswlib, 1 query at a time"
     return [
-        {"name": "gateway Search p50 overhead, 1 client (gateway p50 - in-process p50)",
-         "value": round(gw1["p50"] - inproc["p50"], 2), "unit": "ms", "baseline_name": f"{base_name} (p50)",
-         "baseline": round(inproc["p50"], 2), "ratio": round(gw1["p50"] / inproc["p50"], 3),
-         "goal": "value <= 5", "higher_is_better": False},
-        {"name": "gateway's own p50 share, 1 client (gateway p50 - model server RPC p50 - indexer Knn RPC p50)",
-         "value": round(own, 2), "unit": "ms", "baseline_name": "gateway Search p50, 1 client",
-         "baseline": round(gw1["p50"], 2), "ratio": round(own / gw1["p50"], 3), "goal": "report",
-         "higher_is_better": False},
-        {"name": "model server Predict p50, 1 client (one image, EmbedderClient)", "value": round(serving1["p50"], 2),
-         "unit": "ms", "baseline_name": "in-process embed + hnswlib p50", "baseline": round(inproc["p50"], 2),
-         "ratio": round(serving1["p50"] / inproc["p50"], 3), "goal": "report", "higher_is_better": False},
-        {"name": "indexer Knn RPC p50, 1 client (k=10, IndexerClient)", "value": round(knn1["p50"], 2), "unit": "ms",
-         "baseline_name": "in-process embed + hnswlib p50", "baseline": round(inproc["p50"], 2),
-         "ratio": round(knn1["p50"] / inproc["p50"], 3), "goal": "report", "higher_is_better": False},
-        {"name": "gateway Search p50 latency, 1 client", "value": round(gw1["p50"], 2), "unit": "ms",
-         "baseline_name": f"{base_name} (p50)", "baseline": round(inproc["p50"], 2),
-         "ratio": round(gw1["p50"] / inproc["p50"], 3), "goal": "report", "higher_is_better": False},
-        {"name": "gateway Search p99 latency, 1 client", "value": round(gw1["p99"], 2), "unit": "ms",
-         "baseline_name": f"{base_name} (p99)", "baseline": round(inproc["p99"], 2),
-         "ratio": round(gw1["p99"] / inproc["p99"], 3), "goal": "report", "higher_is_better": False},
-        {"name": "gateway Search throughput, 1 client", "value": round(gw1["throughput"], 1), "unit": "searches/s",
-         "baseline_name": base_name, "baseline": round(inproc["throughput"], 1),
-         "ratio": round(gw1["throughput"] / inproc["throughput"], 3), "goal": "report", "higher_is_better": True},
-        {"name": "gateway Search throughput, 16 clients", "value": round(gw16["throughput"], 1),
-         "unit": "searches/s", "baseline_name": "model server alone, 16 clients (images/s)",
-         "baseline": round(serving16["throughput"], 1),
-         "ratio": round(gw16["throughput"] / serving16["throughput"], 3), "goal": "ratio >= 0.8",
-         "higher_is_better": True},
-        {"name": "gateway Search p50 latency, 16 clients", "value": round(gw16["p50"], 2), "unit": "ms",
-         "baseline_name": "model server alone, 16 clients (p50)", "baseline": round(serving16["p50"], 2),
-         "ratio": round(gw16["p50"] / serving16["p50"], 3), "goal": "report", "higher_is_better": False},
-        {"name": "gateway Search p99 latency, 16 clients", "value": round(gw16["p99"], 2), "unit": "ms",
-         "baseline_name": "model server alone, 16 clients (p99)", "baseline": round(serving16["p99"], 2),
-         "ratio": round(gw16["p99"] / serving16["p99"], 3), "goal": "report", "higher_is_better": False},
+        {
+            "name": "gateway Search p50 overhead, 1 client (gateway p50 - in-process p50)",
+            "value": round(gw1["p50"] - inproc["p50"], 2),
+            "unit": "ms",
+            "baseline_name": f"{base_name} (p50)",
+            "baseline": round(inproc["p50"], 2),
+            "ratio": round(gw1["p50"] / inproc["p50"], 3),
+            "goal": "value <= 5",
+            "higher_is_better": False,
+        },
+        {
+            "name": "gateway's own p50 share, 1 client (gateway p50 - model server RPC p50 - indexer Knn RPC p50)",
+            "value": round(own, 2),
+            "unit": "ms",
+            "baseline_name": "gateway Search p50, 1 client",
+            "baseline": round(gw1["p50"], 2),
+            "ratio": round(own / gw1["p50"], 3),
+            "goal": "report",
+            "higher_is_better": False,
+        },
+        {
+            "name": "model server Predict p50, 1 client (one image, EmbedderClient)",
+            "value": round(serving1["p50"], 2),
+            "unit": "ms",
+            "baseline_name": "in-process embed + hnswlib p50",
+            "baseline": round(inproc["p50"], 2),
+            "ratio": round(serving1["p50"] / inproc["p50"], 3),
+            "goal": "report",
+            "higher_is_better": False,
+        },
+        {
+            "name": "indexer Knn RPC p50, 1 client (k=10, IndexerClient)",
+            "value": round(knn1["p50"], 2),
+            "unit": "ms",
+            "baseline_name": "in-process embed + hnswlib p50",
+            "baseline": round(inproc["p50"], 2),
+            "ratio": round(knn1["p50"] / inproc["p50"], 3),
+            "goal": "report",
+            "higher_is_better": False,
+        },
+        {
+            "name": "gateway Search p50 latency, 1 client",
+            "value": round(gw1["p50"], 2),
+            "unit": "ms",
+            "baseline_name": f"{base_name} (p50)",
+            "baseline": round(inproc["p50"], 2),
+            "ratio": round(gw1["p50"] / inproc["p50"], 3),
+            "goal": "report",
+            "higher_is_better": False,
+        },
+        {
+            "name": "gateway Search p99 latency, 1 client",
+            "value": round(gw1["p99"], 2),
+            "unit": "ms",
+            "baseline_name": f"{base_name} (p99)",
+            "baseline": round(inproc["p99"], 2),
+            "ratio": round(gw1["p99"] / inproc["p99"], 3),
+            "goal": "report",
+            "higher_is_better": False,
+        },
+        {
+            "name": "gateway Search throughput, 1 client",
+            "value": round(gw1["throughput"], 1),
+            "unit": "searches/s",
+            "baseline_name": base_name,
+            "baseline": round(inproc["throughput"], 1),
+            "ratio": round(gw1["throughput"] / inproc["throughput"], 3),
+            "goal": "report",
+            "higher_is_better": True,
+        },
+        {
+            "name": "gateway Search throughput, 16 clients",
+            "value": round(gw16["throughput"], 1),
+            "unit": "searches/s",
+            "baseline_name": "model server alone, 16 clients (images/s)",
+            "baseline": round(serving16["throughput"], 1),
+            "ratio": round(gw16["throughput"] / serving16["throughput"], 3),
+            "goal": "ratio >= 0.8",
+            "higher_is_better": True,
+        },
+        {
+            "name": "gateway Search p50 latency, 16 clients",
+            "value": round(gw16["p50"], 2),
+            "unit": "ms",
+            "baseline_name": "model server alone, 16 clients (p50)",
+            "baseline": round(serving16["p50"], 2),
+            "ratio": round(gw16["p50"] / serving16["p50"], 3),
+            "goal": "report",
+            "higher_is_better": False,
+        },
+        {
+            "name": "gateway Search p99 latency, 16 clients",
+            "value": round(gw16["p99"], 2),
+            "unit": "ms",
+            "baseline_name": "model server alone, 16 clients (p99)",
+            "baseline": round(serving16["p99"], 2),
+            "ratio": round(gw16["p99"] / serving16["p99"], 3),
+            "goal": "report",
+            "higher_is_better": False,
+        },
     ]
 
 

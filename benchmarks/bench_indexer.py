@@ -38,7 +38,9 @@ DIM = 128
 M, EF_CONSTRUCTION, EF_SEARCH = 16, 200, 300  # the server defaults
 
 
-def clustered(rng: np.random.Generator, n: int, dim: int, centres: int = 200, intrinsic: int = 8) -> np.ndarray:
+def clustered(
+    rng: np.random.Generator, n: int, dim: int, centres: int = 200, intrinsic: int = 8
+) -> np.ndarray:
     c = rng.normal(size=(centres, dim)) * 2
     bases = rng.normal(size=(centres, intrinsic, dim)) / np.sqrt(intrinsic)
     which = rng.integers(0, centres, n)
@@ -46,15 +48,27 @@ def clustered(rng: np.random.Generator, n: int, dim: int, centres: int = 200, in
     out = np.empty((n, dim), np.float32)
     for start in range(0, n, 20_000):  # chunked: the einsum's temporaries stay small
         s = slice(start, start + 20_000)
-        out[s] = c[which[s]] + np.einsum("ni,nid->nd", z[s], bases[which[s]]) + 0.1 * rng.normal(size=(len(z[s]), dim))
+        out[s] = (
+            c[which[s]]
+            + np.einsum("ni,nid->nd", z[s], bases[which[s]])
+            + 0.1 * rng.normal(size=(len(z[s]), dim))
+        )
     return out
 
 
 def _figure(name, value, unit, baseline_name, baseline, goal, higher_is_better, ratio=None) -> dict:
     if ratio is None:
         ratio = value / baseline if baseline else float("nan")
-    return {"name": name, "value": float(value), "unit": unit, "baseline_name": baseline_name,
-            "baseline": float(baseline), "ratio": float(ratio), "goal": goal, "higher_is_better": higher_is_better}
+    return {
+        "name": name,
+        "value": float(value),
+        "unit": unit,
+        "baseline_name": baseline_name,
+        "baseline": float(baseline),
+        "ratio": float(ratio),
+        "goal": goal,
+        "higher_is_better": higher_is_better,
+    }
 
 
 def _recall(found: list[list[str]], exact: list[list[str]]) -> float:
@@ -76,10 +90,27 @@ def _start_embedder(workdir: Path, n_images: int):
     for j, data in enumerate(jpegs):
         (images / f"img{j:05d}.jpg").write_bytes(data)
     port_file = workdir / "embedder.port"
-    proc = ServiceProcess(["-m", "embedder", "serve", "--model_name", "bench", "--model_base_path",
-                           str(repo / "bench"), "--enable_batching", "--batching_parameters_file",
-                           str(workdir / "batching.txt"), "--port", "0", "--port-file", str(port_file),
-                           "--log-format", "text"], workdir / "embedder.log")
+    proc = ServiceProcess(
+        [
+            "-m",
+            "embedder",
+            "serve",
+            "--model_name",
+            "bench",
+            "--model_base_path",
+            str(repo / "bench"),
+            "--enable_batching",
+            "--batching_parameters_file",
+            str(workdir / "batching.txt"),
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--log-format",
+            "text",
+        ],
+        workdir / "embedder.log",
+    )
     return proc, port_file, jpegs
 
 
@@ -106,29 +137,51 @@ def run(quick: bool, workdir: Path) -> list[dict]:
         embedder_pool = stack.enter_context(ThreadPoolExecutor(1))
         embedder_future = embedder_pool.submit(_start_embedder, workdir, n_images)
         stack.callback(lambda: embedder_future.result() and embedder_future.result()[0].stop())
-        _proc, target = stack.enter_context(running_service(
-            "indexer", "serve", "--data-dir", str(workdir / "index"), "--metrics-port", "-1",
-            "--log-format", "text", "--snapshot-interval", "3600", log_dir=workdir))
+        _proc, target = stack.enter_context(
+            running_service(
+                "indexer",
+                "serve",
+                "--data-dir",
+                str(workdir / "index"),
+                "--metrics-port",
+                "-1",
+                "--log-format",
+                "text",
+                "--snapshot-interval",
+                "3600",
+                log_dir=workdir,
+            )
+        )
         client = stack.enter_context(IndexerClient([target], timeout=120))
         rss_empty = client.stats()[0].process_rss_bytes
-        _log('indexer up')
+        _log("indexer up")
 
         # ---- build: durable streaming upserts vs raw hnswlib
-        client.create_generation("bench", types_pb2.EmbeddingSpace(model_name="bench", model_version=1),
-                                 types_pb2.METRIC_COSINE, DIM)
+        client.create_generation(
+            "bench",
+            types_pb2.EmbeddingSpace(model_name="bench", model_version=1),
+            types_pb2.METRIC_COSINE,
+            DIM,
+        )
         started = time.perf_counter()
         for s in range(0, n, 20_000):
-            client.upsert((indexer_pb2.Record(item=types_pb2.Item(id=ids[j]), vector=x[j])
-                           for j in range(s, min(s + 20_000, n))), generation="bench", batch_size=1000)
+            client.upsert(
+                (
+                    indexer_pb2.Record(item=types_pb2.Item(id=ids[j]), vector=x[j])
+                    for j in range(s, min(s + 20_000, n))
+                ),
+                generation="bench",
+                batch_size=1000,
+            )
         build = time.perf_counter() - started
-        _log('built through the server')
+        _log("built through the server")
         client.activate_generation("bench")
         raw = hnswlib.Index(space="cosine", dim=DIM)
         raw.init_index(max_elements=n, M=M, ef_construction=EF_CONSTRUCTION)
         started = time.perf_counter()
         raw.add_items(x, np.arange(n))
         raw_build = time.perf_counter() - started
-        _log('built in-process')
+        _log("built in-process")
         raw.set_ef(EF_SEARCH)
         # Wait for the model server now: its start-up must not compete with the latency figures.
         embedder = embedder_future.result()
@@ -138,26 +191,63 @@ def run(quick: bool, workdir: Path) -> list[dict]:
             wait_for_health(serving, timeout=180, proc=proc)
             embedder = (*embedder, serving)
         _log("model server up")
-        figures.append(_figure(f"build {n} x {DIM} (durable, gRPC)", build, "s", "in-process hnswlib add_items",
-                               raw_build, "ratio <= 3", False))
+        figures.append(
+            _figure(
+                f"build {n} x {DIM} (durable, gRPC)",
+                build,
+                "s",
+                "in-process hnswlib add_items",
+                raw_build,
+                "ratio <= 3",
+                False,
+            )
+        )
 
         stats = client.stats()[0]
         raw_bytes = n * DIM * 4
-        figures.append(_figure("server resident memory", (stats.process_rss_bytes - rss_empty) / 2**20, "MiB",
-                               "raw float32 vectors", raw_bytes / 2**20, "ratio <= 3", False))
+        figures.append(
+            _figure(
+                "server resident memory",
+                (stats.process_rss_bytes - rss_empty) / 2**20,
+                "MiB",
+                "raw float32 vectors",
+                raw_bytes / 2**20,
+                "ratio <= 3",
+                False,
+            )
+        )
 
         # ---- recall@10 vs exact
         exact, _ = ExactIndex(1, ids, x).search(q, 10)
         answer = client.knn(q, 10, generation="bench")
         recall = _recall([[h.id for h in r.hits] for r in answer.results], exact)
-        figures.append(_figure("recall@10 (default params, queries from the data's clusters)", recall, "", "exact search", 1.0, ">= 0.98", True))
+        figures.append(
+            _figure(
+                "recall@10 (default params, queries from the data's clusters)",
+                recall,
+                "",
+                "exact search",
+                1.0,
+                ">= 0.98",
+                True,
+            )
+        )
         exact_other, _ = ExactIndex(1, ids, x).search(q_other, 10)
         answer = client.knn(q_other, 10, generation="bench")
         recall_other = _recall([[h.id for h in r.hits] for r in answer.results], exact_other)
         raw_labels, _ = raw.knn_query(q_other, k=10)
         raw_recall_other = _recall([[ids[j] for j in row] for row in raw_labels], exact_other)
-        figures.append(_figure("recall@10, queries from other clusters (hard case)", recall_other, "",
-                               "in-process hnswlib, same params", raw_recall_other, "ratio >= 0.98", True))
+        figures.append(
+            _figure(
+                "recall@10, queries from other clusters (hard case)",
+                recall_other,
+                "",
+                "in-process hnswlib, same params",
+                raw_recall_other,
+                "ratio >= 0.98",
+                True,
+            )
+        )
 
         # ---- batched QPS
         def qps(call, seconds=3.0, per_call=1):
@@ -170,8 +260,17 @@ def run(quick: bool, workdir: Path) -> list[dict]:
         batch = q[:100]
         server_batched = qps(lambda: client.knn(batch, 10, generation="bench"), per_call=100)
         raw_batched = qps(lambda: raw.knn_query(batch, k=10), per_call=100)
-        figures.append(_figure("batched QPS (100 queries / RPC)", server_batched, "queries/s",
-                               "in-process hnswlib batched", raw_batched, "ratio >= 0.5", True))
+        figures.append(
+            _figure(
+                "batched QPS (100 queries / RPC)",
+                server_batched,
+                "queries/s",
+                "in-process hnswlib batched",
+                raw_batched,
+                "ratio >= 0.5",
+                True,
+            )
+        )
 
         # ---- single-query latency and QPS
         def latencies(call, count):
@@ -186,8 +285,17 @@ def run(quick: bool, workdir: Path) -> list[dict]:
         latencies(lambda j: client.knn(q[j % 200], 10, generation="bench"), 20)  # warm-up
         server_lat = latencies(lambda j: client.knn(q[j % 200], 10, generation="bench"), count)
         raw_lat = latencies(lambda j: raw.knn_query(q[j % 200 : j % 200 + 1], k=10, num_threads=1), count)
-        figures.append(_figure("single-query QPS (1 client)", 1 / server_lat.mean(), "queries/s",
-                               "in-process hnswlib single query", 1 / raw_lat.mean(), "ratio >= 0.3", True))
+        figures.append(
+            _figure(
+                "single-query QPS (1 client)",
+                1 / server_lat.mean(),
+                "queries/s",
+                "in-process hnswlib single query",
+                1 / raw_lat.mean(),
+                "ratio >= 0.3",
+                True,
+            )
+        )
         overhead = (np.median(server_lat) - np.median(raw_lat)) * 1e3
         # The floor any RPC pays on this machine right now: a health check does no work at all.
         with grpc.insecure_channel(target) as channel:
@@ -195,21 +303,58 @@ def run(quick: bool, workdir: Path) -> list[dict]:
             check = health_pb2.HealthCheckRequest()
             latencies(lambda j: health.Check(check), 20)
             empty_rpc = np.median(latencies(lambda j: health.Check(check), count)) * 1e3
-        figures.append(_figure("gRPC overhead per query (p50)", overhead, "ms", "in-process hnswlib p50",
-                               np.median(raw_lat) * 1e3, "value <= 1", False))
-        figures.append(_figure("empty gRPC round trip (health Check, p50)", empty_rpc, "ms",
-                               "gRPC overhead per query (p50)", overhead, "informational", False))
+        figures.append(
+            _figure(
+                "gRPC overhead per query (p50)",
+                overhead,
+                "ms",
+                "in-process hnswlib p50",
+                np.median(raw_lat) * 1e3,
+                "value <= 1",
+                False,
+            )
+        )
+        figures.append(
+            _figure(
+                "empty gRPC round trip (health Check, p50)",
+                empty_rpc,
+                "ms",
+                "gRPC overhead per query (p50)",
+                overhead,
+                "informational",
+                False,
+            )
+        )
 
         _log("queries measured")
-        figures.append(_figure("machine load average while measuring (1 min)", os.getloadavg()[0], "",
-                               "CPU cores", os.cpu_count() or 1, "informational", False))
+        figures.append(
+            _figure(
+                "machine load average while measuring (1 min)",
+                os.getloadavg()[0],
+                "",
+                "CPU cores",
+                os.cpu_count() or 1,
+                "informational",
+                False,
+            )
+        )
         # ---- reindex throughput vs the model server's own
         if embedder is not None:
             # A fresh indexer: the benchmark's 20k vector-only items would be "pending" in a new
             # generation of this one (they have no image to embed).
-            _proc2, target2 = stack.enter_context(running_service(
-                "indexer", "serve", "--data-dir", str(workdir / "index-reindex"), "--metrics-port", "-1",
-                "--log-format", "text", log_dir=workdir))
+            _proc2, target2 = stack.enter_context(
+                running_service(
+                    "indexer",
+                    "serve",
+                    "--data-dir",
+                    str(workdir / "index-reindex"),
+                    "--metrics-port",
+                    "-1",
+                    "--log-format",
+                    "text",
+                    log_dir=workdir,
+                )
+            )
             figures.extend(_reindex_figures(workdir, embedder, target2))
     return figures
 
@@ -229,20 +374,52 @@ def _reindex_figures(workdir: Path, embedder, indexer_target: str) -> list[dict]
             client.embed(jpegs[s : s + batch])
         serving_rate = len(jpegs) / (time.perf_counter() - started)
     _log("model server measured")
-    args = build_parser().parse_args([
-        "reindex", str(workdir / "catalogue"), "--indexer", indexer_target, "--serving", serving, "--model", "bench",
-        "--batch-size", str(batch), "--no-progress", "--generation", "reindex-bench", "--no-activate",
-        "--check-samples", "5"])
+    args = build_parser().parse_args(
+        [
+            "reindex",
+            str(workdir / "catalogue"),
+            "--indexer",
+            indexer_target,
+            "--serving",
+            serving,
+            "--model",
+            "bench",
+            "--batch-size",
+            str(batch),
+            "--no-progress",
+            "--generation",
+            "reindex-bench",
+            "--no-activate",
+            "--check-samples",
+            "5",
+        ]
+    )
     items = entry_items(read_catalogue(args.catalogue))
     report = reindex(items, args, make_client)
     _log("reindex measured")
     if report.failed or report.embedded != len(jpegs):
-        raise RuntimeError(f"reindex embedded {report.embedded} of {len(jpegs)} ({len(report.failed)} failed)")
+        raise RuntimeError(
+            f"reindex embedded {report.embedded} of {len(jpegs)} ({len(report.failed)} failed)"
+        )
     return [
-        _figure(f"reindex streaming throughput ({len(jpegs)} JPEGs, batch {batch})", report.stream_items_per_second,
-                "images/s", "model server alone (same batches)", serving_rate, "ratio >= 0.8", True),
-        _figure("reindex end to end (incl. create, drain, check)", report.items_per_second, "images/s",
-                "model server alone (same batches)", serving_rate, "informational", True),
+        _figure(
+            f"reindex streaming throughput ({len(jpegs)} JPEGs, batch {batch})",
+            report.stream_items_per_second,
+            "images/s",
+            "model server alone (same batches)",
+            serving_rate,
+            "ratio >= 0.8",
+            True,
+        ),
+        _figure(
+            "reindex end to end (incl. create, drain, check)",
+            report.items_per_second,
+            "images/s",
+            "model server alone (same batches)",
+            serving_rate,
+            "informational",
+            True,
+        ),
     ]
 
 

@@ -32,13 +32,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REQUIRED = {
-    "name": str, "value": (int, float), "unit": str, "baseline_name": str, "baseline": (int, float),
-    "ratio": (int, float), "goal": str, "higher_is_better": bool,
+    "name": str,
+    "value": (int, float),
+    "unit": str,
+    "baseline_name": str,
+    "baseline": (int, float),
+    "ratio": (int, float),
+    "goal": str,
+    "higher_is_better": bool,
 }
 # Per-benchmark budgets: the brief's limits (quick < 1 min, full < 5 min) plus start-up slack.
 QUICK_BUDGET_SECONDS = 120.0
 FULL_BUDGET_SECONDS = 420.0
-_GOAL = re.compile(r"^\s*(?:(ratio|value)\s*)?(>=|<=|>|<|≥|≤)\s*([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)\s*(x|×)?\s*$", re.I)
+_GOAL = re.compile(
+    r"^\s*(?:(ratio|value)\s*)?(>=|<=|>|<|≥|≤)\s*([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)\s*(x|×)?\s*$", re.I
+)
 
 
 @dataclass
@@ -78,8 +86,12 @@ def goal_met(figure: dict) -> bool | None:
     value = figure["ratio"] if use_ratio else figure["value"]
     threshold = float(number)
     return {
-        ">=": value >= threshold, "≥": value >= threshold, "<=": value <= threshold, "≤": value <= threshold,
-        ">": value > threshold, "<": value < threshold,
+        ">=": value >= threshold,
+        "≥": value >= threshold,
+        "<=": value <= threshold,
+        "≤": value <= threshold,
+        ">": value > threshold,
+        "<": value < threshold,
     }[op]
 
 
@@ -96,12 +108,20 @@ def validate_figures(figures: object) -> list[dict]:
                 raise ValueError(f"figure {i} ({figure.get('name', '?')}) has no {key!r}")
             if not isinstance(figure[key], kind) or (kind is not bool and isinstance(figure[key], bool)):
                 raise ValueError(f"figure {i} ({figure.get('name', '?')}): {key!r} is {figure[key]!r}")
-        checked.append({**figure, "value": float(figure["value"]), "baseline": float(figure["baseline"]),
-                        "ratio": float(figure["ratio"])})
+        checked.append(
+            {
+                **figure,
+                "value": float(figure["value"]),
+                "baseline": float(figure["baseline"]),
+                "ratio": float(figure["ratio"]),
+            }
+        )
     return checked
 
 
-def run_module(path: Path, quick: bool, workdir: Path, budget: float, python: str = sys.executable) -> BenchmarkResult:
+def run_module(
+    path: Path, quick: bool, workdir: Path, budget: float, python: str = sys.executable
+) -> BenchmarkResult:
     """Runs one benchmark file in a child process, killed after ``budget`` seconds."""
     name = path.stem.removeprefix("bench_")
     # A fresh folder per run: state left by an earlier run (a training run, an index) must not leak in.
@@ -110,29 +130,49 @@ def run_module(path: Path, quick: bool, workdir: Path, budget: float, python: st
     out = workdir / "figures.json"
     out.unlink(missing_ok=True)
     log_path = workdir / "output.log"
-    command = [python, "-m", "benchmarks.run", "--child", str(path), "--workdir", str(workdir), "--child-out", str(out)]
+    command = [
+        python,
+        "-m",
+        "benchmarks.run",
+        "--child",
+        str(path),
+        "--workdir",
+        str(workdir),
+        "--child-out",
+        str(out),
+    ]
     if quick:
         command.append("--quick")
     started = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         try:
             proc.wait(budget)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            return BenchmarkResult(name, "timeout", time.monotonic() - started,
-                                   error=f"no result within its {budget:.0f}s budget (log: {log_path})")
+            return BenchmarkResult(
+                name,
+                "timeout",
+                time.monotonic() - started,
+                error=f"no result within its {budget:.0f}s budget (log: {log_path})",
+            )
         finally:
             # Anything the benchmark started (servers) goes with it.
             _kill_group(proc)
     seconds = time.monotonic() - started
     if proc.returncode != 0 or not out.exists():
         lines = log_path.read_text(errors="replace").strip().splitlines()
-        return BenchmarkResult(name, "failed", seconds,
-                               error=f"exit code {proc.returncode}: " + (lines[-1] if lines else "no output")
-                               + f" (log: {log_path})")
+        return BenchmarkResult(
+            name,
+            "failed",
+            seconds,
+            error=f"exit code {proc.returncode}: "
+            + (lines[-1] if lines else "no output")
+            + f" (log: {log_path})",
+        )
     try:
         figures = validate_figures(json.loads(out.read_text()))
     except ValueError as exc:
@@ -209,7 +249,9 @@ def render_markdown(results: list[BenchmarkResult], machine: dict, date: str, qu
         f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('ram_gb', '?')} GB RAM  ",
         f"Software: Python {machine.get('python')}, TensorFlow {machine.get('tensorflow')}, "
         f"Keras {machine.get('keras')}, grpcio {machine.get('grpcio')}, hnswlib {machine.get('hnswlib')}  ",
-        "Command: `make bench" + ("-quick`" if quick else "`") + " (python -m benchmarks"
+        "Command: `make bench"
+        + ("-quick`" if quick else "`")
+        + " (python -m benchmarks"
         + (" --quick)" if quick else ")"),
         "",
         "| benchmark | figure | value | baseline | ratio | goal | met |",
@@ -217,8 +259,10 @@ def render_markdown(results: list[BenchmarkResult], machine: dict, date: str, qu
     ]
     for result in results:
         if result.status != "ok":
-            lines.append(f"| {result.name} | **{result.status}** ({result.seconds:.0f}s) | "
-                         f"{result.error.replace('|', '/')} | | | | ✗ |")
+            lines.append(
+                f"| {result.name} | **{result.status}** ({result.seconds:.0f}s) | "
+                f"{result.error.replace('|', '/')} | | | | ✗ |"
+            )
             continue
         for f in result.figures:
             met = {True: "✓", False: "✗", None: "—"}[f["met"]]
@@ -227,7 +271,11 @@ def render_markdown(results: list[BenchmarkResult], machine: dict, date: str, qu
                 f"| {result.name} | {f['name']} {arrow} | {_number(f['value'])} {f['unit']} | "
                 f"{_number(f['baseline'])} ({f['baseline_name']}) | {f['ratio']:.3g}× | {f['goal']} | {met} |"
             )
-    lines += ["", "↑ higher is better, ↓ lower is better; — the goal is not a comparison the harness checks.", ""]
+    lines += [
+        "",
+        "↑ higher is better, ↓ lower is better; — the goal is not a comparison the harness checks.",
+        "",
+    ]
     lines.append("| benchmark | status | seconds |")
     lines.append("| --- | --- | --- |")
     for result in results:
@@ -235,8 +283,9 @@ def render_markdown(results: list[BenchmarkResult], machine: dict, date: str, qu
     return "\n".join(lines) + "\n"
 
 
-def run_all(paths: list[Path], *, quick: bool, out_dir: Path, budget: float | None = None,
-            echo=print) -> tuple[list[BenchmarkResult], dict]:
+def run_all(
+    paths: list[Path], *, quick: bool, out_dir: Path, budget: float | None = None, echo=print
+) -> tuple[list[BenchmarkResult], dict]:
     """Runs every benchmark in turn and writes ``results.json`` and ``results.md`` into ``out_dir``."""
     budget = budget or (QUICK_BUDGET_SECONDS if quick else FULL_BUDGET_SECONDS)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,8 +301,10 @@ def run_all(paths: list[Path], *, quick: bool, out_dir: Path, budget: float | No
         if result.status == "ok":
             for f in result.figures:
                 met = {True: "met", False: "NOT met", None: "-"}[f["met"]]
-                echo(f"    {f['name']}: {_number(f['value'])} {f['unit']} (x{f['ratio']:.3g} vs {f['baseline_name']}; "
-                     f"goal {f['goal']}: {met})")
+                echo(
+                    f"    {f['name']}: {_number(f['value'])} {f['unit']} (x{f['ratio']:.3g} vs {f['baseline_name']}; "
+                    f"goal {f['goal']}: {met})"
+                )
         else:
             echo(f"    {result.status.upper()}: {result.error}")
     machine = machine_info()
@@ -267,12 +318,17 @@ def run_all(paths: list[Path], *, quick: bool, out_dir: Path, budget: float | No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Smoke run: each benchmark in its quick mode.")
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help="Run only this benchmark (e.g. indexer); repeatable.")
+    parser.add_argument(
+        "--only", action="append", metavar="NAME", help="Run only this benchmark (e.g. indexer); repeatable."
+    )
     parser.add_argument("--out", type=Path, default=REPO / "var" / "bench", help="Where the results go.")
     parser.add_argument("--dir", type=Path, default=HERE, help="Folder holding the bench_*.py files.")
-    parser.add_argument("--budget", type=float, default=None,
-                        help=f"Seconds per benchmark (default {QUICK_BUDGET_SECONDS:.0f} quick, {FULL_BUDGET_SECONDS:.0f} full).")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"Seconds per benchmark (default {QUICK_BUDGET_SECONDS:.0f} quick, {FULL_BUDGET_SECONDS:.0f} full).",
+    )
     parser.add_argument("--list", action="store_true", help="List the benchmarks found and exit.")
     # Internal: how the harness runs one benchmark in a child process.
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -300,8 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results, _ = run_all(paths, quick=args.quick, out_dir=args.out, budget=args.budget)
     failed = [r.name for r in results if r.status != "ok"]
-    print(f"\n{len(results) - len(failed)}/{len(results)} benchmarks ran in {time.monotonic() - started:.0f}s; "
-          f"results in {args.out / 'results.md'} and {args.out / 'results.json'}")
+    print(
+        f"\n{len(results) - len(failed)}/{len(results)} benchmarks ran in {time.monotonic() - started:.0f}s; "
+        f"results in {args.out / 'results.md'} and {args.out / 'results.json'}"
+    )
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

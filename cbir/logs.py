@@ -24,9 +24,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": _dt.datetime.fromtimestamp(record.created, tz=_dt.UTC).isoformat(
-                timespec="milliseconds"
-            ),
+            "ts": _dt.datetime.fromtimestamp(record.created, tz=_dt.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
@@ -51,9 +49,7 @@ class TextFormatter(logging.Formatter):
         prefix = f"[{request_id}] " if request_id else ""
         base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: {prefix}"
         text = base + record.getMessage()
-        extras = {
-            k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")
-        }
+        extras = {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
         if extras:
             text += " " + " ".join(f"{k}={v}" for k, v in extras.items())
         if record.exc_info:
@@ -81,7 +77,9 @@ class CurrentStderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_cli_logging(level: str | int = "INFO", fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
+def configure_cli_logging(
+    level: str | int = "INFO", fmt: str = "%(levelname)s %(name)s: %(message)s"
+) -> None:
     """Plain-text logs of a command-line tool on the current stderr; calling it again only resets
     the level and format (no duplicate handlers across repeated ``main()`` calls)."""
     root = logging.getLogger()

@@ -10,7 +10,21 @@ log = logging.getLogger(__name__)
 
 # Buckets from 0.5 ms to 30 s: loopback RPCs are sub-millisecond, CPU embedding takes seconds.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 
 GRPC_REQUESTS = prometheus_client.Counter(

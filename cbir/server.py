@@ -44,25 +44,75 @@ def add_common_flags(
     """Flags every service has; each also reads ``<env_prefix>_<NAME>`` from the environment."""
     p = env_prefix
     env_flag(parser, "--host", env=f"{p}_HOST", default="0.0.0.0", help="Address to listen on.")
-    env_flag(parser, "--port", env=f"{p}_PORT", default=port, type=int, help="gRPC port (0 picks a free one).")
-    env_flag(parser, "--metrics-port", env=f"{p}_METRICS_PORT", default=metrics_port, type=int,
-             help="Prometheus /metrics port (0 picks a free one, -1 disables).")
-    env_flag(parser, "--max-message-bytes", env=f"{p}_MAX_MESSAGE_BYTES", default=MAX_MESSAGE_BYTES,
-             type=int, help="Largest gRPC message accepted or sent.")
-    env_flag(parser, "--max-workers", env=f"{p}_MAX_WORKERS", default=16, type=int,
-             help="Threads handling RPCs concurrently.")
-    env_flag(parser, "--tls-cert", env=f"{p}_TLS_CERT", default=None, help="Server certificate (PEM); enables TLS.")
+    env_flag(
+        parser, "--port", env=f"{p}_PORT", default=port, type=int, help="gRPC port (0 picks a free one)."
+    )
+    env_flag(
+        parser,
+        "--metrics-port",
+        env=f"{p}_METRICS_PORT",
+        default=metrics_port,
+        type=int,
+        help="Prometheus /metrics port (0 picks a free one, -1 disables).",
+    )
+    env_flag(
+        parser,
+        "--max-message-bytes",
+        env=f"{p}_MAX_MESSAGE_BYTES",
+        default=MAX_MESSAGE_BYTES,
+        type=int,
+        help="Largest gRPC message accepted or sent.",
+    )
+    env_flag(
+        parser,
+        "--max-workers",
+        env=f"{p}_MAX_WORKERS",
+        default=16,
+        type=int,
+        help="Threads handling RPCs concurrently.",
+    )
+    env_flag(
+        parser, "--tls-cert", env=f"{p}_TLS_CERT", default=None, help="Server certificate (PEM); enables TLS."
+    )
     env_flag(parser, "--tls-key", env=f"{p}_TLS_KEY", default=None, help="Server private key (PEM).")
-    env_flag(parser, "--tls-client-ca", env=f"{p}_TLS_CLIENT_CA", default=None,
-             help="CA (PEM) that client certificates must chain to; makes client certificates mandatory.")
-    env_flag(parser, "--grace-seconds", env=f"{p}_GRACE_SECONDS", default=10.0, type=float,
-             help="On SIGTERM, time given to in-flight RPCs before they are cancelled.")
-    env_flag(parser, "--port-file", env=f"{p}_PORT_FILE", default=None,
-             help="Write the bound gRPC port here once serving (useful with --port 0).")
-    env_flag(parser, "--log-level", env=f"{p}_LOG_LEVEL", default="info",
-             choices=["debug", "info", "warning", "error"], help="Log level.")
-    env_flag(parser, "--log-format", env=f"{p}_LOG_FORMAT", default="json", choices=["json", "text"],
-             help="Log format.")
+    env_flag(
+        parser,
+        "--tls-client-ca",
+        env=f"{p}_TLS_CLIENT_CA",
+        default=None,
+        help="CA (PEM) that client certificates must chain to; makes client certificates mandatory.",
+    )
+    env_flag(
+        parser,
+        "--grace-seconds",
+        env=f"{p}_GRACE_SECONDS",
+        default=10.0,
+        type=float,
+        help="On SIGTERM, time given to in-flight RPCs before they are cancelled.",
+    )
+    env_flag(
+        parser,
+        "--port-file",
+        env=f"{p}_PORT_FILE",
+        default=None,
+        help="Write the bound gRPC port here once serving (useful with --port 0).",
+    )
+    env_flag(
+        parser,
+        "--log-level",
+        env=f"{p}_LOG_LEVEL",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="Log level.",
+    )
+    env_flag(
+        parser,
+        "--log-format",
+        env=f"{p}_LOG_FORMAT",
+        default="json",
+        choices=["json", "text"],
+        help="Log format.",
+    )
 
 
 @dataclass(frozen=True)
@@ -137,7 +187,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             try:
                 if streaming:
                     # Server-streaming: errors surface while iterating, so wrap the generator.
-                    return self._stream(behavior(request_or_iterator, context), context, short, started, token)
+                    return self._stream(
+                        behavior(request_or_iterator, context), context, short, started, token
+                    )
                 return behavior(request_or_iterator, context)
             except Exception as exc:  # noqa: BLE001 - this is the single mapping point
                 code = self._abort(exc, context, short)
@@ -150,15 +202,19 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer)
+                wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                wrap(handler.stream_unary, False), handler.request_deserializer, handler.response_serializer)
+                wrap(handler.stream_unary, False), handler.request_deserializer, handler.response_serializer
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                wrap(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer)
+                wrap(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer
+            )
         return grpc.stream_stream_rpc_method_handler(
-            wrap(handler.stream_stream, True), handler.request_deserializer, handler.response_serializer)
+            wrap(handler.stream_stream, True), handler.request_deserializer, handler.response_serializer
+        )
 
     def _stream(self, iterator, context, short, started, token):
         code = grpc.StatusCode.OK
@@ -175,7 +231,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             context.abort(exc.code, exc.message)
         if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") and exc.code() in PASS_THROUGH_CODES:
             details = exc.details() if hasattr(exc, "details") else str(exc)
-            log.warning("dependency failed", extra={"method": short, "code": exc.code().name, "error": details})
+            log.warning(
+                "dependency failed", extra={"method": short, "code": exc.code().name, "error": details}
+            )
             context.abort(exc.code(), f"dependency failed: {details}")
         if context.code() not in (None, grpc.StatusCode.OK):
             # The servicer already aborted the call itself: keep its status.
@@ -286,8 +344,12 @@ def start_server(
         os.replace(options.port_file + ".tmp", options.port_file)
     log.info(
         "server started",
-        extra={"port": port, "metrics_port": metrics_port, "tls": options.tls is not None,
-               "services": list(service_names)},
+        extra={
+            "port": port,
+            "metrics_port": metrics_port,
+            "tls": options.tls is not None,
+            "services": list(service_names),
+        },
     )
     return running
 

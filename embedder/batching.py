@@ -66,8 +66,10 @@ class DynamicBatcher:
                 raise InvalidInput(
                     f"Task size {size} is larger than maximum input batch size {self.params.max_batch_size}"
                 )
-            parts = [self.submit({k: v[i:i + limit] for k, v in inputs.items()}, min(limit, size - i))
-                     for i in range(0, size, limit)]
+            parts = [
+                self.submit({k: v[i : i + limit] for k, v in inputs.items()}, min(limit, size - i))
+                for i in range(0, size, limit)
+            ]
             return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
         task = _Task(inputs, size)
         with self._cond:
@@ -107,8 +109,12 @@ class DynamicBatcher:
                 if not self._queue:
                     return None
                 deadline = self._queue[0].enqueued + timeout
-                while (self._queue and not self._closed and self._queued_items < limit
-                       and time.monotonic() < deadline):
+                while (
+                    self._queue
+                    and not self._closed
+                    and self._queued_items < limit
+                    and time.monotonic() < deadline
+                ):
                     self._cond.wait(max(0.0, deadline - time.monotonic()))
                 if not self._queue:
                     continue  # another batch thread took them while we waited
@@ -161,7 +167,7 @@ class DynamicBatcher:
             return
         offset = 0
         for task in batch:
-            task.result = {alias: value[offset:offset + task.size] for alias, value in outputs.items()}
+            task.result = {alias: value[offset : offset + task.size] for alias, value in outputs.items()}
             offset += task.size
             task.done.set()
 

@@ -39,32 +39,94 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
         parser.set_defaults(max_workers=DEFAULT_MAX_WORKERS)
     p = ENV_PREFIX
     group = parser.add_argument_group("tensorflow_model_server flags (same names and meaning)")
-    env_flag(group, "--rest_api_port", env=f"{p}_REST_API_PORT", default=0, type=int,
-             help="Port of the REST API (predict, status, metadata, Prometheus); 0 turns it off.")
-    env_flag(group, "--model_name", env=f"{p}_MODEL_NAME", default="default",
-             help="Name of the model when serving one with --model_base_path.")
-    env_flag(group, "--model_base_path", env=f"{p}_MODEL_BASE_PATH", default="",
-             help="Folder holding the numeric version directories of the model.")
-    env_flag(group, "--model_config_file", env=f"{p}_MODEL_CONFIG_FILE", default="",
-             help="TF Serving model config (text-format model_config_list); overrides --model_name/--model_base_path.")
-    env_flag(group, "--model_config_file_poll_wait_seconds", env=f"{p}_MODEL_CONFIG_FILE_POLL_WAIT_SECONDS",
-             default=0.0, type=float, help="Re-read --model_config_file this often; 0 reads it once.")
-    env_flag(group, "--file_system_poll_wait_seconds", env=f"{p}_FILE_SYSTEM_POLL_WAIT_SECONDS",
-             default=1.0, type=float,
-             help="Look for new model versions this often; 0 looks once, negative never.")
+    env_flag(
+        group,
+        "--rest_api_port",
+        env=f"{p}_REST_API_PORT",
+        default=0,
+        type=int,
+        help="Port of the REST API (predict, status, metadata, Prometheus); 0 turns it off.",
+    )
+    env_flag(
+        group,
+        "--model_name",
+        env=f"{p}_MODEL_NAME",
+        default="default",
+        help="Name of the model when serving one with --model_base_path.",
+    )
+    env_flag(
+        group,
+        "--model_base_path",
+        env=f"{p}_MODEL_BASE_PATH",
+        default="",
+        help="Folder holding the numeric version directories of the model.",
+    )
+    env_flag(
+        group,
+        "--model_config_file",
+        env=f"{p}_MODEL_CONFIG_FILE",
+        default="",
+        help="TF Serving model config (text-format model_config_list); overrides --model_name/--model_base_path.",
+    )
+    env_flag(
+        group,
+        "--model_config_file_poll_wait_seconds",
+        env=f"{p}_MODEL_CONFIG_FILE_POLL_WAIT_SECONDS",
+        default=0.0,
+        type=float,
+        help="Re-read --model_config_file this often; 0 reads it once.",
+    )
+    env_flag(
+        group,
+        "--file_system_poll_wait_seconds",
+        env=f"{p}_FILE_SYSTEM_POLL_WAIT_SECONDS",
+        default=1.0,
+        type=float,
+        help="Look for new model versions this often; 0 looks once, negative never.",
+    )
     _tf_bool_flag(group, "--enable_batching", default=False, help="Merge concurrent requests into batches.")
-    env_flag(group, "--batching_parameters_file", env=f"{p}_BATCHING_PARAMETERS_FILE", default="",
-             help="TF Serving BatchingParameters (text format); implies --enable_batching.")
-    env_flag(group, "--monitoring_config_file", env=f"{p}_MONITORING_CONFIG_FILE", default="",
-             help="TF Serving MonitoringConfig, e.g. 'prometheus_config { enable: true }' (on the REST port).")
-    _tf_bool_flag(group, "--enable_model_warmup", default=True,
-                  help="Replay assets.extra/tf_serving_warmup_requests before a version serves.")
-    _tf_bool_flag(group, "--allow_version_labels_for_unavailable_models", default=False,
-                  help="Accept version labels pointing to versions that are not loaded yet.")
-    env_flag(group, "--tensorflow_intra_op_parallelism", env=f"{p}_TENSORFLOW_INTRA_OP_PARALLELISM",
-             default=0, type=int, help="Threads inside one op; 0 lets TensorFlow choose.")
-    env_flag(group, "--tensorflow_inter_op_parallelism", env=f"{p}_TENSORFLOW_INTER_OP_PARALLELISM",
-             default=0, type=int, help="Ops run in parallel; 0 lets TensorFlow choose.")
+    env_flag(
+        group,
+        "--batching_parameters_file",
+        env=f"{p}_BATCHING_PARAMETERS_FILE",
+        default="",
+        help="TF Serving BatchingParameters (text format); implies --enable_batching.",
+    )
+    env_flag(
+        group,
+        "--monitoring_config_file",
+        env=f"{p}_MONITORING_CONFIG_FILE",
+        default="",
+        help="TF Serving MonitoringConfig, e.g. 'prometheus_config { enable: true }' (on the REST port).",
+    )
+    _tf_bool_flag(
+        group,
+        "--enable_model_warmup",
+        default=True,
+        help="Replay assets.extra/tf_serving_warmup_requests before a version serves.",
+    )
+    _tf_bool_flag(
+        group,
+        "--allow_version_labels_for_unavailable_models",
+        default=False,
+        help="Accept version labels pointing to versions that are not loaded yet.",
+    )
+    env_flag(
+        group,
+        "--tensorflow_intra_op_parallelism",
+        env=f"{p}_TENSORFLOW_INTRA_OP_PARALLELISM",
+        default=0,
+        type=int,
+        help="Threads inside one op; 0 lets TensorFlow choose.",
+    )
+    env_flag(
+        group,
+        "--tensorflow_inter_op_parallelism",
+        env=f"{p}_TENSORFLOW_INTER_OP_PARALLELISM",
+        default=0,
+        type=int,
+        help="Ops run in parallel; 0 lets TensorFlow choose.",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="Run the local model server (TF Serving's gRPC/REST API).",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve = commands.add_parser(
+        "serve",
+        help="Run the local model server (TF Serving's gRPC/REST API).",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_serve_flags(serve)
 
     embed = commands.add_parser("embed", help="Embed image files through a model server; prints JSON lines.")
@@ -89,12 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     p = ENV_PREFIX
-    env_flag(parser, "--target", env=f"{p}_TARGET", default=f"127.0.0.1:{SERVING_GRPC_PORT}",
-             help="Model server address (host:port or dns:///name:port).")
+    env_flag(
+        parser,
+        "--target",
+        env=f"{p}_TARGET",
+        default=f"127.0.0.1:{SERVING_GRPC_PORT}",
+        help="Model server address (host:port or dns:///name:port).",
+    )
     env_flag(parser, "--model-name", env=f"{p}_MODEL_NAME", default="default", help="Served model name.")
     parser.add_argument("--version", type=int, default=None, help="Pin this model version.")
     parser.add_argument("--version-label", default=None, help="Use the version this label points to.")
-    env_flag(parser, "--timeout", env=f"{p}_TIMEOUT", default=30.0, type=float, help="Deadline per call, seconds.")
+    env_flag(
+        parser, "--timeout", env=f"{p}_TIMEOUT", default=30.0, type=float, help="Deadline per call, seconds."
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -116,14 +189,20 @@ def _serve(args: argparse.Namespace) -> int:
         raise InvalidInput("give --model_base_path (with --model_name) or --model_config_file")
     for entry in entries:
         if not Path(entry.base_path).is_dir():
-            log.warning("model base path does not exist yet; waiting for versions",
-                        extra={"model": entry.name, "base_path": entry.base_path})
+            log.warning(
+                "model base path does not exist yet; waiting for versions",
+                extra={"model": entry.name, "base_path": entry.base_path},
+            )
     batching = None
     if args.batching_parameters_file:
         batching = load_batching_parameters(args.batching_parameters_file)
     elif args.enable_batching:
         batching = BatchingParameters()
-    monitoring = load_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else MonitoringConfig()
+    monitoring = (
+        load_monitoring_config(args.monitoring_config_file)
+        if args.monitoring_config_file
+        else MonitoringConfig()
+    )
 
     import tensorflow as tf
 
@@ -149,8 +228,10 @@ def _serve(args: argparse.Namespace) -> int:
         rest, rest_port = start_rest_server(RestApi(manager, monitoring), options.host, args.rest_api_port)
         running.on_stop.append(rest.shutdown)
         log.info("REST API listening", extra={"rest_api_port": rest_port})
-    log.info("model server started", extra={
-        "models": [e.name for e in entries], "batching": batching is not None, "port": running.port})
+    log.info(
+        "model server started",
+        extra={"models": [e.name for e in entries], "batching": batching is not None, "port": running.port},
+    )
     return serve_until_signalled(running)
 
 
@@ -170,15 +251,27 @@ def _embed(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.embed(images, version=args.version, version_label=args.version_label)
     for name, vector in zip(args.images, result.vectors, strict=True):
-        print(json.dumps({"image": name, "model_name": result.model_name, "model_version": result.model_version,
-                          "embedding": [round(float(x), 7) for x in vector]}))
+        print(
+            json.dumps(
+                {
+                    "image": name,
+                    "model_name": result.model_name,
+                    "model_version": result.model_version,
+                    "embedding": [round(float(x), 7) for x in vector],
+                }
+            )
+        )
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         versions = client.model_versions()
-    print(json.dumps({"model_name": args.model_name, "versions": {str(v): s for v, s in sorted(versions.items())}}))
+    print(
+        json.dumps(
+            {"model_name": args.model_name, "versions": {str(v): s for v, s in sorted(versions.items())}}
+        )
+    )
     return 0
 
 

@@ -120,7 +120,9 @@ def _tensor_to_array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
 def _string_tensor(images: Sequence[bytes]) -> tensor_pb2.TensorProto:
     return tensor_pb2.TensorProto(
         dtype=types_pb2.DT_STRING,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(images))]),
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(images))]
+        ),
         string_val=list(images),
     )
 
@@ -201,14 +203,18 @@ class EmbedderClient:
         answered: int | None = None
         for start, chunk in chunks:
             vectors, answered = self._embed_chunk(
-                chunk, start, version if answered is None else answered,
-                version_label if answered is None else None, deadline,
+                chunk,
+                start,
+                version if answered is None else answered,
+                version_label if answered is None else None,
+                deadline,
             )
             parts.append(vectors)
         return EmbedResult(np.concatenate(parts, axis=0), self.model_name, int(answered))
 
-    def signature(self, version: int | None = None, *, version_label: str | None = None,
-                  timeout: float | None = None) -> SignatureInfo:
+    def signature(
+        self, version: int | None = None, *, version_label: str | None = None, timeout: float | None = None
+    ) -> SignatureInfo:
         """Input/output tensor names and embedding size of ``version`` (latest when None)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         return self._signature(version, version_label, deadline, refresh=version is None)
@@ -268,8 +274,9 @@ class EmbedderClient:
             spec.version_label = label
         return spec
 
-    def _signature(self, version: int | None, label: str | None, deadline: float,
-                   refresh: bool = False) -> SignatureInfo:
+    def _signature(
+        self, version: int | None, label: str | None, deadline: float, refresh: bool = False
+    ) -> SignatureInfo:
         if version is not None:
             with self._lock:
                 cached = self._signatures.get(int(version))
@@ -284,8 +291,14 @@ class EmbedderClient:
         request = get_model_metadata_pb2.GetModelMetadataRequest(
             model_spec=self._model_spec(version, label, signature=False), metadata_field=["signature_def"]
         )
-        response = self._call(self._predict.GetModelMetadata, request, deadline, what="GetModelMetadata",
-                              version=version, label=label)
+        response = self._call(
+            self._predict.GetModelMetadata,
+            request,
+            deadline,
+            what="GetModelMetadata",
+            version=version,
+            label=label,
+        )
         info = _signature_from_metadata(response, self.signature_name)
         with self._lock:
             self._signatures[info.model_version] = info
@@ -293,22 +306,32 @@ class EmbedderClient:
                 self._alias_versions[label] = info.model_version
         return info
 
-    def _embed_chunk(self, images: list[bytes], offset: int, version: int | None, label: str | None,
-                     deadline: float, repinned: bool = False) -> tuple[np.ndarray, int]:
+    def _embed_chunk(
+        self,
+        images: list[bytes],
+        offset: int,
+        version: int | None,
+        label: str | None,
+        deadline: float,
+        repinned: bool = False,
+    ) -> tuple[np.ndarray, int]:
         info = self._signature(version, label, deadline)
         request = predict_pb2.PredictRequest(model_spec=self._model_spec(version, label, signature=True))
         request.inputs[info.input_name].CopyFrom(_string_tensor(images))
         request.output_filter.append(info.output_name)
         try:
-            response = self._call(self._predict.Predict, request, deadline, what="Predict",
-                                  version=version, label=label)
+            response = self._call(
+                self._predict.Predict, request, deadline, what="Predict", version=version, label=label
+            )
         except errors.InvalidInput as exc:
             if version is None and not repinned:
                 # Perhaps a newer version with other tensor names became latest since the names
                 # were cached: look again and, if so, ask that version with its own names.
                 latest = self._signature(None, label, deadline, refresh=True)
                 if latest != info:
-                    return self._embed_chunk(images, offset, latest.model_version, None, deadline, repinned=True)
+                    return self._embed_chunk(
+                        images, offset, latest.model_version, None, deadline, repinned=True
+                    )
             named = _BAD_ITEM.match(exc.message)
             if named:
                 # The server already said which image (the local model server does).
@@ -341,7 +364,9 @@ class EmbedderClient:
             request.inputs[info.input_name].CopyFrom(_string_tensor([image]))
             request.output_filter.append(info.output_name)
             try:
-                self._call(self._predict.Predict, request, deadline, what="Predict", version=version, label=label)
+                self._call(
+                    self._predict.Predict, request, deadline, what="Predict", version=version, label=label
+                )
             except errors.InvalidInput as exc:
                 named = _BAD_ITEM.match(exc.message)
                 reason = named[2] if named else exc.message
@@ -349,8 +374,16 @@ class EmbedderClient:
         # Every image passes alone: the problem is the request itself, not one image.
         raise batch_error
 
-    def _call(self, method: Callable[..., T], request: Any, deadline: float, *, what: str,
-              version: int | None = None, label: str | None = None) -> T:
+    def _call(
+        self,
+        method: Callable[..., T],
+        request: Any,
+        deadline: float,
+        *,
+        what: str,
+        version: int | None = None,
+        label: str | None = None,
+    ) -> T:
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
@@ -369,13 +402,25 @@ class EmbedderClient:
                         continue
                 raise self._domain_error(code, details, what, attempt, version, label) from exc
 
-    def _domain_error(self, code: grpc.StatusCode, details: str, what: str, attempts: int,
-                      version: int | None, label: str | None) -> errors.CbirError:
+    def _domain_error(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        what: str,
+        attempts: int,
+        version: int | None,
+        label: str | None,
+    ) -> errors.CbirError:
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return errors.InvalidInput(details)
         if code == grpc.StatusCode.NOT_FOUND:
-            wanted = (f"version {version}" if version is not None
-                      else f"version label {label!r}" if label else "(latest version)")
+            wanted = (
+                f"version {version}"
+                if version is not None
+                else f"version label {label!r}"
+                if label
+                else "(latest version)"
+            )
             return ModelVersionUnavailable(
                 f"model {self.model_name!r} {wanted} is not served by {self.target} "
                 f"({self._available_text()}): {details}"
@@ -401,14 +446,17 @@ class EmbedderClient:
     def _available_text(self) -> str:
         """Best effort "available versions: [...]" for error messages; never raises."""
         try:
-            request = get_model_status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name=self.model_name))
+            request = get_model_status_pb2.GetModelStatusRequest(
+                model_spec=model_pb2.ModelSpec(name=self.model_name)
+            )
             response = self._models.GetModelStatus(request, timeout=1.0)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return "the model is not served at all"
             return "available versions unknown"
         available = sorted(
-            int(s.version) for s in response.model_version_status
+            int(s.version)
+            for s in response.model_version_status
             if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
         )
         return f"available versions: {available}"

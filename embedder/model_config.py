@@ -45,7 +45,7 @@ class VersionPolicy:
             return set(present)
         if self.kind == POLICY_SPECIFIC:
             return set(self.versions) & set(present)
-        return set(present[-self.num_versions:]) if present else set()
+        return set(present[-self.num_versions :]) if present else set()
 
     def describe(self) -> str:
         if self.kind == POLICY_LATEST:
@@ -98,8 +98,9 @@ def model_entries(config: ModelServerConfig, *, source: str = "model config") ->
             raise InvalidInput(f"{where} ({model.name!r}) has no base_path")
         platform = model.model_platform or "tensorflow"
         if platform != "tensorflow":
-            raise InvalidInput(f"{where} ({model.name!r}): model_platform {platform!r} is not supported "
-                               "(only 'tensorflow')")
+            raise InvalidInput(
+                f"{where} ({model.name!r}): model_platform {platform!r} is not supported (only 'tensorflow')"
+            )
         policy_proto = model.model_version_policy
         which = policy_proto.WhichOneof("policy_choice")
         if which == "all":
@@ -119,7 +120,9 @@ def model_entries(config: ModelServerConfig, *, source: str = "model config") ->
             if not label:
                 raise InvalidInput(f"{where} ({model.name!r}): empty version label")
             if version <= 0:
-                raise InvalidInput(f"{where} ({model.name!r}): label {label!r} points to invalid version {version}")
+                raise InvalidInput(
+                    f"{where} ({model.name!r}): label {label!r} points to invalid version {version}"
+                )
         entries.append(ModelEntry(model.name, model.base_path, policy, labels, platform))
     return entries
 
@@ -187,15 +190,18 @@ def _batching_message_class():
         ("max_execution_batch_size", 10, ".google.protobuf.Int64Value"),
     ]
     for name, number, type_name in fields:
-        message.field.add(name=name, number=number, type=F.TYPE_MESSAGE, type_name=type_name,
-                          label=F.LABEL_OPTIONAL)
+        message.field.add(
+            name=name, number=number, type=F.TYPE_MESSAGE, type_name=type_name, label=F.LABEL_OPTIONAL
+        )
     message.field.add(name="allowed_batch_sizes", number=6, type=F.TYPE_INT64, label=F.LABEL_REPEATED)
     message.field.add(name="pad_variable_length_inputs", number=7, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
     message.field.add(name="batch_padding_policy", number=11, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
     pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
+    )
 
 
 BatchingParametersProto = _batching_message_class()
@@ -224,8 +230,10 @@ class BatchingParameters:
         sizes = self.allowed_batch_sizes
         if sizes:
             if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)) or sizes[0] <= 0:
-                raise InvalidInput("allowed_batch_sizes entries must be positive and "
-                                   f"monotonically increasing, got {list(sizes)}")
+                raise InvalidInput(
+                    "allowed_batch_sizes entries must be positive and "
+                    f"monotonically increasing, got {list(sizes)}"
+                )
             if sizes[-1] != self.execution_batch_size:
                 raise InvalidInput(
                     "the final entry in allowed_batch_sizes must equal max_batch_size "
@@ -260,8 +268,13 @@ def parse_batching_parameters(text: str, *, source: str = "batching parameters")
     except text_format.ParseError as exc:
         raise InvalidInput(f"{source}: {exc}") from exc
     values: dict[str, object] = {}
-    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
-                 "max_execution_batch_size"):
+    for name in (
+        "max_batch_size",
+        "batch_timeout_micros",
+        "max_enqueued_batches",
+        "num_batch_threads",
+        "max_execution_batch_size",
+    ):
         if proto.HasField(name):
             values[name] = int(getattr(proto, name).value)
     if proto.HasField("enable_large_batch_splitting"):
@@ -281,7 +294,9 @@ def load_batching_parameters(path: str | os.PathLike) -> BatchingParameters:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except OSError as exc:
-        raise InvalidInput(f"cannot read batching parameters file {str(path)!r}: {exc.strerror or exc}") from exc
+        raise InvalidInput(
+            f"cannot read batching parameters file {str(path)!r}: {exc.strerror or exc}"
+        ) from exc
     return parse_batching_parameters(text, source=f"batching parameters file {str(path)!r}")
 
 
@@ -300,8 +315,13 @@ def _monitoring_message_class():
     prometheus.field.add(name="enable", number=1, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
     prometheus.field.add(name="path", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
     monitoring = file.message_type.add(name="MonitoringConfig")
-    monitoring.field.add(name="prometheus_config", number=1, type=F.TYPE_MESSAGE,
-                         type_name=".tensorflow.serving.PrometheusConfig", label=F.LABEL_OPTIONAL)
+    monitoring.field.add(
+        name="prometheus_config",
+        number=1,
+        type=F.TYPE_MESSAGE,
+        type_name=".tensorflow.serving.PrometheusConfig",
+        label=F.LABEL_OPTIONAL,
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
@@ -336,5 +356,7 @@ def load_monitoring_config(path: str | os.PathLike) -> MonitoringConfig:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except OSError as exc:
-        raise InvalidInput(f"cannot read monitoring config file {str(path)!r}: {exc.strerror or exc}") from exc
+        raise InvalidInput(
+            f"cannot read monitoring config file {str(path)!r}: {exc.strerror or exc}"
+        ) from exc
     return parse_monitoring_config(text, source=f"monitoring config file {str(path)!r}")

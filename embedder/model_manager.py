@@ -61,7 +61,9 @@ class ModelRef:
 
     def __str__(self) -> str:
         # TF Serving's ServableRequest::DebugString, used in its NOT_FOUND messages.
-        return f"Specific({self.name}, {self.version})" if self.version is not None else f"Latest({self.name})"
+        return (
+            f"Specific({self.name}, {self.version})" if self.version is not None else f"Latest({self.name})"
+        )
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,9 @@ class ModelManager:
         """
         if poll_seconds < 0:
             return
-        thread = threading.Thread(target=self._poll_loop, args=(poll_seconds,), name="model-poller", daemon=True)
+        thread = threading.Thread(
+            target=self._poll_loop, args=(poll_seconds,), name="model-poller", daemon=True
+        )
         self._threads.append(thread)
         thread.start()
 
@@ -238,8 +242,13 @@ class ModelManager:
             previous = dict(self._entries)
             # Labels are applied only after the versions they point to have loaded.
             self._entries = {
-                e.name: ModelEntry(e.name, e.base_path, e.policy,
-                                   previous[e.name].labels if e.name in previous else {}, e.platform)
+                e.name: ModelEntry(
+                    e.name,
+                    e.base_path,
+                    e.policy,
+                    previous[e.name].labels if e.name in previous else {},
+                    e.platform,
+                )
                 for e in entries
             }
         self.poll_once()
@@ -266,7 +275,9 @@ class ModelManager:
     def _reconcile(self, entry: ModelEntry) -> None:
         on_disk = scan_versions(entry.base_path)
         if not on_disk:
-            log.debug("no versions found under base path", extra={"model": entry.name, "base_path": entry.base_path})
+            log.debug(
+                "no versions found under base path", extra={"model": entry.name, "base_path": entry.base_path}
+            )
         for version, path in list(on_disk.items()):
             # A version that failed to load is not retried until its files change.
             if self._failed.get((entry.name, version)) == _fingerprint(path):
@@ -289,8 +300,10 @@ class ModelManager:
         if surplus and not wanted:
             keep = max(surplus)
             surplus.discard(keep)
-            log.warning("no loadable version on disk; keeping the loaded one",
-                        extra={"model": entry.name, "version": keep})
+            log.warning(
+                "no loadable version on disk; keeping the loaded one",
+                extra={"model": entry.name, "version": keep},
+            )
         for version in sorted(surplus):
             self._unload(entry.name, version)
 
@@ -312,12 +325,15 @@ class ModelManager:
                 for signature in servable.signatures.values():
                     if signature.batchable:
                         served.batchers[signature.name] = DynamicBatcher(
-                            _runner(servable, signature), self._batching,
+                            _runner(servable, signature),
+                            self._batching,
                             name=f"{name}-{version}-{signature.name}",
                         )
             if self._enable_warmup:
                 replayed = servable.warm_up(lambda sig, inputs: self._run(served, sig, inputs))
-                log.info("model version warmed up", extra={"model": name, "version": version, "requests": replayed})
+                log.info(
+                    "model version warmed up", extra={"model": name, "version": version, "requests": replayed}
+                )
         except Exception as exc:  # noqa: BLE001 - a bad version must not take the server down
             if served is not None:
                 served.close()
@@ -326,8 +342,10 @@ class ModelManager:
             self._failed[(name, version)] = fingerprint
             self._set_status(name, VersionStatus(version, State.END, code, message))
             metrics.MODEL_LOADS.labels(name, "error").inc()
-            log.error("model version failed to load",
-                      extra={"model": name, "version": version, "path": str(path), "error": message})
+            log.error(
+                "model version failed to load",
+                extra={"model": name, "version": version, "path": str(path), "error": message},
+            )
             return False
         with self._lock:
             self._served.setdefault(name, {})[version] = served
@@ -335,8 +353,10 @@ class ModelManager:
         self._failed.pop((name, version), None)
         metrics.MODEL_LOADS.labels(name, "ok").inc()
         metrics.MODEL_LOAD_SECONDS.labels(name).observe(time.monotonic() - started)
-        log.info("model version available", extra={"model": name, "version": version,
-                                                     "seconds": round(time.monotonic() - started, 2)})
+        log.info(
+            "model version available",
+            extra={"model": name, "version": version, "seconds": round(time.monotonic() - started, 2)},
+        )
         return True
 
     def _unload(self, name: str, version: int) -> None:
@@ -378,8 +398,13 @@ class ModelManager:
                 raise NotFound(f"Servable not found for request: {ModelRef(ref.name, version)}")
             return versions[version], version
 
-    def predict(self, ref: ModelRef, signature_name: str, inputs: Mapping[str, np.ndarray],
-                output_filter: Sequence[str] = ()) -> Prediction:
+    def predict(
+        self,
+        ref: ModelRef,
+        signature_name: str,
+        inputs: Mapping[str, np.ndarray],
+        output_filter: Sequence[str] = (),
+    ) -> Prediction:
         started = time.monotonic()
         served, version = self._resolve(ref)
         status = "OK"

@@ -73,7 +73,11 @@ def _to_array(values: Any) -> np.ndarray:
         return isinstance(v, bytes) or (isinstance(v, list) and any(has_bytes(x) for x in v))
 
     if has_bytes(values):
-        array = np.empty(len(values), dtype=object) if isinstance(values, list) else np.array(values, dtype=object)
+        array = (
+            np.empty(len(values), dtype=object)
+            if isinstance(values, list)
+            else np.array(values, dtype=object)
+        )
         if isinstance(values, list):
             array[:] = values
         return array
@@ -83,7 +87,9 @@ def _to_array(values: Any) -> np.ndarray:
 def predict_inputs(body: dict, input_names: list[str]) -> tuple[dict[str, np.ndarray], bool]:
     """The request's tensors and whether it used the row ("instances") format."""
     if ("instances" in body) == ("inputs" in body):
-        raise InvalidInput('JSON request must have exactly one of "instances" (row format) or "inputs" (columnar)')
+        raise InvalidInput(
+            'JSON request must have exactly one of "instances" (row format) or "inputs" (columnar)'
+        )
     if "instances" in body:
         instances = _decode_value(body["instances"])
         if not isinstance(instances, list):
@@ -142,11 +148,16 @@ class RestApi:
 
     def _status(self, ref: ModelRef) -> Any:
         entries = self.manager.status(ref.name, ref.version, ref.label)
-        return {"model_version_status": [
-            {"version": str(s.version), "state": s.state.name,
-             "status": {"error_code": s.error_code.name, "error_message": s.error_message}}
-            for s in entries
-        ]}
+        return {
+            "model_version_status": [
+                {
+                    "version": str(s.version),
+                    "state": s.state.name,
+                    "status": {"error_code": s.error_code.name, "error_message": s.error_message},
+                }
+                for s in entries
+            ]
+        }
 
     def _metadata(self, ref: ModelRef) -> Any:
         servable, version = self.manager.metadata(ref)
@@ -155,7 +166,9 @@ class RestApi:
             signature_map.signature_def[key].CopyFrom(signature_def)
         return {
             "model_spec": {"name": servable.name, "signature_name": "", "version": str(version)},
-            "metadata": {"signature_def": json_format.MessageToDict(signature_map, preserving_proto_field_name=True)},
+            "metadata": {
+                "signature_def": json_format.MessageToDict(signature_map, preserving_proto_field_name=True)
+            },
         }
 
     def _predict(self, ref: ModelRef, body: bytes) -> Any:
@@ -183,7 +196,11 @@ class RestApi:
         if len(outputs) == 1:
             return {"predictions": _json_ready(next(iter(outputs.values())))}
         rows = len(next(iter(outputs.values())))
-        return {"predictions": [{k: _json_ready(v[i:i + 1])[0] for k, v in outputs.items()} for i in range(rows)]}
+        return {
+            "predictions": [
+                {k: _json_ready(v[i : i + 1])[0] for k, v in outputs.items()} for i in range(rows)
+            ]
+        }
 
 
 class _HttpNotFound(CbirError):

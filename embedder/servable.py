@@ -29,7 +29,9 @@ MAX_WARMUP_RECORDS = 1000
 
 Arrays = dict[str, np.ndarray]
 
-_TF_NOISE = re.compile(r"^(Graph execution error:|Detected at node|<stack traces unavailable>|\s*\[\[|\s+File )")
+_TF_NOISE = re.compile(
+    r"^(Graph execution error:|Detected at node|<stack traces unavailable>|\s*\[\[|\s+File )"
+)
 
 
 def tf_error_message(exc: tf.errors.OpError) -> str:
@@ -96,7 +98,9 @@ class Servable:
         self.version = version
         self.path = Path(path)
         if not has_saved_model(self.path):
-            raise NotFound(f"Could not find SavedModel .pb or .pbtxt at supplied export directory path: {path}")
+            raise NotFound(
+                f"Could not find SavedModel .pb or .pbtxt at supplied export directory path: {path}"
+            )
         self.meta_graph = _read_meta_graph(self.path)
         self._loaded = tf.saved_model.load(str(self.path), tags=["serve"])
         self.signatures: dict[str, Signature] = {}
@@ -123,8 +127,9 @@ class Servable:
 
     # ------------------------------------------------------------------ checks
 
-    def check_inputs(self, signature: Signature, inputs: Mapping[str, np.ndarray],
-                     output_filter: Sequence[str] = ()) -> Arrays:
+    def check_inputs(
+        self, signature: Signature, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = ()
+    ) -> Arrays:
         """The inputs converted to the signature's dtypes; InvalidInput naming what is expected."""
         sent, expected = set(inputs), set(signature.inputs)
         if sent != expected:
@@ -161,7 +166,9 @@ class Servable:
                 batch_sizes.add(array.shape[0])
             checked[alias] = array if want_string else array.astype(spec.dtype.as_numpy_dtype, copy=False)
         if len(batch_sizes) > 1:
-            raise InvalidInput(f"inputs of signature {signature.name!r} have different batch sizes {sorted(batch_sizes)}")
+            raise InvalidInput(
+                f"inputs of signature {signature.name!r} have different batch sizes {sorted(batch_sizes)}"
+            )
         return checked
 
     # ------------------------------------------------------------------ runs
@@ -175,7 +182,10 @@ class Servable:
             if size > 1:
                 # The batch failed as a whole; run items alone to say which one is at fault.
                 for index in range(size):
-                    item = {k: v[index:index + 1] if signature.inputs[k].batched else v for k, v in inputs.items()}
+                    item = {
+                        k: v[index : index + 1] if signature.inputs[k].batched else v
+                        for k, v in inputs.items()
+                    }
                     try:
                         self._call(signature, item)
                     except tf.errors.InvalidArgumentError as item_exc:
@@ -186,7 +196,9 @@ class Servable:
             prefix = f"{_item_word(signature)} index 0 of the batch is invalid: " if size == 1 else ""
             raise InvalidInput(prefix + tf_error_message(exc)) from None
         except tf.errors.ResourceExhaustedError as exc:
-            raise ResourceExhausted(f"model {self.name} version {self.version}: {tf_error_message(exc)}") from None
+            raise ResourceExhausted(
+                f"model {self.name} version {self.version}: {tf_error_message(exc)}"
+            ) from None
 
     def _call(self, signature: Signature, inputs: Arrays) -> Arrays:
         tensors = {alias: tf.constant(array) for alias, array in inputs.items()}
@@ -209,7 +221,9 @@ class Servable:
                 entry = prediction_log_pb2.PredictionLog()
                 entry.ParseFromString(record.numpy())
                 if entry.WhichOneof("log_type") != "predict_log":
-                    raise InvalidInput(f"{warmup}: record {count} is not a predict_log (only Predict is served)")
+                    raise InvalidInput(
+                        f"{warmup}: record {count} is not a predict_log (only Predict is served)"
+                    )
                 request = entry.predict_log.request
                 signature = self.signature(request.model_spec.signature_name)
                 inputs = {alias: tf.make_ndarray(proto) for alias, proto in request.inputs.items()}
@@ -224,8 +238,10 @@ class Servable:
             try:
                 predict(signature, {next(iter(signature.inputs)): np.array([image], dtype=object)})
             except (InvalidInput, tf.errors.OpError) as exc:
-                log.warning("default warmup skipped", extra={"model": self.name, "version": self.version,
-                                                             "error": str(exc)[:300]})
+                log.warning(
+                    "default warmup skipped",
+                    extra={"model": self.name, "version": self.version, "error": str(exc)[:300]},
+                )
                 return 0
             return 1
         return 0

@@ -29,7 +29,9 @@ def _targets(values: list[str] | str | None) -> list[str]:
 
 
 def _client_tls(args, prefix: str) -> ClientTLS | None:
-    ca, cert, key, name = (getattr(args, f"{prefix}_tls_{part}") for part in ("ca", "cert", "key", "server_name"))
+    ca, cert, key, name = (
+        getattr(args, f"{prefix}_tls_{part}") for part in ("ca", "cert", "key", "server_name")
+    )
     if not (ca or cert or key or getattr(args, f"{prefix}_tls")):
         return None
     return ClientTLS(ca_file=ca, cert_file=cert, key_file=key, server_name=name)
@@ -37,16 +39,42 @@ def _client_tls(args, prefix: str) -> ClientTLS | None:
 
 def _add_client_tls_flags(parser, prefix: str, what: str) -> None:
     up = prefix.upper()
-    env_flag(parser, f"--{prefix}-tls", env=f"{ENV}_{up}_TLS", default=False, type=bool,
-             help=f"Use TLS to {what} (implied by any --{prefix}-tls-* file flag).")
-    env_flag(parser, f"--{prefix}-tls-ca", env=f"{ENV}_{up}_TLS_CA", default=None,
-             help=f"CA (PEM) that {what}'s certificate must chain to (default: system roots).")
-    env_flag(parser, f"--{prefix}-tls-cert", env=f"{ENV}_{up}_TLS_CERT", default=None,
-             help=f"Client certificate (PEM) presented to {what}.")
-    env_flag(parser, f"--{prefix}-tls-key", env=f"{ENV}_{up}_TLS_KEY", default=None,
-             help=f"Client private key (PEM) for --{prefix}-tls-cert.")
-    env_flag(parser, f"--{prefix}-tls-server-name", env=f"{ENV}_{up}_TLS_SERVER_NAME", default=None,
-             help=f"Expected name in {what}'s certificate when it differs from the target host.")
+    env_flag(
+        parser,
+        f"--{prefix}-tls",
+        env=f"{ENV}_{up}_TLS",
+        default=False,
+        type=bool,
+        help=f"Use TLS to {what} (implied by any --{prefix}-tls-* file flag).",
+    )
+    env_flag(
+        parser,
+        f"--{prefix}-tls-ca",
+        env=f"{ENV}_{up}_TLS_CA",
+        default=None,
+        help=f"CA (PEM) that {what}'s certificate must chain to (default: system roots).",
+    )
+    env_flag(
+        parser,
+        f"--{prefix}-tls-cert",
+        env=f"{ENV}_{up}_TLS_CERT",
+        default=None,
+        help=f"Client certificate (PEM) presented to {what}.",
+    )
+    env_flag(
+        parser,
+        f"--{prefix}-tls-key",
+        env=f"{ENV}_{up}_TLS_KEY",
+        default=None,
+        help=f"Client private key (PEM) for --{prefix}-tls-cert.",
+    )
+    env_flag(
+        parser,
+        f"--{prefix}-tls-server-name",
+        env=f"{ENV}_{up}_TLS_SERVER_NAME",
+        default=None,
+        help=f"Expected name in {what}'s certificate when it differs from the target host.",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,56 +83,150 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="Run the SearchService.",
-                           description="Run the SearchService (Search, BatchSearch, GetServingInfo).")
-    add_common_flags(serve, env_prefix=ENV, port=defaults.GATEWAY_PORT, metrics_port=defaults.GATEWAY_METRICS_PORT)
-    env_flag(serve, "--serving", env=f"{ENV}_SERVING", default=f"localhost:{defaults.SERVING_GRPC_PORT}",
-             help="TF Serving (or `python -m embedder serve`) gRPC target; dns:///host:port balances over replicas.")
-    env_flag(serve, "--model-name", env=f"{ENV}_MODEL_NAME", default=None,
-             help="Model name to embed with. Default: the model of the active index generation. When set, a "
-                  "generation of another model makes searches fail with FAILED_PRECONDITION.")
-    serve.add_argument("--indexer", action="append", default=None,
-                       help=f"Indexer shard target; repeat or comma-separate, shard i = i-th address "
-                            f"(default: localhost:{defaults.INDEXER_PORT}; env {ENV}_INDEXER, comma-separated).")
-    env_flag(serve, "--max-k", env=f"{ENV}_MAX_K", default=1000, type=int, help="Largest k a query may ask for.")
-    env_flag(serve, "--max-batch", env=f"{ENV}_MAX_BATCH", default=64, type=int, help="Most queries in a BatchSearch.")
-    env_flag(serve, "--max-image-bytes", env=f"{ENV}_MAX_IMAGE_BYTES", default=ImageLimits.max_bytes, type=int,
-             help="Largest encoded query image (RESOURCE_EXHAUSTED above).")
-    env_flag(serve, "--max-image-pixels", env=f"{ENV}_MAX_IMAGE_PIXELS", default=ImageLimits.max_pixels, type=int,
-             help="Largest width*height, read from the image header before decoding (RESOURCE_EXHAUSTED above).")
-    env_flag(serve, "--generation-retries", env=f"{ENV}_GENERATION_RETRIES", default=3, type=int,
-             help="Times a search is redone when the active generation changes under it.")
-    env_flag(serve, "--generation-ttl", env=f"{ENV}_GENERATION_TTL", default=1.0, type=float,
-             help="Seconds the active generation read from shard 0 is reused.")
-    env_flag(serve, "--dependency-timeout", env=f"{ENV}_DEPENDENCY_TIMEOUT", default=10.0, type=float,
-             help="Longest wait for Serving or an indexer per call (the caller's deadline, if shorter, wins).")
-    env_flag(serve, "--coalesce-in-flight", env=f"{ENV}_COALESCE_IN_FLIGHT", default=1, type=int,
-             help="Concurrent image searches are merged into shared Serving/indexer calls, with at most this "
-                  "many merged batches in flight; 0 sends every search on its own.")
-    env_flag(serve, "--probe-period", env=f"{ENV}_PROBE_PERIOD", default=2.0, type=float,
-             help="Seconds between health probes of Serving and the indexer shards.")
-    env_flag(serve, "--probe-timeout", env=f"{ENV}_PROBE_TIMEOUT", default=2.0, type=float,
-             help="Timeout of each health probe call.")
-    env_flag(serve, "--api-keys-file", env=f"{ENV}_API_KEYS_FILE", default=None,
-             help="File of accepted API keys, one per line (KEY or KEY:search+info). With it or "
-                  f"{ENV}_API_KEYS set, SearchService calls need 'authorization: Bearer KEY' or 'x-api-key: KEY'.")
+    serve = sub.add_parser(
+        "serve",
+        help="Run the SearchService.",
+        description="Run the SearchService (Search, BatchSearch, GetServingInfo).",
+    )
+    add_common_flags(
+        serve, env_prefix=ENV, port=defaults.GATEWAY_PORT, metrics_port=defaults.GATEWAY_METRICS_PORT
+    )
+    env_flag(
+        serve,
+        "--serving",
+        env=f"{ENV}_SERVING",
+        default=f"localhost:{defaults.SERVING_GRPC_PORT}",
+        help="TF Serving (or `python -m embedder serve`) gRPC target; dns:///host:port balances over replicas.",
+    )
+    env_flag(
+        serve,
+        "--model-name",
+        env=f"{ENV}_MODEL_NAME",
+        default=None,
+        help="Model name to embed with. Default: the model of the active index generation. When set, a "
+        "generation of another model makes searches fail with FAILED_PRECONDITION.",
+    )
+    serve.add_argument(
+        "--indexer",
+        action="append",
+        default=None,
+        help=f"Indexer shard target; repeat or comma-separate, shard i = i-th address "
+        f"(default: localhost:{defaults.INDEXER_PORT}; env {ENV}_INDEXER, comma-separated).",
+    )
+    env_flag(
+        serve, "--max-k", env=f"{ENV}_MAX_K", default=1000, type=int, help="Largest k a query may ask for."
+    )
+    env_flag(
+        serve,
+        "--max-batch",
+        env=f"{ENV}_MAX_BATCH",
+        default=64,
+        type=int,
+        help="Most queries in a BatchSearch.",
+    )
+    env_flag(
+        serve,
+        "--max-image-bytes",
+        env=f"{ENV}_MAX_IMAGE_BYTES",
+        default=ImageLimits.max_bytes,
+        type=int,
+        help="Largest encoded query image (RESOURCE_EXHAUSTED above).",
+    )
+    env_flag(
+        serve,
+        "--max-image-pixels",
+        env=f"{ENV}_MAX_IMAGE_PIXELS",
+        default=ImageLimits.max_pixels,
+        type=int,
+        help="Largest width*height, read from the image header before decoding (RESOURCE_EXHAUSTED above).",
+    )
+    env_flag(
+        serve,
+        "--generation-retries",
+        env=f"{ENV}_GENERATION_RETRIES",
+        default=3,
+        type=int,
+        help="Times a search is redone when the active generation changes under it.",
+    )
+    env_flag(
+        serve,
+        "--generation-ttl",
+        env=f"{ENV}_GENERATION_TTL",
+        default=1.0,
+        type=float,
+        help="Seconds the active generation read from shard 0 is reused.",
+    )
+    env_flag(
+        serve,
+        "--dependency-timeout",
+        env=f"{ENV}_DEPENDENCY_TIMEOUT",
+        default=10.0,
+        type=float,
+        help="Longest wait for Serving or an indexer per call (the caller's deadline, if shorter, wins).",
+    )
+    env_flag(
+        serve,
+        "--coalesce-in-flight",
+        env=f"{ENV}_COALESCE_IN_FLIGHT",
+        default=1,
+        type=int,
+        help="Concurrent image searches are merged into shared Serving/indexer calls, with at most this "
+        "many merged batches in flight; 0 sends every search on its own.",
+    )
+    env_flag(
+        serve,
+        "--probe-period",
+        env=f"{ENV}_PROBE_PERIOD",
+        default=2.0,
+        type=float,
+        help="Seconds between health probes of Serving and the indexer shards.",
+    )
+    env_flag(
+        serve,
+        "--probe-timeout",
+        env=f"{ENV}_PROBE_TIMEOUT",
+        default=2.0,
+        type=float,
+        help="Timeout of each health probe call.",
+    )
+    env_flag(
+        serve,
+        "--api-keys-file",
+        env=f"{ENV}_API_KEYS_FILE",
+        default=None,
+        help="File of accepted API keys, one per line (KEY or KEY:search+info). With it or "
+        f"{ENV}_API_KEYS set, SearchService calls need 'authorization: Bearer KEY' or 'x-api-key: KEY'.",
+    )
     _add_client_tls_flags(serve, "serving", "Serving")
     _add_client_tls_flags(serve, "indexer", "the indexer shards")
 
     search = sub.add_parser("search", help="Call Search on a running gateway and print the hits as JSON.")
-    env_flag(search, "--target", env=f"{ENV}_TARGET", default=f"localhost:{defaults.GATEWAY_PORT}",
-             help="Gateway address.")
+    env_flag(
+        search,
+        "--target",
+        env=f"{ENV}_TARGET",
+        default=f"localhost:{defaults.GATEWAY_PORT}",
+        help="Gateway address.",
+    )
     what = search.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="Query image file.")
     what.add_argument("--item-id", help="Search like this catalogue item (it is excluded from the hits).")
     search.add_argument("--k", type=int, default=0, help="Number of hits (0: the gateway default, 10).")
-    search.add_argument("--label", action="append", default=[], help="Only items with this label (repeatable).")
-    search.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
-                        help="Only items whose attribute KEY is VALUE (repeatable; same KEY twice = OR).")
+    search.add_argument(
+        "--label", action="append", default=[], help="Only items with this label (repeatable)."
+    )
+    search.add_argument(
+        "--attr",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Only items whose attribute KEY is VALUE (repeatable; same KEY twice = OR).",
+    )
     search.add_argument("--min-score", type=float, default=None, help="Drop hits scoring below this.")
     search.add_argument("--timeout", type=float, default=30.0, help="Deadline of the call, in seconds.")
-    search.add_argument("--api-key", default=os.environ.get(f"{ENV}_API_KEY"),
-                        help=f"API key to send (env {ENV}_API_KEY).")
+    search.add_argument(
+        "--api-key", default=os.environ.get(f"{ENV}_API_KEY"), help=f"API key to send (env {ENV}_API_KEY)."
+    )
     search.add_argument("--tls-ca", default=None, help="CA (PEM) of the gateway's certificate; enables TLS.")
     search.add_argument("--tls-server-name", default=None, help="Expected name in the gateway's certificate.")
     return parser
@@ -116,9 +238,11 @@ def _serve(args) -> int:
     use_tensorflow_protos_only()
     from gateway.server import GatewayConfig, build_gateway
 
-    indexers = _targets(args.indexer) or _targets(os.environ.get(f"{ENV}_INDEXER")) or [
-        f"localhost:{defaults.INDEXER_PORT}"
-    ]
+    indexers = (
+        _targets(args.indexer)
+        or _targets(os.environ.get(f"{ENV}_INDEXER"))
+        or [f"localhost:{defaults.INDEXER_PORT}"]
+    )
     for name in ("max_k", "max_batch", "max_image_bytes", "max_image_pixels"):
         if getattr(args, name) < 1:
             raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1")
@@ -170,10 +294,12 @@ def _search(args) -> int:
             raise CbirError(f"--attr needs KEY=VALUE, got {pair!r}")
         attributes.setdefault(key, []).append(value)
     if args.label or attributes:
-        request.filter.CopyFrom(types_pb2.Filter(
-            labels=args.label,
-            attributes=[types_pb2.AttributeFilter(key=k, values=v) for k, v in attributes.items()],
-        ))
+        request.filter.CopyFrom(
+            types_pb2.Filter(
+                labels=args.label,
+                attributes=[types_pb2.AttributeFilter(key=k, values=v) for k, v in attributes.items()],
+            )
+        )
     if args.min_score is not None:
         request.min_score = args.min_score
     metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()

@@ -36,8 +36,14 @@ class _Entry(Generic[Q, R]):
 class Coalescer(Generic[Q, R]):
     """Runs ``run_batch(queries, deadline) -> results`` over whatever searches are waiting."""
 
-    def __init__(self, run_batch: Callable[[list[Q], object], list[R]], merge_deadlines: Callable[[list], object],
-                 *, max_batch: int = 64, max_in_flight: int = 1):
+    def __init__(
+        self,
+        run_batch: Callable[[list[Q], object], list[R]],
+        merge_deadlines: Callable[[list], object],
+        *,
+        max_batch: int = 64,
+        max_in_flight: int = 1,
+    ):
         self._run_batch = run_batch
         self._merge_deadlines = merge_deadlines
         self.max_batch = max(1, max_batch)
@@ -94,7 +100,9 @@ class Coalescer(Generic[Q, R]):
 
     def _answer(self, batch: list[_Entry]) -> None:
         try:
-            results = self._run_batch([e.query for e in batch], self._merge_deadlines([e.deadline for e in batch]))
+            results = self._run_batch(
+                [e.query for e in batch], self._merge_deadlines([e.deadline for e in batch])
+            )
         except InvalidInput as exc:
             if len(batch) == 1:
                 _fail(batch, exc)

@@ -18,8 +18,16 @@ log = logging.getLogger(__name__)
 
 
 class DependencyProber:
-    def __init__(self, core, embedder_for: Callable[[str], object], indexer,
-                 set_serving: Callable[[bool], None], *, period: float = 2.0, timeout: float = 2.0):
+    def __init__(
+        self,
+        core,
+        embedder_for: Callable[[str], object],
+        indexer,
+        set_serving: Callable[[bool], None],
+        *,
+        period: float = 2.0,
+        timeout: float = 2.0,
+    ):
         self._core = core
         self._embedder_for = embedder_for
         self._indexer = indexer
@@ -59,7 +67,9 @@ class DependencyProber:
             generation = None
         if generation is not None:
             try:
-                versions = self._embedder_for(generation.space.model_name).model_versions(timeout=self._timeout)
+                versions = self._embedder_for(generation.space.model_name).model_versions(
+                    timeout=self._timeout
+                )
                 metrics.DEPENDENCY_UP.labels("serving").set(1)
                 state = str(versions.get(generation.space.model_version, "missing"))
                 if not state.upper().endswith("AVAILABLE"):

@@ -26,7 +26,9 @@ def use_tensorflow_protos_only() -> bool:
     spec = importlib.util.find_spec("tensorflow")
     if spec is None or not spec.submodule_search_locations:
         return False
-    package = types.ModuleType("tensorflow", "TensorFlow's generated protos only (see gateway/light_imports.py)")
+    package = types.ModuleType(
+        "tensorflow", "TensorFlow's generated protos only (see gateway/light_imports.py)"
+    )
     package.__path__ = list(spec.submodule_search_locations)
     package.__spec__ = spec
     sys.modules["tensorflow"] = package

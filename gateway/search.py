@@ -61,12 +61,28 @@ class Indexer(Protocol):
 
     def active_generation(self, timeout: float | None = None) -> indexer_pb2.Generation: ...
 
-    def knn(self, queries: np.ndarray, k: int, *, generation: str, require_active: bool = True,
-            filter: types_pb2.Filter | None = None, ef: int = 0, min_score: float | None = None,
-            exclude_ids: Sequence[str] = (), timeout: float | None = None) -> indexer_pb2.KnnResponse: ...
+    def knn(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        generation: str,
+        require_active: bool = True,
+        filter: types_pb2.Filter | None = None,
+        ef: int = 0,
+        min_score: float | None = None,
+        exclude_ids: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> indexer_pb2.KnnResponse: ...
 
-    def get(self, ids: Sequence[str], *, generation: str = "", include_vectors: bool = False,
-            timeout: float | None = None) -> list[indexer_pb2.Record]: ...
+    def get(
+        self,
+        ids: Sequence[str],
+        *,
+        generation: str = "",
+        include_vectors: bool = False,
+        timeout: float | None = None,
+    ) -> list[indexer_pb2.Record]: ...
 
     def stats(self, timeout: float | None = None) -> list[indexer_pb2.StatsResponse]: ...
 
@@ -185,9 +201,14 @@ class SearchCore:
         self._lock = threading.Lock()
         self._cached: tuple[float, indexer_pb2.Generation] | None = None
         self._coalescer = (
-            Coalescer(self._run_renumbered, Deadline.latest, max_batch=limits.max_batch,
-                      max_in_flight=limits.coalesce_in_flight)
-            if limits.coalesce_in_flight > 0 else None
+            Coalescer(
+                self._run_renumbered,
+                Deadline.latest,
+                max_batch=limits.max_batch,
+                max_in_flight=limits.coalesce_in_flight,
+            )
+            if limits.coalesce_in_flight > 0
+            else None
         )
 
     # ----------------------------------------------------------------------------- public API
@@ -201,7 +222,9 @@ class SearchCore:
             return self._coalescer.submit(prepared, deadline)
         return self._run([prepared], deadline)[0]
 
-    def batch_search(self, queries: Sequence[Query], deadline: Deadline) -> tuple[list[SearchResult], types_pb2.GenerationRef]:
+    def batch_search(
+        self, queries: Sequence[Query], deadline: Deadline
+    ) -> tuple[list[SearchResult], types_pb2.GenerationRef]:
         if not queries:
             raise InvalidInput("BatchSearch needs at least one query")
         if len(queries) > self.limits.max_batch:
@@ -249,7 +272,9 @@ class SearchCore:
         limits = self.limits
         k = query.k or min(limits.default_k, limits.max_k)
         if not 1 <= k <= limits.max_k:
-            raise InvalidInput(f"k must be between 1 and {limits.max_k} (0 means {limits.default_k}), got {query.k}")
+            raise InvalidInput(
+                f"k must be between 1 and {limits.max_k} (0 means {limits.default_k}), got {query.k}"
+            )
         if not 0 <= query.ef <= MAX_EF:
             raise InvalidInput(f"ef must be between 0 (indexer default) and {MAX_EF}, got {query.ef}")
         if query.min_score is not None and not math.isfinite(query.min_score):
@@ -290,7 +315,9 @@ class SearchCore:
             "search; retry"
         )
 
-    def _search_in(self, generation: indexer_pb2.Generation, prepared: list[_Prepared], deadline: Deadline) -> list[SearchResult]:
+    def _search_in(
+        self, generation: indexer_pb2.Generation, prepared: list[_Prepared], deadline: Deadline
+    ) -> list[SearchResult]:
         """All queries answered in ``generation``; raises _GenerationMoved if it stops being active."""
         vectors: dict[int, np.ndarray] = {}
         images = [p for p in prepared if p.image is not None]
@@ -336,7 +363,8 @@ class SearchCore:
                 raise _GenerationMoved() from None
             answered = response.generation
             if answered.name and (
-                answered.name != generation.name or answered.space.model_version != generation.space.model_version
+                answered.name != generation.name
+                or answered.space.model_version != generation.space.model_version
             ):
                 # Defensive: a shard answered from another space than the one we embedded in.
                 raise _GenerationMoved()
@@ -348,12 +376,16 @@ class SearchCore:
                 hits[p.index] = list(neighbours.hits)
         return [SearchResult(hits[p.index], ref) for p in prepared]
 
-    def _embed(self, generation: indexer_pb2.Generation, images: list[bytes], deadline: Deadline) -> np.ndarray:
+    def _embed(
+        self, generation: indexer_pb2.Generation, images: list[bytes], deadline: Deadline
+    ) -> np.ndarray:
         version = generation.space.model_version
         embedder = self._embedder(generation)
         try:
             with metrics.stage("embed"):
-                result = embedder.embed(images, version=version, timeout=deadline.timeout("embedding the query"))
+                result = embedder.embed(
+                    images, version=version, timeout=deadline.timeout("embedding the query")
+                )
         except NotReady as exc:
             # The pinned version may be gone because a newer generation took over: then redo.
             if self._generation_changed(generation, deadline):
@@ -375,11 +407,15 @@ class SearchCore:
             )
         return vectors
 
-    def _stored_vector(self, generation: indexer_pb2.Generation, p: _Prepared, deadline: Deadline) -> np.ndarray:
+    def _stored_vector(
+        self, generation: indexer_pb2.Generation, p: _Prepared, deadline: Deadline
+    ) -> np.ndarray:
         try:
             with metrics.stage("lookup"):
                 records = self._indexer.get(
-                    [p.item_id], generation=generation.name, include_vectors=True,
+                    [p.item_id],
+                    generation=generation.name,
+                    include_vectors=True,
                     timeout=deadline.timeout("reading the item's stored vector"),
                 )
         except NotFound:
@@ -405,7 +441,9 @@ class SearchCore:
         if not refresh and cached is not None and now - cached[0] < self.limits.generation_ttl:
             return cached[1]
         with metrics.stage("generation"):
-            generation = self._indexer.active_generation(timeout=deadline.timeout("reading the active generation"))
+            generation = self._indexer.active_generation(
+                timeout=deadline.timeout("reading the active generation")
+            )
         with self._lock:
             self._cached = (self._clock(), generation)
         return generation
@@ -435,7 +473,9 @@ def _validate_item_id(item_id: str | None) -> None:
     if not item_id:
         raise InvalidInput("item_id is empty; give the id of a catalogue item")
     if len(item_id.encode("utf-8")) > MAX_ITEM_ID_BYTES:
-        raise InvalidInput(f"item_id is longer than {MAX_ITEM_ID_BYTES} bytes, so no catalogue item can have it")
+        raise InvalidInput(
+            f"item_id is longer than {MAX_ITEM_ID_BYTES} bytes, so no catalogue item can have it"
+        )
     if any(ord(c) < 32 or ord(c) == 127 for c in item_id):
         raise InvalidInput("item_id contains control characters, so no catalogue item can have it")
 
@@ -448,7 +488,9 @@ def _validate_filter(flt: types_pb2.Filter | None) -> None:
     if any(not label for label in flt.labels):
         raise InvalidInput("filter.labels contains an empty label")
     if len(flt.attributes) > MAX_FILTER_ATTRIBUTES:
-        raise InvalidInput(f"filter has {len(flt.attributes)} attribute conditions, more than {MAX_FILTER_ATTRIBUTES}")
+        raise InvalidInput(
+            f"filter has {len(flt.attributes)} attribute conditions, more than {MAX_FILTER_ATTRIBUTES}"
+        )
     for i, condition in enumerate(flt.attributes):
         if not condition.key:
             raise InvalidInput(f"filter.attributes[{i}] has an empty key")

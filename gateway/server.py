@@ -52,7 +52,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         results, generation = self.core.batch_search(queries, self.core.deadline(context.time_remaining()))
         request_id = request_id_var.get()
         return search_pb2.BatchSearchResponse(
-            responses=[to_response(r, request_id) for r in results], generation=generation, request_id=request_id
+            responses=[to_response(r, request_id) for r in results],
+            generation=generation,
+            request_id=request_id,
         )
 
     def GetServingInfo(self, request, context):
@@ -135,13 +137,24 @@ def build_gateway(options: ServerOptions, config: GatewayConfig) -> RunningServe
         serving=False,
         extra_interceptors=[ApiKeyInterceptor(keys)] if keys else [],
     )
-    prober = DependencyProber(core, embedder_for, indexer, running.set_serving,
-                              period=config.probe_period, timeout=config.probe_timeout)
+    prober = DependencyProber(
+        core,
+        embedder_for,
+        indexer,
+        running.set_serving,
+        period=config.probe_period,
+        timeout=config.probe_timeout,
+    )
     running.on_stop.extend([indexer.close, close_embedders, prober.stop])
     prober.start()
     log.info(
         "gateway configured",
-        extra={"serving": config.serving, "indexers": list(config.indexers), "model_name": config.model_name,
-               "api_keys": len(keys) if keys else 0, "pid": os.getpid()},
+        extra={
+            "serving": config.serving,
+            "indexers": list(config.indexers),
+            "model_name": config.model_name,
+            "api_keys": len(keys) if keys else 0,
+            "pid": os.getpid(),
+        },
     )
     return running

@@ -23,31 +23,82 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m indexer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="Run the IndexerService gRPC server.",
-                           description="Run the IndexerService: durable item store + HNSW generations.")
+    serve = sub.add_parser(
+        "serve",
+        help="Run the IndexerService gRPC server.",
+        description="Run the IndexerService: durable item store + HNSW generations.",
+    )
     add_common_flags(serve, env_prefix=ENV, port=INDEXER_PORT, metrics_port=INDEXER_METRICS_PORT)
-    env_flag(serve, "--data-dir", env=f"{ENV}_DATA_DIR", default="indexer-data",
-             help="Folder of the item store and HNSW snapshots.")
-    env_flag(serve, "--shard-id", env=f"{ENV}_SHARD_ID", default=0, type=int, help="This shard's number (0-based).")
+    env_flag(
+        serve,
+        "--data-dir",
+        env=f"{ENV}_DATA_DIR",
+        default="indexer-data",
+        help="Folder of the item store and HNSW snapshots.",
+    )
+    env_flag(
+        serve, "--shard-id", env=f"{ENV}_SHARD_ID", default=0, type=int, help="This shard's number (0-based)."
+    )
     env_flag(serve, "--shard-count", env=f"{ENV}_SHARD_COUNT", default=1, type=int, help="Number of shards.")
     env_flag(serve, "--max-k", env=f"{ENV}_MAX_K", default=1000, type=int, help="Largest k a query may ask.")
-    env_flag(serve, "--max-batch", env=f"{ENV}_MAX_BATCH", default=4096, type=int,
-             help="Most records / queries / ids per message.")
+    env_flag(
+        serve,
+        "--max-batch",
+        env=f"{ENV}_MAX_BATCH",
+        default=4096,
+        type=int,
+        help="Most records / queries / ids per message.",
+    )
     env_flag(serve, "--hnsw-m", env=f"{ENV}_HNSW_M", default=16, type=int, help="Default HNSW M.")
-    env_flag(serve, "--hnsw-ef-construction", env=f"{ENV}_HNSW_EF_CONSTRUCTION", default=200, type=int,
-             help="Default HNSW ef_construction.")
-    env_flag(serve, "--hnsw-ef-search", env=f"{ENV}_HNSW_EF_SEARCH", default=300, type=int,
-             help="Default HNSW ef for queries (raised to k).")
-    env_flag(serve, "--exact-threshold", env=f"{ENV}_EXACT_THRESHOLD", default=10_000, type=int,
-             help="Filtered queries matching at most this many items use exact search.")
-    env_flag(serve, "--compact-fraction", env=f"{ENV}_COMPACT_FRACTION", default=0.3, type=float,
-             help="Rebuild a graph when this fraction of its slots are deleted.")
-    env_flag(serve, "--snapshot-interval", env=f"{ENV}_SNAPSHOT_INTERVAL", default=60.0, type=float,
-             help="Seconds between HNSW snapshots (only of graphs that changed).")
+    env_flag(
+        serve,
+        "--hnsw-ef-construction",
+        env=f"{ENV}_HNSW_EF_CONSTRUCTION",
+        default=200,
+        type=int,
+        help="Default HNSW ef_construction.",
+    )
+    env_flag(
+        serve,
+        "--hnsw-ef-search",
+        env=f"{ENV}_HNSW_EF_SEARCH",
+        default=300,
+        type=int,
+        help="Default HNSW ef for queries (raised to k).",
+    )
+    env_flag(
+        serve,
+        "--exact-threshold",
+        env=f"{ENV}_EXACT_THRESHOLD",
+        default=10_000,
+        type=int,
+        help="Filtered queries matching at most this many items use exact search.",
+    )
+    env_flag(
+        serve,
+        "--compact-fraction",
+        env=f"{ENV}_COMPACT_FRACTION",
+        default=0.3,
+        type=float,
+        help="Rebuild a graph when this fraction of its slots are deleted.",
+    )
+    env_flag(
+        serve,
+        "--snapshot-interval",
+        env=f"{ENV}_SNAPSHOT_INTERVAL",
+        default=60.0,
+        type=float,
+        help="Seconds between HNSW snapshots (only of graphs that changed).",
+    )
 
     def client_flags(p: argparse.ArgumentParser) -> None:
-        env_flag(p, "--indexer", env=f"{ENV}_TARGETS", default=f"127.0.0.1:{INDEXER_PORT}",
-                 help="Comma-separated indexer addresses, shard 0 first.")
+        env_flag(
+            p,
+            "--indexer",
+            env=f"{ENV}_TARGETS",
+            default=f"127.0.0.1:{INDEXER_PORT}",
+            help="Comma-separated indexer addresses, shard 0 first.",
+        )
         env_flag(p, "--tls-ca", env=f"{ENV}_TLS_CA", default=None, help="CA (PEM) to trust for TLS indexers.")
         env_flag(p, "--timeout", env=f"{ENV}_TIMEOUT", default=30.0, type=float, help="Seconds per RPC.")
 
@@ -81,7 +132,9 @@ def make_client(args):
     from indexer.client import IndexerClient
 
     targets = [t.strip() for t in args.indexer.split(",") if t.strip()]
-    return IndexerClient(targets, tls=ClientTLS(ca_file=args.tls_ca) if args.tls_ca else None, timeout=args.timeout)
+    return IndexerClient(
+        targets, tls=ClientTLS(ca_file=args.tls_ca) if args.tls_ca else None, timeout=args.timeout
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,10 +178,12 @@ def _generations(client, args, parser) -> int:
     if args.action == "list":
         active = {g.name for g in client.list_generations() if g.state == indexer_pb2.GENERATION_STATE_ACTIVE}
         for g in client.list_generations():
-            print(f"{g.name}\t{indexer_pb2.GenerationState.Name(g.state).removeprefix('GENERATION_STATE_').lower()}"
-                  f"\t{g.space.model_name}:{g.space.model_version}\t{types_pb2.Metric.Name(g.metric)}"
-                  f"\tdim={g.dimension}\titems={g.item_count}\tpending={g.pending_count}"
-                  + ("\t*" if g.name in active else ""))
+            print(
+                f"{g.name}\t{indexer_pb2.GenerationState.Name(g.state).removeprefix('GENERATION_STATE_').lower()}"
+                f"\t{g.space.model_name}:{g.space.model_version}\t{types_pb2.Metric.Name(g.metric)}"
+                f"\tdim={g.dimension}\titems={g.item_count}\tpending={g.pending_count}"
+                + ("\t*" if g.name in active else "")
+            )
         return 0
     if not args.name:
         parser.error(f"generations {args.action} needs a generation name")
@@ -150,10 +205,17 @@ def _serve(args) -> int:
         return 2
     options = ServerOptions.from_args("indexer", args)
     config = IndexerConfig(
-        data_dir=Path(args.data_dir), shard_id=args.shard_id, shard_count=args.shard_count, max_k=args.max_k,
-        max_batch=args.max_batch, default_m=args.hnsw_m, default_ef_construction=args.hnsw_ef_construction,
-        default_ef_search=args.hnsw_ef_search, exact_threshold=args.exact_threshold,
-        compact_fraction=args.compact_fraction, snapshot_interval=args.snapshot_interval,
+        data_dir=Path(args.data_dir),
+        shard_id=args.shard_id,
+        shard_count=args.shard_count,
+        max_k=args.max_k,
+        max_batch=args.max_batch,
+        default_m=args.hnsw_m,
+        default_ef_construction=args.hnsw_ef_construction,
+        default_ef_search=args.hnsw_ef_search,
+        exact_threshold=args.exact_threshold,
+        compact_fraction=args.compact_fraction,
+        snapshot_interval=args.snapshot_interval,
     )
     running = serve(options, IndexerCore(config))
     return serve_until_signalled(running)

@@ -40,8 +40,14 @@ _CODES = {
 class IndexerClient:
     """One channel per shard; every call raises cbir.errors domain errors, never grpc.RpcError."""
 
-    def __init__(self, targets: Sequence[str], *, tls: ClientTLS | None = None, timeout: float = 10.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(
+        self,
+        targets: Sequence[str],
+        *,
+        tls: ClientTLS | None = None,
+        timeout: float = 10.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ):
         if isinstance(targets, str):
             targets = [targets]
         if not targets:
@@ -50,8 +56,9 @@ class IndexerClient:
         self.timeout = timeout
         self._channels = [open_channel(t, tls=tls, max_message_bytes=max_message_bytes) for t in self.targets]
         self._stubs = [indexer_pb2_grpc.IndexerServiceStub(c) for c in self._channels]
-        self._pool = futures.ThreadPoolExecutor(max_workers=max(1, len(self.targets)),
-                                                thread_name_prefix="indexer-client")
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=max(1, len(self.targets)), thread_name_prefix="indexer-client"
+        )
 
     @property
     def shard_count(self) -> int:
@@ -79,7 +86,11 @@ class IndexerClient:
     def _error(self, shard: int, exc: grpc.RpcError) -> errors.CbirError:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        where = f"indexer shard {shard} ({self.targets[shard]})" if self.shard_count > 1 else f"indexer {self.targets[shard]}"
+        where = (
+            f"indexer shard {shard} ({self.targets[shard]})"
+            if self.shard_count > 1
+            else f"indexer {self.targets[shard]}"
+        )
         if code == grpc.StatusCode.UNAVAILABLE:
             return errors.NotReady(f"{where} is unavailable: {details}")
         cls = _CODES.get(code, errors.CbirError)
@@ -97,22 +108,47 @@ class IndexerClient:
         except errors.NotFound as exc:
             raise errors.FailedPrecondition(f"no generation is active: {exc.message}") from None
 
-    def knn(self, queries: np.ndarray, k: int, *, generation: str, require_active: bool = True,
-            filter: types_pb2.Filter | None = None, ef: int = 0, min_score: float | None = None,
-            exclude_ids: Sequence[str] = (), timeout: float | None = None) -> indexer_pb2.KnnResponse:
+    def knn(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        generation: str,
+        require_active: bool = True,
+        filter: types_pb2.Filter | None = None,
+        ef: int = 0,
+        min_score: float | None = None,
+        exclude_ids: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> indexer_pb2.KnnResponse:
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None, :]
-        base = dict(queries=[indexer_pb2.Vector(values=row) for row in q.tolist()], k=k, filter=filter,
-                    ef=ef, generation=generation, exclude_ids=list(exclude_ids))
+        base = dict(
+            queries=[indexer_pb2.Vector(values=row) for row in q.tolist()],
+            k=k,
+            filter=filter,
+            ef=ef,
+            generation=generation,
+            exclude_ids=list(exclude_ids),
+        )
         if min_score is not None:
             base["min_score"] = min_score
         if self.shard_count == 1:
-            return self._call(0, "Knn", indexer_pb2.KnnRequest(require_active=require_active, **base), timeout)
+            return self._call(
+                0, "Knn", indexer_pb2.KnnRequest(require_active=require_active, **base), timeout
+            )
         # Only shard 0 knows for sure which generation is active; the others answer by name.
-        calls = [self._pool.submit(self._call, s, "Knn",
-                                   indexer_pb2.KnnRequest(require_active=require_active and s == 0, **base), timeout)
-                 for s in range(self.shard_count)]
+        calls = [
+            self._pool.submit(
+                self._call,
+                s,
+                "Knn",
+                indexer_pb2.KnnRequest(require_active=require_active and s == 0, **base),
+                timeout,
+            )
+            for s in range(self.shard_count)
+        ]
         answers = [c.result() for c in calls]
         merged = indexer_pb2.KnnResponse(generation=answers[0].generation)
         for qi in range(len(q)):
@@ -120,14 +156,27 @@ class IndexerClient:
             merged.results.add().hits.extend(hits)
         return merged
 
-    def get(self, ids: Sequence[str], *, generation: str = "", include_vectors: bool = False,
-            timeout: float | None = None) -> list[indexer_pb2.Record]:
+    def get(
+        self,
+        ids: Sequence[str],
+        *,
+        generation: str = "",
+        include_vectors: bool = False,
+        timeout: float | None = None,
+    ) -> list[indexer_pb2.Record]:
         by_shard: dict[int, list[str]] = {}
         for item_id in ids:
             by_shard.setdefault(shard_of(item_id, self.shard_count), []).append(item_id)
-        calls = {s: self._pool.submit(self._call, s, "Get", indexer_pb2.GetRequest(
-            ids=part, generation=generation, include_vectors=include_vectors), timeout)
-            for s, part in by_shard.items()}
+        calls = {
+            s: self._pool.submit(
+                self._call,
+                s,
+                "Get",
+                indexer_pb2.GetRequest(ids=part, generation=generation, include_vectors=include_vectors),
+                timeout,
+            )
+            for s, part in by_shard.items()
+        }
         found = {r.item.id: r for c in calls.values() for r in c.result().records}
         return [found[i] for i in ids]
 
@@ -136,45 +185,78 @@ class IndexerClient:
 
     def list_generations(self, timeout: float | None = None) -> list[indexer_pb2.Generation]:
         """Shard 0's generations (every shard has the same ones when managed through this client)."""
-        return list(self._call(0, "ListGenerations", indexer_pb2.ListGenerationsRequest(), timeout).generations)
+        return list(
+            self._call(0, "ListGenerations", indexer_pb2.ListGenerationsRequest(), timeout).generations
+        )
 
-    def get_generation(self, name: str = "", *, shard: int = 0, timeout: float | None = None) -> indexer_pb2.Generation:
+    def get_generation(
+        self, name: str = "", *, shard: int = 0, timeout: float | None = None
+    ) -> indexer_pb2.Generation:
         return self._call(shard, "GetGeneration", indexer_pb2.GetGenerationRequest(name=name), timeout)
 
-    def list_pending(self, generation: str, *, page_size: int = 1000,
-                     timeout: float | None = None) -> Iterator[types_pb2.Item]:
+    def list_pending(
+        self, generation: str, *, page_size: int = 1000, timeout: float | None = None
+    ) -> Iterator[types_pb2.Item]:
         for shard in range(self.shard_count):
             token = ""
             while True:
-                page = self._call(shard, "ListPending", indexer_pb2.ListPendingRequest(
-                    generation=generation, page_size=page_size, page_token=token), timeout)
+                page = self._call(
+                    shard,
+                    "ListPending",
+                    indexer_pb2.ListPendingRequest(
+                        generation=generation, page_size=page_size, page_token=token
+                    ),
+                    timeout,
+                )
                 yield from page.items
                 token = page.next_page_token
                 if not token:
                     break
 
-    def list_items(self, generation: str = "", *, include_vectors: bool = False, page_size: int = 1000,
-                   timeout: float | None = None) -> Iterator[indexer_pb2.Record]:
+    def list_items(
+        self,
+        generation: str = "",
+        *,
+        include_vectors: bool = False,
+        page_size: int = 1000,
+        timeout: float | None = None,
+    ) -> Iterator[indexer_pb2.Record]:
         """Every item with a vector in the generation, shard by shard, each shard in id order."""
         for shard in range(self.shard_count):
             token = ""
             while True:
-                page = self._call(shard, "ListItems", indexer_pb2.ListItemsRequest(
-                    generation=generation, page_size=page_size, page_token=token,
-                    include_vectors=include_vectors), timeout)
+                page = self._call(
+                    shard,
+                    "ListItems",
+                    indexer_pb2.ListItemsRequest(
+                        generation=generation,
+                        page_size=page_size,
+                        page_token=token,
+                        include_vectors=include_vectors,
+                    ),
+                    timeout,
+                )
                 yield from page.records
                 token = page.next_page_token
                 if not token:
                     break
 
     def pending_count(self, generation: str, timeout: float | None = None) -> int:
-        return sum(self.get_generation(generation, shard=s, timeout=timeout).pending_count
-                   for s in range(self.shard_count))
+        return sum(
+            self.get_generation(generation, shard=s, timeout=timeout).pending_count
+            for s in range(self.shard_count)
+        )
 
     # ------------------------------------------------------------------ writes
 
-    def upsert(self, records: Iterable[indexer_pb2.Record], *, generation: str = "", batch_size: int = 256,
-               timeout: float | None = None) -> int:
+    def upsert(
+        self,
+        records: Iterable[indexer_pb2.Record],
+        *,
+        generation: str = "",
+        batch_size: int = 256,
+        timeout: float | None = None,
+    ) -> int:
         """Streams records to their shards in batches; returns how many were written (all durable)."""
         per_shard: list[list[indexer_pb2.Record]] = [[] for _ in range(self.shard_count)]
         for record in records:
@@ -187,10 +269,14 @@ class IndexerClient:
 
             def messages():
                 for start in range(0, len(part), batch_size):
-                    yield indexer_pb2.UpsertRequest(generation=generation, records=part[start : start + batch_size])
+                    yield indexer_pb2.UpsertRequest(
+                        generation=generation, records=part[start : start + batch_size]
+                    )
 
             try:
-                answer = self._stubs[shard].Upsert(messages(), timeout=timeout or max(self.timeout, len(part) / 500))
+                answer = self._stubs[shard].Upsert(
+                    messages(), timeout=timeout or max(self.timeout, len(part) / 500)
+                )
             except grpc.RpcError as exc:
                 raise self._error(shard, exc) from None
             return answer.upserted
@@ -204,22 +290,38 @@ class IndexerClient:
         if not allow_missing and len(by_shard) > 1:
             # Check every shard first so a missing id on one shard deletes nothing anywhere.
             self.get(ids, timeout=timeout)
-        return sum(self._call(s, "Delete", indexer_pb2.DeleteRequest(ids=part, allow_missing=allow_missing),
-                              timeout).deleted for s, part in by_shard.items())
+        return sum(
+            self._call(
+                s, "Delete", indexer_pb2.DeleteRequest(ids=part, allow_missing=allow_missing), timeout
+            ).deleted
+            for s, part in by_shard.items()
+        )
 
-    def create_generation(self, name: str, space: types_pb2.EmbeddingSpace, metric: int, dimension: int,
-                          params: indexer_pb2.HnswParams | None = None,
-                          timeout: float | None = None) -> indexer_pb2.Generation:
-        request = indexer_pb2.CreateGenerationRequest(name=name, space=space, metric=metric, dimension=dimension,
-                                                      params=params)
+    def create_generation(
+        self,
+        name: str,
+        space: types_pb2.EmbeddingSpace,
+        metric: int,
+        dimension: int,
+        params: indexer_pb2.HnswParams | None = None,
+        timeout: float | None = None,
+    ) -> indexer_pb2.Generation:
+        request = indexer_pb2.CreateGenerationRequest(
+            name=name, space=space, metric=metric, dimension=dimension, params=params
+        )
         return self._all("CreateGeneration", request, timeout)[0]
 
-    def activate_generation(self, name: str, *, allow_pending: bool = False,
-                            timeout: float | None = None) -> indexer_pb2.Generation:
+    def activate_generation(
+        self, name: str, *, allow_pending: bool = False, timeout: float | None = None
+    ) -> indexer_pb2.Generation:
         answer = None
         for shard in reversed(range(self.shard_count)):
-            answer = self._call(shard, "ActivateGeneration",
-                                indexer_pb2.ActivateGenerationRequest(name=name, allow_pending=allow_pending), timeout)
+            answer = self._call(
+                shard,
+                "ActivateGeneration",
+                indexer_pb2.ActivateGenerationRequest(name=name, allow_pending=allow_pending),
+                timeout,
+            )
         return answer
 
     def drop_generation(self, name: str, timeout: float | None = None) -> None:

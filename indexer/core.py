@@ -215,8 +215,15 @@ class IndexerCore:
             self._generations[row.name] = self._load_generation(row)
         self._active = active if active in self._generations else None
         self._ready.set()
-        log.info("index loaded", extra={"items": len(self._catalogue.items), "generations": len(self._generations),
-                                        "active": self._active, "seconds": round(time.monotonic() - started, 3)})
+        log.info(
+            "index loaded",
+            extra={
+                "items": len(self._catalogue.items),
+                "generations": len(self._generations),
+                "active": self._active,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
 
     def start_background(self) -> None:
         """Periodic snapshots (and change-log pruning) until close()."""
@@ -244,7 +251,10 @@ class IndexerCore:
         try:
             graph = HnswGraph.load(directory, self._params(row))
             snapshot_seq = graph.applied_seq
-            log.info("snapshot loaded", extra={"generation": row.name, "seq": graph.applied_seq, "count": len(graph)})
+            log.info(
+                "snapshot loaded",
+                extra={"generation": row.name, "seq": graph.applied_seq, "count": len(graph)},
+            )
         except SnapshotError as exc:
             log.warning("rebuilding graph from the store", extra={"generation": row.name, "reason": str(exc)})
             graph = self._build_from_store(row)
@@ -338,8 +348,10 @@ class IndexerCore:
             return gen
         active = self._active
         if active is None:
-            raise FailedPrecondition("no generation is active and the request names none; create and "
-                                     "activate one (e.g. with `python -m indexer reindex`)")
+            raise FailedPrecondition(
+                "no generation is active and the request names none; create and "
+                "activate one (e.g. with `python -m indexer reindex`)"
+            )
         return self._generations[active]
 
     def active_name(self) -> str | None:
@@ -352,14 +364,25 @@ class IndexerCore:
 
     def graph_figures(self) -> list[tuple[GenerationRow, int, int, int]]:
         """(row, vectors, deleted slots, memory bytes) per generation; cheap (no store access)."""
-        return [(g.row, len(g.graph), g.graph.deleted_slots, g.graph.memory_bytes())
-                for g in list(self._generations.values())]
+        return [
+            (g.row, len(g.graph), g.graph.deleted_slots, g.graph.memory_bytes())
+            for g in list(self._generations.values())
+        ]
 
     def item_count(self) -> int:
         return len(self._catalogue.items)
 
-    def create_generation(self, name: str, model_name: str, model_version: int, metric: int,
-                          dimension: int, m: int = 0, ef_construction: int = 0, ef_search: int = 0) -> GenerationInfo:
+    def create_generation(
+        self,
+        name: str,
+        model_name: str,
+        model_version: int,
+        metric: int,
+        dimension: int,
+        m: int = 0,
+        ef_construction: int = 0,
+        ef_search: int = 0,
+    ) -> GenerationInfo:
         self._check_ready()
         if not NAME_RE.match(name or ""):
             raise InvalidInput(f"generation name {name!r} must be 1..128 characters of [A-Za-z0-9._-]")
@@ -371,14 +394,27 @@ class IndexerCore:
             raise InvalidInput("metric must be METRIC_COSINE, METRIC_L2 or METRIC_INNER_PRODUCT")
         if not 1 <= dimension <= MAX_DIMENSION:
             raise InvalidInput(f"dimension must be 1..{MAX_DIMENSION}, got {dimension}")
-        for label, value, lo, hi in (("params.m", m, 2, 256), ("params.ef_construction", ef_construction, 1, MAX_EF),
-                                     ("params.ef_search", ef_search, 1, MAX_EF)):
+        for label, value, lo, hi in (
+            ("params.m", m, 2, 256),
+            ("params.ef_construction", ef_construction, 1, MAX_EF),
+            ("params.ef_search", ef_search, 1, MAX_EF),
+        ):
             if value and not lo <= value <= hi:
                 raise InvalidInput(f"{label} must be 0 (server default) or {lo}..{hi}, got {value}")
         c = self.config
-        row = GenerationRow(name, model_name, int(model_version), int(metric), int(dimension),
-                            m or c.default_m, ef_construction or c.default_ef_construction,
-                            ef_search or c.default_ef_search, BUILDING, time.time(), None)
+        row = GenerationRow(
+            name,
+            model_name,
+            int(model_version),
+            int(metric),
+            int(dimension),
+            m or c.default_m,
+            ef_construction or c.default_ef_construction,
+            ef_search or c.default_ef_search,
+            BUILDING,
+            time.time(),
+            None,
+        )
         with self._write_lock:
             if name in self._generations:
                 raise AlreadyExists(f"generation {name!r} already exists")
@@ -402,21 +438,26 @@ class IndexerCore:
         gens = sorted(self._generations.values(), key=lambda g: (g.row.created_at, g.name), reverse=True)
         return [self._info(g) for g in gens]
 
-    def activate_generation(self, name: str, allow_pending: bool = False, expected_active: str = "") -> GenerationInfo:
+    def activate_generation(
+        self, name: str, allow_pending: bool = False, expected_active: str = ""
+    ) -> GenerationInfo:
         self._check_ready()
         with self._write_lock:
             gen = self._resolve(name) if name else None
             if gen is None:
                 raise InvalidInput("name of the generation to activate is required")
             if expected_active and expected_active != (self._active or ""):
-                raise Aborted(f"expected {expected_active!r} to be active but it is {self._active or 'none'!r}")
+                raise Aborted(
+                    f"expected {expected_active!r} to be active but it is {self._active or 'none'!r}"
+                )
             if self._active == name:
                 return self._info(gen)
             pending = self.store.pending_count(name)
             if pending and not allow_pending:
                 raise FailedPrecondition(
                     f"generation {name!r} has {pending} pending items (changed since their vector was "
-                    "written); upsert them (see ListPending) or pass allow_pending")
+                    "written); upsert them (see ListPending) or pass allow_pending"
+                )
             previous = self._active
             now = time.time()
             self.store.activate(name, previous, now)
@@ -433,7 +474,9 @@ class IndexerCore:
         with self._write_lock:
             gen = self._resolve(name)
             if name == self._active:
-                raise FailedPrecondition(f"generation {name!r} is active; activate another one before dropping it")
+                raise FailedPrecondition(
+                    f"generation {name!r} is active; activate another one before dropping it"
+                )
             self.store.drop_generation(name)
             del self._generations[name]
             self._pending_cache.pop(name, None)
@@ -441,7 +484,9 @@ class IndexerCore:
                 remove_snapshot(gen.directory)
                 shutil.rmtree(gen.directory, ignore_errors=True)
 
-    def list_pending(self, generation: str, page_size: int = 0, page_token: str = "") -> tuple[list[ItemRow], str, int]:
+    def list_pending(
+        self, generation: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[ItemRow], str, int]:
         self._check_ready()
         if not generation:
             raise InvalidInput("generation is required")
@@ -456,8 +501,9 @@ class IndexerCore:
         token = _encode_token(items[-1].id) if more else ""
         return items, token, self.store.pending_count(generation)
 
-    def list_items(self, generation: str = "", page_size: int = 0, page_token: str = "",
-                   include_vectors: bool = False):
+    def list_items(
+        self, generation: str = "", page_size: int = 0, page_token: str = "", include_vectors: bool = False
+    ):
         """(items with vectors or None, next token, generation row): one page in id order."""
         self._check_ready()
         gen = self._resolve(generation)
@@ -482,8 +528,9 @@ class IndexerCore:
 
     def _info(self, gen: GenerationState) -> GenerationInfo:
         graph = gen.graph
-        return GenerationInfo(gen.row, len(graph), graph.deleted_slots, self._pending_count(gen.name),
-                              graph.memory_bytes())
+        return GenerationInfo(
+            gen.row, len(graph), graph.deleted_slots, self._pending_count(gen.name), graph.memory_bytes()
+        )
 
     # ================================================================== items
 
@@ -502,8 +549,13 @@ class IndexerCore:
         if n > self.config.max_batch:
             raise InvalidInput(f"at most {self.config.max_batch} {what} per message (--max-batch), got {n}")
 
-    def upsert(self, generation: str, records: Sequence[tuple[ItemRow, Sequence[float] | np.ndarray]],
-               *, offset: int = 0) -> GenerationRow:
+    def upsert(
+        self,
+        generation: str,
+        records: Sequence[tuple[ItemRow, Sequence[float] | np.ndarray]],
+        *,
+        offset: int = 0,
+    ) -> GenerationRow:
         """Validates and durably writes one message of records; returns the generation written."""
         self._check_ready()
         self.check_batch(len(records), "records")
@@ -515,8 +567,10 @@ class IndexerCore:
             self.validate_item(item, where)
             vector = np.asarray(values, dtype=np.float32)
             if vector.shape != (dim,):
-                raise InvalidInput(f"{where}: vector has {vector.size} values, generation {gen.name!r} "
-                                   f"expects dimension {dim}")
+                raise InvalidInput(
+                    f"{where}: vector has {vector.size} values, generation {gen.name!r} "
+                    f"expects dimension {dim}"
+                )
             if not np.isfinite(vector).all():
                 raise InvalidInput(f"{where}: vector contains NaN or infinite values")
             if gen.row.metric == 1 and not np.any(vector):
@@ -530,7 +584,9 @@ class IndexerCore:
                 # The active generation changed (or this one was dropped and re-created) since the
                 # records were validated against it: its dimension may differ.
                 raise Aborted(f"generation {gen.name!r} stopped being the target during the write; retry")
-            written = self.store.upsert(gen.name, list(cleaned.values()), bump_unchanged=(gen.name == self._active))
+            written = self.store.upsert(
+                gen.name, list(cleaned.values()), bump_unchanged=(gen.name == self._active)
+            )
             for w in written:
                 self._catalogue.put(w.item)
             ids = [w.item.id for w in written]
@@ -549,8 +605,10 @@ class IndexerCore:
         with self._write_lock:
             missing = [i for i in unique if i not in self._catalogue.items]
             if missing and not allow_missing:
-                raise NotFound(f"{len(missing)} ids do not exist, nothing deleted (first: {missing[0]!r}); "
-                               "pass allow_missing to delete the others")
+                raise NotFound(
+                    f"{len(missing)} ids do not exist, nothing deleted (first: {missing[0]!r}); "
+                    "pass allow_missing to delete the others"
+                )
             present = [i for i in unique if i in self._catalogue.items]
             if not present:
                 return 0, missing
@@ -581,14 +639,25 @@ class IndexerCore:
 
     # ================================================================== queries
 
-    def knn(self, queries: np.ndarray | Sequence[Sequence[float]], k: int, *, generation: str = "",
-            require_active: bool = False, item_filter: ItemFilter | None = None, ef: int = 0,
-            min_score: float | None = None, exclude_ids: Sequence[str] = ()) -> tuple[list[list[Hit]], GenerationRow]:
+    def knn(
+        self,
+        queries: np.ndarray | Sequence[Sequence[float]],
+        k: int,
+        *,
+        generation: str = "",
+        require_active: bool = False,
+        item_filter: ItemFilter | None = None,
+        ef: int = 0,
+        min_score: float | None = None,
+        exclude_ids: Sequence[str] = (),
+    ) -> tuple[list[list[Hit]], GenerationRow]:
         self._check_ready()
         gen = self._resolve(generation)
         if require_active and generation and generation != self._active:
-            raise Aborted(f"generation {generation!r} is no longer the active one "
-                          f"(active: {self._active or 'none'}); retry with the active generation")
+            raise Aborted(
+                f"generation {generation!r} is no longer the active one "
+                f"(active: {self._active or 'none'}); retry with the active generation"
+            )
         if not 1 <= k <= self.config.max_k:
             raise InvalidInput(f"k must be 1..{self.config.max_k}, got {k}")
         if not 0 <= ef <= MAX_EF:
@@ -615,13 +684,24 @@ class IndexerCore:
         items = self._catalogue.items
         results: list[list[Hit]] = []
         for row_ids, row_dists, row_scores in zip(ids, dists.tolist(), score_rows, strict=True):
-            results.append([Hit(items.get(i) or ItemRow(i), d, sc)
-                            for i, d, sc in zip(row_ids, row_dists, row_scores, strict=False)
-                            if min_score is None or sc >= min_score])
+            results.append(
+                [
+                    Hit(items.get(i) or ItemRow(i), d, sc)
+                    for i, d, sc in zip(row_ids, row_dists, row_scores, strict=False)
+                    if min_score is None or sc >= min_score
+                ]
+            )
         return results, gen.row
 
-    def _search(self, gen: GenerationState, graph: HnswGraph, q: np.ndarray, k: int,
-                flt: ItemFilter, exclude: set[str]):
+    def _search(
+        self,
+        gen: GenerationState,
+        graph: HnswGraph,
+        q: np.ndarray,
+        k: int,
+        flt: ItemFilter,
+        exclude: set[str],
+    ):
         live = len(graph)
         if live == 0:
             return [[] for _ in q], np.zeros((len(q), 0), np.float32)
@@ -632,8 +712,9 @@ class IndexerCore:
             accept = None
             if excluded_labels:
                 accept = lambda label: label not in excluded_labels  # noqa: E731
-            return self._hnsw_or_exact(gen, graph, q, k, accept,
-                                       lambda: [i for i in graph.label_of if i not in exclude])
+            return self._hnsw_or_exact(
+                gen, graph, q, k, accept, lambda: [i for i in graph.label_of if i not in exclude]
+            )
         if self._catalogue.estimate(flt) <= self.config.exact_threshold:
             return self._exact(gen, graph, q, k, self._candidates(graph, flt, exclude))
         items, id_of = self._catalogue.items, graph.id_of
@@ -647,8 +728,9 @@ class IndexerCore:
     def _candidates(self, graph: HnswGraph, flt: ItemFilter, exclude: set[str]) -> list[str]:
         return [i for i in self._catalogue.matching(flt) if i in graph.label_of and i not in exclude]
 
-    def _hnsw_or_exact(self, gen, graph, q, k, accept: Callable[[int], bool] | None,
-                       candidates: Callable[[], list[str]]):
+    def _hnsw_or_exact(
+        self, gen, graph, q, k, accept: Callable[[int], bool] | None, candidates: Callable[[], list[str]]
+    ):
         try:
             labels, dists = graph.search(q, k, accept)
         except RuntimeError:
@@ -699,8 +781,9 @@ def check_item(item: ItemRow, where: str, shard_id: int = 0, shard_count: int = 
     if shard_count > 1:
         owner = shard_of(item.id, shard_count)
         if owner != shard_id:
-            raise FailedPrecondition(f"{where}: id {item.id!r} belongs to shard {owner} of "
-                                     f"{shard_count}, this is shard {shard_id}")
+            raise FailedPrecondition(
+                f"{where}: id {item.id!r} belongs to shard {owner} of {shard_count}, this is shard {shard_id}"
+            )
 
 
 def _check_id(item_id: str, where: str) -> None:
@@ -732,7 +815,9 @@ def _as_queries(queries, dim: int) -> np.ndarray:
     if not isinstance(rows, np.ndarray):
         for j, row in enumerate(rows):
             if len(row) != dim:
-                raise InvalidInput(f"queries[{j}] has {len(row)} values, the generation expects dimension {dim}")
+                raise InvalidInput(
+                    f"queries[{j}] has {len(row)} values, the generation expects dimension {dim}"
+                )
     q = np.asarray(rows, dtype=np.float32)
     if q.ndim != 2 or q.shape[1] != dim:
         raise InvalidInput(f"query vectors must have dimension {dim}, got shape {tuple(q.shape)}")

@@ -94,7 +94,9 @@ class ExactIndex:
             return 1.0 - _normalise(q) @ self.vectors.T
         if self.metric == 3:
             return 1.0 - q @ self.vectors.T
-        sq = (q * q).sum(1)[:, None] + (self.vectors * self.vectors).sum(1)[None, :] - 2.0 * q @ self.vectors.T
+        sq = (
+            (q * q).sum(1)[:, None] + (self.vectors * self.vectors).sum(1)[None, :] - 2.0 * q @ self.vectors.T
+        )
         return np.maximum(sq, 0.0)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
@@ -104,7 +106,11 @@ class ExactIndex:
         if k == 0:
             return [[] for _ in range(n)], np.zeros((n, 0), np.float32)
         d = self.distances(queries)
-        part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < d.shape[1] else np.tile(np.arange(d.shape[1]), (n, 1))
+        part = (
+            np.argpartition(d, k - 1, axis=1)[:, :k]
+            if k < d.shape[1]
+            else np.tile(np.arange(d.shape[1]), (n, 1))
+        )
         rows = np.arange(n)[:, None]
         order = np.argsort(d[rows, part], axis=1, kind="stable")
         best = part[rows, order]
@@ -136,7 +142,9 @@ class HnswGraph:
         self.lock = RWLock()
         self.index = hnswlib.Index(space=SPACES[params.metric], dim=params.dimension)
         self.index.init_index(
-            max_elements=max(capacity, 16), M=params.m, ef_construction=params.ef_construction,
+            max_elements=max(capacity, 16),
+            M=params.m,
+            ef_construction=params.ef_construction,
             allow_replace_deleted=True,
         )
         self.index.set_ef(params.ef_search)
@@ -192,7 +200,9 @@ class HnswGraph:
     def vectors_of(self, ids: Sequence[str]) -> np.ndarray:
         if not ids:
             return np.zeros((0, self.params.dimension), np.float32)
-        return np.asarray(self.index.get_items([self.label_of[i] for i in ids], return_type="numpy"), np.float32)
+        return np.asarray(
+            self.index.get_items([self.label_of[i] for i in ids], return_type="numpy"), np.float32
+        )
 
     # ------------------------------------------------------------------ writes (hold lock.write())
 
@@ -230,9 +240,15 @@ class HnswGraph:
         graph_path, labels_path, manifest_path = _paths(directory)
         self.index.save_index(str(graph_path) + ".tmp")
         ids = list(self.label_of)
-        np.savez(str(labels_path) + ".tmp.npz", ids=np.array(ids, dtype=object).astype(str) if ids else np.zeros(0, "U1"),
-                 labels=np.array([self.label_of[i] for i in ids], dtype=np.int64))
-        for tmp, final in ((str(graph_path) + ".tmp", graph_path), (str(labels_path) + ".tmp.npz", labels_path)):
+        np.savez(
+            str(labels_path) + ".tmp.npz",
+            ids=np.array(ids, dtype=object).astype(str) if ids else np.zeros(0, "U1"),
+            labels=np.array([self.label_of[i] for i in ids], dtype=np.int64),
+        )
+        for tmp, final in (
+            (str(graph_path) + ".tmp", graph_path),
+            (str(labels_path) + ".tmp.npz", labels_path),
+        ):
             _fsync(tmp)
             os.replace(tmp, final)
         manifest = {

@@ -19,12 +19,21 @@ class IndexCollector:
         items = GaugeMetricFamily("cbir_indexer_items", "Live items in this shard's catalogue.")
         items.add_metric([], self.core.item_count())
         yield items
-        vectors = GaugeMetricFamily("cbir_indexer_generation_vectors", "Vectors in a generation's graph.",
-                                    labels=["generation", "state"])
-        deleted = GaugeMetricFamily("cbir_indexer_generation_deleted_slots",
-                                    "Graph slots marked deleted and not yet reused or compacted.", labels=["generation"])
-        memory = GaugeMetricFamily("cbir_indexer_generation_memory_bytes",
-                                   "Estimated resident size of a generation's HNSW graph.", labels=["generation"])
+        vectors = GaugeMetricFamily(
+            "cbir_indexer_generation_vectors",
+            "Vectors in a generation's graph.",
+            labels=["generation", "state"],
+        )
+        deleted = GaugeMetricFamily(
+            "cbir_indexer_generation_deleted_slots",
+            "Graph slots marked deleted and not yet reused or compacted.",
+            labels=["generation"],
+        )
+        memory = GaugeMetricFamily(
+            "cbir_indexer_generation_memory_bytes",
+            "Estimated resident size of a generation's HNSW graph.",
+            labels=["generation"],
+        )
         states = {1: "building", 2: "active", 3: "retired"}
         for row, count, deleted_slots, memory_bytes in self.core.graph_figures():
             vectors.add_metric([row.name, states.get(row.state, "unknown")], count)

@@ -34,27 +34,50 @@ from indexer.store import ItemRow
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = {"cosine": types_pb2.METRIC_COSINE, "l2": types_pb2.METRIC_L2, "ip": types_pb2.METRIC_INNER_PRODUCT}
+METRIC_NAMES = {
+    "cosine": types_pb2.METRIC_COSINE,
+    "l2": types_pb2.METRIC_L2,
+    "ip": types_pb2.METRIC_INNER_PRODUCT,
+}
 
 
 def add_parser(sub, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser(
-        "reindex", help="Embed a catalogue through Serving into a new generation and activate it.",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "reindex",
+        help="Embed a catalogue through Serving into a new generation and activate it.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     client_flags(p)
     p.add_argument("catalogue", help="Catalogue: a folder, the original data_dir, or a .csv/.jsonl manifest.")
     p.add_argument("--layout", default="auto", choices=["auto", "folders", "original", "manifest"])
-    p.add_argument("--dataset", default=None, help="Dataset of the original layout (bags, bags_40, bags_40_v2, cub).")
+    p.add_argument(
+        "--dataset", default=None, help="Dataset of the original layout (bags, bags_40, bags_40_v2, cub)."
+    )
     p.add_argument("--split", default=None, help="Only this split (train/validation/test).")
-    p.add_argument("--serving", default="127.0.0.1:8500", help="TF Serving (or local model server) gRPC address.")
-    p.add_argument("--model", required=False, default=None, help="Served model name (required unless --dry-run).")
-    p.add_argument("--model-version", type=int, default=None,
-                   help="Model version to use (default: the latest served; pinned for the whole run).")
+    p.add_argument(
+        "--serving", default="127.0.0.1:8500", help="TF Serving (or local model server) gRPC address."
+    )
+    p.add_argument(
+        "--model", required=False, default=None, help="Served model name (required unless --dry-run)."
+    )
+    p.add_argument(
+        "--model-version",
+        type=int,
+        default=None,
+        help="Model version to use (default: the latest served; pinned for the whole run).",
+    )
     p.add_argument("--signature", default="serving_default", help="Serving signature taking encoded images.")
-    p.add_argument("--generation", default=None,
-                   help="Generation name (default <model>-v<version>-<UTC time>); an existing one is resumed.")
-    p.add_argument("--resume", action="store_true",
-                   help="Resume the newest building generation of this model version (or --generation).")
+    p.add_argument(
+        "--generation",
+        default=None,
+        help="Generation name (default <model>-v<version>-<UTC time>); an existing one is resumed.",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Resume the newest building generation of this model version (or --generation).",
+    )
     p.add_argument("--metric", default="cosine", choices=sorted(METRIC_NAMES))
     p.add_argument("--hnsw-m", type=int, default=0, help="HNSW M (0: the server default).")
     p.add_argument("--hnsw-ef-construction", type=int, default=0)
@@ -114,15 +137,18 @@ def entry_items(entries) -> list[ItemRow]:
 
 
 def _record(item: ItemRow, vector: np.ndarray) -> indexer_pb2.Record:
-    return indexer_pb2.Record(item=types_pb2.Item(id=item.id, uri=item.uri, label=item.label,
-                                                  attributes=item.attributes), vector=vector)
+    return indexer_pb2.Record(
+        item=types_pb2.Item(id=item.id, uri=item.uri, label=item.label, attributes=item.attributes),
+        vector=vector,
+    )
 
 
 class Pipeline:
     """Reads images ahead in a thread pool, embeds batch by batch at a pinned version, upserts behind."""
 
-    def __init__(self, embedder, client, *, batch_size: int, readers: int, prefetch: int,
-                 timeout: float, progress=None):
+    def __init__(
+        self, embedder, client, *, batch_size: int, readers: int, prefetch: int, timeout: float, progress=None
+    ):
         self.embedder = embedder
         self.client = client
         self.batch_size = batch_size
@@ -140,8 +166,9 @@ class Pipeline:
         if self.version is None:
             self.version = int(result.model_version)
         elif int(result.model_version) != self.version:
-            raise FailedPrecondition(f"Serving answered with model version {result.model_version}, "
-                                     f"not the pinned {self.version}")
+            raise FailedPrecondition(
+                f"Serving answered with model version {result.model_version}, not the pinned {self.version}"
+            )
         return np.asarray(result.vectors, dtype=np.float32), int(result.model_version)
 
     def embed_items(self, items: Sequence[ItemRow], images: Sequence[bytes | None]):
@@ -182,8 +209,10 @@ class Pipeline:
         batches = [items[s : s + self.batch_size] for s in range(0, len(items), self.batch_size)]
         written = 0
         started = time.monotonic()
-        with futures.ThreadPoolExecutor(self.readers, thread_name_prefix="reindex-read") as reader, \
-                futures.ThreadPoolExecutor(1, thread_name_prefix="reindex-upsert") as writer:
+        with (
+            futures.ThreadPoolExecutor(self.readers, thread_name_prefix="reindex-read") as reader,
+            futures.ThreadPoolExecutor(1, thread_name_prefix="reindex-upsert") as writer,
+        ):
             reads = [reader.submit(self.read, b) for b in batches[: self.prefetch]]
             upsert: futures.Future | None = None
             name = None
@@ -230,11 +259,13 @@ def run(args, make_client) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    print(f"generation {report.generation} (model {args.model} version {report.model_version}): "
-          f"{report.catalogue_items} catalogue items, {report.embedded} embedded, {report.skipped} already "
-          f"current, {report.pending_embedded} pending embedded, {len(report.failed)} failed, "
-          f"{report.stream_items_per_second:.1f} items/s streaming, {report.items_per_second:.1f} items/s end to end; "
-          f"{'activated' if report.activated else 'not activated'}")
+    print(
+        f"generation {report.generation} (model {args.model} version {report.model_version}): "
+        f"{report.catalogue_items} catalogue items, {report.embedded} embedded, {report.skipped} already "
+        f"current, {report.pending_embedded} pending embedded, {len(report.failed)} failed, "
+        f"{report.stream_items_per_second:.1f} items/s streaming, {report.items_per_second:.1f} items/s end to end; "
+        f"{'activated' if report.activated else 'not activated'}"
+    )
     for item_id, why in report.failed[:20]:
         print(f"  failed {item_id}: {why}", file=sys.stderr)
     return 1 if report.failed else 0
@@ -249,8 +280,10 @@ def _dry_run(items: list[ItemRow], args) -> int:
     per_shard = [0] * shards
     for i in items:
         per_shard[shard_of(i.id, shards)] += 1
-    print(f"catalogue {args.catalogue}: {len(items)} items, {len(labels)} labels, "
-          f"{len(missing)} missing image files; per shard: {per_shard}. Dry run: nothing written.")
+    print(
+        f"catalogue {args.catalogue}: {len(items)} items, {len(labels)} labels, "
+        f"{len(missing)} missing image files; per shard: {per_shard}. Dry run: nothing written."
+    )
     for i in missing[:20]:
         print(f"  missing {i.id}: {i.uri}", file=sys.stderr)
     return 1 if missing else 0
@@ -267,9 +300,13 @@ def _find_generation(client, args) -> indexer_pb2.Generation | None:
             return None
     if not args.resume:
         return None
-    candidates = [g for g in client.list_generations() if g.state == indexer_pb2.GENERATION_STATE_BUILDING
-                  and g.space.model_name == args.model
-                  and (args.model_version is None or g.space.model_version == args.model_version)]
+    candidates = [
+        g
+        for g in client.list_generations()
+        if g.state == indexer_pb2.GENERATION_STATE_BUILDING
+        and g.space.model_name == args.model
+        and (args.model_version is None or g.space.model_version == args.model_version)
+    ]
     if not candidates:
         raise NotFound(f"--resume: no building generation of model {args.model!r} to resume")
     return candidates[0]
@@ -279,34 +316,57 @@ def reindex(items: list[ItemRow], args, make_client) -> ReindexReport:
     from embedder.client import EmbedderClient
 
     started = time.monotonic()
-    with make_client(args) as client, EmbedderClient(args.serving, args.model, signature_name=args.signature,
-                                                      timeout=args.serving_timeout) as embedder:
+    with (
+        make_client(args) as client,
+        EmbedderClient(
+            args.serving, args.model, signature_name=args.signature, timeout=args.serving_timeout
+        ) as embedder,
+    ):
         existing = _find_generation(client, args)
-        pipeline = Pipeline(embedder, client, batch_size=args.batch_size, readers=args.readers,
-                            prefetch=args.prefetch, timeout=args.serving_timeout)
+        pipeline = Pipeline(
+            embedder,
+            client,
+            batch_size=args.batch_size,
+            readers=args.readers,
+            prefetch=args.prefetch,
+            timeout=args.serving_timeout,
+        )
         skipped = 0
         todo = items
         if existing is not None:
             if existing.state != indexer_pb2.GENERATION_STATE_BUILDING and not args.generation:
                 raise FailedPrecondition(f"generation {existing.name!r} is not building")
             if args.model_version is not None and existing.space.model_version != args.model_version:
-                raise FailedPrecondition(f"generation {existing.name!r} was built with version "
-                                         f"{existing.space.model_version}, not {args.model_version}")
+                raise FailedPrecondition(
+                    f"generation {existing.name!r} was built with version "
+                    f"{existing.space.model_version}, not {args.model_version}"
+                )
             pipeline.version = int(existing.space.model_version)
             todo = _still_to_do(client, existing.name, items)
             skipped = len(items) - len(todo)
-            print(f"resuming generation {existing.name}: {skipped} items already current, {len(todo)} to embed")
+            print(
+                f"resuming generation {existing.name}: {skipped} items already current, {len(todo)} to embed"
+            )
         elif args.model_version is not None:
             pipeline.version = args.model_version
         name_box: list[str] = [existing.name] if existing is not None else []
 
         def generation(dim: int, version: int) -> str:
             if not name_box:
-                name = args.generation or f"{args.model}-v{version}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-                params = indexer_pb2.HnswParams(m=args.hnsw_m, ef_construction=args.hnsw_ef_construction,
-                                                ef_search=args.hnsw_ef_search)
-                client.create_generation(name, types_pb2.EmbeddingSpace(model_name=args.model, model_version=version),
-                                         METRIC_NAMES[args.metric], dim, params)
+                name = (
+                    args.generation
+                    or f"{args.model}-v{version}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+                )
+                params = indexer_pb2.HnswParams(
+                    m=args.hnsw_m, ef_construction=args.hnsw_ef_construction, ef_search=args.hnsw_ef_search
+                )
+                client.create_generation(
+                    name,
+                    types_pb2.EmbeddingSpace(model_name=args.model, model_version=version),
+                    METRIC_NAMES[args.metric],
+                    dim,
+                    params,
+                )
                 print(f"created generation {name} (model {args.model} version {version}, dim {dim})")
                 name_box.append(name)
             return name_box[0]
@@ -332,10 +392,23 @@ def reindex(items: list[ItemRow], args, make_client) -> ReindexReport:
             client.activate_generation(name, allow_pending=args.allow_pending)
             activated = True
         elif pipeline.failed:
-            print(f"not activating: {len(pipeline.failed)} images failed; fix them and run again to resume "
-                  f"(--generation {name})", file=sys.stderr)
-        return ReindexReport(name, pipeline.version or 0, len(items), embedded, skipped, pending_embedded,
-                             pipeline.failed, time.monotonic() - started, pipeline.stream_seconds, activated)
+            print(
+                f"not activating: {len(pipeline.failed)} images failed; fix them and run again to resume "
+                f"(--generation {name})",
+                file=sys.stderr,
+            )
+        return ReindexReport(
+            name,
+            pipeline.version or 0,
+            len(items),
+            embedded,
+            skipped,
+            pending_embedded,
+            pipeline.failed,
+            time.monotonic() - started,
+            pipeline.stream_seconds,
+            activated,
+        )
 
 
 def _still_to_do(client, generation: str, items: list[ItemRow]) -> list[ItemRow]:
@@ -345,8 +418,13 @@ def _still_to_do(client, generation: str, items: list[ItemRow]) -> list[ItemRow]
     todo = []
     for item in items:
         stored = have.get(item.id)
-        if (stored is None or item.id in pending or stored.uri != item.uri or stored.label != item.label
-                or dict(stored.attributes) != item.attributes):
+        if (
+            stored is None
+            or item.id in pending
+            or stored.uri != item.uri
+            or stored.label != item.label
+            or dict(stored.attributes) != item.attributes
+        ):
             todo.append(item)
     return todo
 
@@ -373,8 +451,10 @@ def _check(client, generation: str, samples: int, allow_pending: bool = False) -
     pending = sum(g.pending_count for g in gens)
     print(f"check: {in_generation} vectors for {catalogue} catalogue items, {pending} pending")
     if (pending or in_generation != catalogue) and not allow_pending:
-        raise FailedPrecondition(f"check failed: generation {generation} has {in_generation} vectors for {catalogue} "
-                                 f"catalogue items ({pending} pending); run again to resume, or pass --allow-pending")
+        raise FailedPrecondition(
+            f"check failed: generation {generation} has {in_generation} vectors for {catalogue} "
+            f"catalogue items ({pending} pending); run again to resume, or pass --allow-pending"
+        )
     if samples <= 0 or in_generation == 0:
         return
     records = []
@@ -382,14 +462,22 @@ def _check(client, generation: str, samples: int, allow_pending: bool = False) -
         records.append(record)
         if len(records) >= samples:
             break
-    answer = client.knn(np.array([list(r.vector) for r in records], np.float32), 1,
-                        generation=generation, require_active=False)
+    answer = client.knn(
+        np.array([list(r.vector) for r in records], np.float32),
+        1,
+        generation=generation,
+        require_active=False,
+    )
     for record, neighbours in zip(records, answer.results, strict=True):
         top = neighbours.hits[0] if neighbours.hits else None
         # A duplicate image may tie with the item itself; the score must still be the best possible.
-        if top is None or (top.id != record.item.id and top.score < _self_score(record, answer.generation.metric) - 1e-4):
-            raise FailedPrecondition(f"check failed: item {record.item.id!r} does not find itself first in "
-                                     f"{generation} (got {top.id if top else 'nothing'!r})")
+        if top is None or (
+            top.id != record.item.id and top.score < _self_score(record, answer.generation.metric) - 1e-4
+        ):
+            raise FailedPrecondition(
+                f"check failed: item {record.item.id!r} does not find itself first in "
+                f"{generation} (got {top.id if top else 'nothing'!r})"
+            )
 
 
 def _self_score(record: indexer_pb2.Record, metric: int) -> float:
@@ -411,8 +499,15 @@ def export(client, generation: str, output: Path) -> int:
         uris.append(record.item.uri)
         vectors.append(np.asarray(record.vector, np.float32))
     output.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(output, ids=np.array(ids, dtype=str), labels=np.array(labels, dtype=str), uris=np.array(uris, dtype=str),
-             vectors=np.stack(vectors) if vectors else np.zeros((0, gen.dimension), np.float32),
-             generation=gen.name, model_name=gen.space.model_name, model_version=gen.space.model_version,
-             metric=types_pb2.Metric.Name(gen.metric))
+    np.savez(
+        output,
+        ids=np.array(ids, dtype=str),
+        labels=np.array(labels, dtype=str),
+        uris=np.array(uris, dtype=str),
+        vectors=np.stack(vectors) if vectors else np.zeros((0, gen.dimension), np.float32),
+        generation=gen.name,
+        model_name=gen.space.model_name,
+        model_version=gen.space.model_version,
+        metric=types_pb2.Metric.Name(gen.metric),
+    )
     return len(ids)

@@ -74,7 +74,9 @@ def generation_to_proto(info: GenerationInfo) -> indexer_pb2.Generation:
 
 def _hit(hit) -> types_pb2.Hit:
     item = hit.item
-    message = types_pb2.Hit(id=item.id, score=hit.score, distance=hit.distance, uri=item.uri, label=item.label)
+    message = types_pb2.Hit(
+        id=item.id, score=hit.score, distance=hit.distance, uri=item.uri, label=item.label
+    )
     if item.attributes:  # filling an empty map costs as much as the rest of the hit
         message.attributes.update(item.attributes)
     return message
@@ -95,8 +97,10 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             if generation is None:
                 generation = message.generation
             elif message.generation != generation:
-                raise InvalidInput(f"every message of an Upsert stream must name the same generation "
-                                   f"({generation!r} then {message.generation!r}); {written} records were written")
+                raise InvalidInput(
+                    f"every message of an Upsert stream must name the same generation "
+                    f"({generation!r} then {message.generation!r}); {written} records were written"
+                )
             records = [(item_from_proto(r.item), r.vector) for r in message.records]
             try:
                 row = self.core.upsert(generation, records, offset=written)
@@ -116,16 +120,21 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
     def Get(self, request, context):
         found, row = self.core.get(list(request.ids), request.generation, request.include_vectors)
         return indexer_pb2.GetResponse(
-            records=[indexer_pb2.Record(item=item_to_proto(item), vector=[] if vec is None else vec.tolist())
-                     for item, vec in found],
+            records=[
+                indexer_pb2.Record(item=item_to_proto(item), vector=[] if vec is None else vec.tolist())
+                for item, vec in found
+            ],
             generation=generation_ref(row),
         )
 
     def Knn(self, request, context):
         results, row = self.core.knn(
-            [np.asarray(q.values, np.float32) for q in request.queries], request.k,
-            generation=request.generation, require_active=request.require_active,
-            item_filter=filter_from_proto(request.filter), ef=request.ef,
+            [np.asarray(q.values, np.float32) for q in request.queries],
+            request.k,
+            generation=request.generation,
+            require_active=request.require_active,
+            item_filter=filter_from_proto(request.filter),
+            ef=request.ef,
             min_score=request.min_score if request.HasField("min_score") else None,
             exclude_ids=list(request.exclude_ids),
         )
@@ -137,41 +146,64 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
     def Stats(self, request, context):
         s = self.core.stats()
         return indexer_pb2.StatsResponse(
-            item_count=s.item_count, active_generation=s.active_generation,
-            generations=[generation_to_proto(g) for g in s.generations], store_bytes=s.store_bytes,
-            process_rss_bytes=s.process_rss_bytes, shard_id=s.shard_id, shard_count=s.shard_count,
+            item_count=s.item_count,
+            active_generation=s.active_generation,
+            generations=[generation_to_proto(g) for g in s.generations],
+            store_bytes=s.store_bytes,
+            process_rss_bytes=s.process_rss_bytes,
+            shard_id=s.shard_id,
+            shard_count=s.shard_count,
             last_sequence=s.last_sequence,
         )
 
     def CreateGeneration(self, request, context):
         p = request.params
-        return generation_to_proto(self.core.create_generation(
-            request.name, request.space.model_name, request.space.model_version, request.metric,
-            request.dimension, p.m, p.ef_construction, p.ef_search))
+        return generation_to_proto(
+            self.core.create_generation(
+                request.name,
+                request.space.model_name,
+                request.space.model_version,
+                request.metric,
+                request.dimension,
+                p.m,
+                p.ef_construction,
+                p.ef_search,
+            )
+        )
 
     def GetGeneration(self, request, context):
         return generation_to_proto(self.core.get_generation(request.name))
 
     def ListGenerations(self, request, context):
         return indexer_pb2.ListGenerationsResponse(
-            generations=[generation_to_proto(g) for g in self.core.list_generations()])
+            generations=[generation_to_proto(g) for g in self.core.list_generations()]
+        )
 
     def ListPending(self, request, context):
-        items, token, total = self.core.list_pending(request.generation, request.page_size, request.page_token)
-        return indexer_pb2.ListPendingResponse(items=[item_to_proto(i) for i in items], next_page_token=token,
-                                               total=total)
+        items, token, total = self.core.list_pending(
+            request.generation, request.page_size, request.page_token
+        )
+        return indexer_pb2.ListPendingResponse(
+            items=[item_to_proto(i) for i in items], next_page_token=token, total=total
+        )
 
     def ListItems(self, request, context):
-        rows, token, row = self.core.list_items(request.generation, request.page_size, request.page_token,
-                                                request.include_vectors)
+        rows, token, row = self.core.list_items(
+            request.generation, request.page_size, request.page_token, request.include_vectors
+        )
         return indexer_pb2.ListItemsResponse(
-            records=[indexer_pb2.Record(item=item_to_proto(item), vector=[] if vec is None else vec.tolist())
-                     for item, vec in rows],
-            next_page_token=token, generation=generation_ref(row))
+            records=[
+                indexer_pb2.Record(item=item_to_proto(item), vector=[] if vec is None else vec.tolist())
+                for item, vec in rows
+            ],
+            next_page_token=token,
+            generation=generation_ref(row),
+        )
 
     def ActivateGeneration(self, request, context):
-        return generation_to_proto(self.core.activate_generation(
-            request.name, request.allow_pending, request.expected_active))
+        return generation_to_proto(
+            self.core.activate_generation(request.name, request.allow_pending, request.expected_active)
+        )
 
     def DropGeneration(self, request, context):
         self.core.drop_generation(request.name)
@@ -184,8 +216,10 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
 def serve(options: ServerOptions, core: IndexerCore) -> RunningServer:
     """Starts the server NOT_SERVING, loads the index in the background, then reports SERVING."""
     running = start_server(
-        options, [(indexer_pb2_grpc.add_IndexerServiceServicer_to_server, IndexerServicer(core))],
-        [SERVICE_NAME], serving=False,
+        options,
+        [(indexer_pb2_grpc.add_IndexerServiceServicer_to_server, IndexerServicer(core))],
+        [SERVICE_NAME],
+        serving=False,
     )
     collector = IndexCollector(core)
     prometheus_client.REGISTRY.register(collector)

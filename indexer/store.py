@@ -138,9 +138,11 @@ class ItemStore:
     # ------------------------------------------------------------------ reads
 
     def last_sequence(self, conn: sqlite3.Connection | None = None) -> int:
-        row = (conn or self._reader()).execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'changes'"
-        ).fetchone()
+        row = (
+            (conn or self._reader())
+            .execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'")
+            .fetchone()
+        )
         return int(row[0]) if row else 0
 
     def all_items(self) -> Iterator[ItemRow]:
@@ -170,7 +172,9 @@ class ItemStore:
                 found[row[0]] = (np.frombuffer(row[1], dtype=np.float32), row[2])
         return found
 
-    def generation_snapshot(self, generation: str, batch: int = 10_000) -> tuple[int, Iterator[tuple[list[str], np.ndarray]]]:
+    def generation_snapshot(
+        self, generation: str, batch: int = 10_000
+    ) -> tuple[int, Iterator[tuple[list[str], np.ndarray]]]:
         """The last sequence and every vector of a generation, read in ONE consistent transaction.
 
         The iterator must be consumed fully (it ends the transaction).
@@ -187,7 +191,10 @@ class ItemStore:
                     if not part:
                         return
                     ids = [r[0] for r in part]
-                    yield ids, np.frombuffer(b"".join(r[1] for r in part), dtype=np.float32).reshape(len(ids), -1)
+                    yield (
+                        ids,
+                        np.frombuffer(b"".join(r[1] for r in part), dtype=np.float32).reshape(len(ids), -1),
+                    )
             finally:
                 conn.execute("COMMIT")
                 conn.close()
@@ -212,46 +219,70 @@ class ItemStore:
         return last, ids
 
     def generations(self) -> list[GenerationRow]:
-        rows = self._reader().execute(
-            "SELECT name, model_name, model_version, metric, dimension, m, ef_construction, ef_search,"
-            " state, created_at, activated_at FROM generations ORDER BY created_at DESC, name DESC"
-        ).fetchall()
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT name, model_name, model_version, metric, dimension, m, ef_construction, ef_search,"
+                " state, created_at, activated_at FROM generations ORDER BY created_at DESC, name DESC"
+            )
+            .fetchall()
+        )
         return [GenerationRow(*r) for r in rows]
 
     def item_count(self) -> int:
         return self._reader().execute("SELECT COUNT(*) FROM items").fetchone()[0]
 
     def vector_count(self, generation: str) -> int:
-        return self._reader().execute(
-            "SELECT COUNT(*) FROM vectors WHERE generation = ?", (generation,)
-        ).fetchone()[0]
+        return (
+            self._reader()
+            .execute("SELECT COUNT(*) FROM vectors WHERE generation = ?", (generation,))
+            .fetchone()[0]
+        )
 
     def pending_count(self, generation: str) -> int:
-        return self._reader().execute(
-            "SELECT COUNT(*) FROM items i LEFT JOIN vectors v ON v.generation = ? AND v.id = i.id"
-            " WHERE v.id IS NULL OR v.revision < i.revision",
-            (generation,),
-        ).fetchone()[0]
+        return (
+            self._reader()
+            .execute(
+                "SELECT COUNT(*) FROM items i LEFT JOIN vectors v ON v.generation = ? AND v.id = i.id"
+                " WHERE v.id IS NULL OR v.revision < i.revision",
+                (generation,),
+            )
+            .fetchone()[0]
+        )
 
     def pending_page(self, generation: str, after: str, limit: int) -> list[ItemRow]:
-        rows = self._reader().execute(
-            "SELECT i.id, i.uri, i.label, i.attributes, i.revision FROM items i"
-            " LEFT JOIN vectors v ON v.generation = ? AND v.id = i.id"
-            " WHERE (v.id IS NULL OR v.revision < i.revision) AND i.id > ? ORDER BY i.id LIMIT ?",
-            (generation, after, limit),
-        ).fetchall()
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT i.id, i.uri, i.label, i.attributes, i.revision FROM items i"
+                " LEFT JOIN vectors v ON v.generation = ? AND v.id = i.id"
+                " WHERE (v.id IS NULL OR v.revision < i.revision) AND i.id > ? ORDER BY i.id LIMIT ?",
+                (generation, after, limit),
+            )
+            .fetchall()
+        )
         return [ItemRow(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
 
-    def items_page(self, generation: str, after: str, limit: int, include_vectors: bool
-                   ) -> list[tuple[ItemRow, np.ndarray | None]]:
+    def items_page(
+        self, generation: str, after: str, limit: int, include_vectors: bool
+    ) -> list[tuple[ItemRow, np.ndarray | None]]:
         """Items with a vector in ``generation``, in id order, after id ``after``."""
-        rows = self._reader().execute(
-            "SELECT i.id, i.uri, i.label, i.attributes, i.revision, v.vector FROM vectors v"
-            " JOIN items i ON i.id = v.id WHERE v.generation = ? AND v.id > ? ORDER BY v.id LIMIT ?",
-            (generation, after, limit),
-        ).fetchall()
-        return [(ItemRow(r[0], r[1], r[2], json.loads(r[3]), r[4]),
-                 np.frombuffer(r[5], dtype=np.float32) if include_vectors else None) for r in rows]
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT i.id, i.uri, i.label, i.attributes, i.revision, v.vector FROM vectors v"
+                " JOIN items i ON i.id = v.id WHERE v.generation = ? AND v.id > ? ORDER BY v.id LIMIT ?",
+                (generation, after, limit),
+            )
+            .fetchall()
+        )
+        return [
+            (
+                ItemRow(r[0], r[1], r[2], json.loads(r[3]), r[4]),
+                np.frombuffer(r[5], dtype=np.float32) if include_vectors else None,
+            )
+            for r in rows
+        ]
 
     def size_bytes(self) -> int:
         total = 0
@@ -288,7 +319,9 @@ class ItemStore:
         written: list[WrittenItem] = []
         with self._transaction() as conn:
             for item, vector in records:
-                cur = conn.execute("INSERT INTO changes (generation, id) VALUES (?, ?)", (generation, item.id))
+                cur = conn.execute(
+                    "INSERT INTO changes (generation, id) VALUES (?, ?)", (generation, item.id)
+                )
                 seq = cur.lastrowid
                 old = existing.get(item.id)
                 if old is None or bump_unchanged or not old.same_content(item):
@@ -297,7 +330,13 @@ class ItemStore:
                         "INSERT INTO items (id, uri, label, attributes, revision) VALUES (?, ?, ?, ?, ?)"
                         " ON CONFLICT(id) DO UPDATE SET uri = excluded.uri, label = excluded.label,"
                         " attributes = excluded.attributes, revision = excluded.revision",
-                        (item.id, item.uri, item.label, json.dumps(item.attributes, sort_keys=True), revision),
+                        (
+                            item.id,
+                            item.uri,
+                            item.label,
+                            json.dumps(item.attributes, sort_keys=True),
+                            revision,
+                        ),
                     )
                 else:
                     revision = old.revision
@@ -315,7 +354,9 @@ class ItemStore:
         with self._transaction() as conn:
             seq = 0
             for item_id in ids:
-                seq = conn.execute("INSERT INTO changes (generation, id) VALUES (NULL, ?)", (item_id,)).lastrowid
+                seq = conn.execute(
+                    "INSERT INTO changes (generation, id) VALUES (NULL, ?)", (item_id,)
+                ).lastrowid
                 conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
                 conn.execute("DELETE FROM vectors WHERE id = ?", (item_id,))
         return seq
@@ -324,8 +365,19 @@ class ItemStore:
         with self._transaction() as conn:
             conn.execute(
                 "INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (row.name, row.model_name, row.model_version, row.metric, row.dimension, row.m,
-                 row.ef_construction, row.ef_search, row.state, row.created_at, row.activated_at),
+                (
+                    row.name,
+                    row.model_name,
+                    row.model_version,
+                    row.metric,
+                    row.dimension,
+                    row.m,
+                    row.ef_construction,
+                    row.ef_search,
+                    row.state,
+                    row.created_at,
+                    row.activated_at,
+                ),
             )
 
     def activate(self, name: str, previous: str | None, when: float) -> None:

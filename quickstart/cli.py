@@ -23,35 +23,60 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
-        "demo", help="Train, export, serve, index, search, evaluate, hot-swap; write a report.",
+        "demo",
+        help="Train, export, serve, index, search, evaluate, hot-swap; write a report.",
         description="Everything on localhost in about 10 minutes on 2 CPU cores; stops everything it "
-                    "started, also on Ctrl-C or failure. The report goes to <root>/report/index.html.",
+        "started, also on Ctrl-C or failure. The report goes to <root>/report/index.html.",
     )
-    demo.add_argument("--data", type=Path, default=None,
-                      help="A folder-per-class catalogue (<class>/<image> or <split>/<class>/<image>). "
-                           "Default: Fashion-MNIST (Debian package dataset-fashion-mnist, the Keras cache, or a download).")
+    demo.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="A folder-per-class catalogue (<class>/<image> or <split>/<class>/<image>). "
+        "Default: Fashion-MNIST (Debian package dataset-fashion-mnist, the Keras cache, or a download).",
+    )
     demo.add_argument("--root", type=Path, default=DEMO_ROOT, help="Where the demo writes everything.")
     demo.add_argument("--quick", action="store_true", help="Tiny data and few training steps (for tests).")
     demo.add_argument("--train-per-class", type=int, default=None, help="Catalogue images per class.")
     demo.add_argument("--test-per-class", type=int, default=None, help="Query images per class.")
     demo.add_argument("--steps", type=int, default=None, help="Training steps of version 1.")
     demo.add_argument("--swap-steps", type=int, default=None, help="Extra training steps of version 2.")
-    demo.add_argument("--seed", type=int, default=0, help="Seed of the data subset, training and query draws.")
-    demo.add_argument("--no-install", action="store_true",
-                      help="Do not apt-get install the Fashion-MNIST package nor download it.")
-    demo.add_argument("--keep-running", action="store_true",
-                      help="Leave the services running at the end (stop them with `python -m quickstart "
-                           "down --root <root>/stack`). Default: stop everything.")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="Seed of the data subset, training and query draws."
+    )
+    demo.add_argument(
+        "--no-install",
+        action="store_true",
+        help="Do not apt-get install the Fashion-MNIST package nor download it.",
+    )
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="Leave the services running at the end (stop them with `python -m quickstart "
+        "down --root <root>/stack`). Default: stop everything.",
+    )
 
-    up = sub.add_parser("up", help="Start the model server, indexer and gateway in the background (idempotent).")
-    up.add_argument("--root", type=Path, default=STACK_ROOT, help="Folder of logs, pid files and service data.")
-    up.add_argument("--models", type=Path, default=None,
-                    help="Model repository (<repo>/<name>/<version>/). Default: <root>/models, seeded with "
-                         "the demo's latest model when empty.")
+    up = sub.add_parser(
+        "up", help="Start the model server, indexer and gateway in the background (idempotent)."
+    )
+    up.add_argument(
+        "--root", type=Path, default=STACK_ROOT, help="Folder of logs, pid files and service data."
+    )
+    up.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="Model repository (<repo>/<name>/<version>/). Default: <root>/models, seeded with "
+        "the demo's latest model when empty.",
+    )
     up.add_argument("--model-name", default="demo", help="Model to serve.")
-    up.add_argument("--catalogue", type=Path, default=None,
-                    help="Catalogue to index when the indexer has no active generation "
-                         "(default: the demo's catalogue, if `make demo` ran).")
+    up.add_argument(
+        "--catalogue",
+        type=Path,
+        default=None,
+        help="Catalogue to index when the indexer has no active generation "
+        "(default: the demo's catalogue, if `make demo` ran).",
+    )
     up.add_argument("--serving-port", type=int, default=defaults.SERVING_GRPC_PORT)
     up.add_argument("--indexer-port", type=int, default=defaults.INDEXER_PORT)
     up.add_argument("--gateway-port", type=int, default=defaults.GATEWAY_PORT)

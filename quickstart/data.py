@@ -35,7 +35,16 @@ FILES = {
 }
 # Fashion-MNIST's class ids, as folder names.
 CLASS_NAMES = (
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
 )
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 MARKER = "demo_data.json"
@@ -123,7 +132,9 @@ def _has_files(folder: Path) -> bool:
     return all((folder / name).is_file() for pair in FILES.values() for name in pair)
 
 
-def find_fashion_mnist(*, install_package: bool = True, allow_download: bool = True, log: Log = print) -> Path:
+def find_fashion_mnist(
+    *, install_package: bool = True, allow_download: bool = True, log: Log = print
+) -> Path:
     """A folder with the four original ``.gz`` files; installs or downloads them if it can."""
     for folder in (DEBIAN_DIR, KERAS_DIR):
         if _has_files(folder):
@@ -168,7 +179,10 @@ def _download(folder: Path) -> None:
             if target.is_file():
                 continue
             partial = target.with_suffix(".part")
-            with urllib.request.urlopen(DOWNLOAD_URL + name, timeout=30) as response, open(partial, "wb") as out:
+            with (
+                urllib.request.urlopen(DOWNLOAD_URL + name, timeout=30) as response,
+                open(partial, "wb") as out,
+            ):
                 shutil.copyfileobj(response, out)
             os.replace(partial, target)
 
@@ -180,7 +194,9 @@ def read_idx(images_gz: Path, labels_gz: Path) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(labels_gz, "rb") as handle:
         labels = np.frombuffer(handle.read(), np.uint8, offset=8)
     if images.size != labels.size * 28 * 28:
-        raise InvalidInput(f"{images_gz} and {labels_gz} disagree: {images.size} pixels for {labels.size} labels")
+        raise InvalidInput(
+            f"{images_gz} and {labels_gz} disagree: {images.size} pixels for {labels.size} labels"
+        )
     return images.reshape(-1, 28, 28), labels
 
 
@@ -194,7 +210,9 @@ def balanced_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
     return np.sort(np.concatenate(chosen))
 
 
-def _write_fashion_mnist(gz_dir: Path, out: Path, train_per_class: int, test_per_class: int, seed: int) -> None:
+def _write_fashion_mnist(
+    gz_dir: Path, out: Path, train_per_class: int, test_per_class: int, seed: int
+) -> None:
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         images, labels = read_idx(gz_dir / FILES[split][0], gz_dir / FILES[split][1])
         for index in balanced_indices(labels, per_class, seed):
@@ -217,7 +235,9 @@ def _class_dirs(folder: Path) -> list[Path]:
 def _subset_of_folders(data: Path, out: Path, train_per_class: int, test_per_class: int, seed: int) -> str:
     """Links a balanced subset of ``data`` (``<split>/<class>/*`` or ``<class>/*``) into ``out``."""
     if not data.is_dir():
-        raise InvalidInput(f"DATA={data} is not a folder (expected <class>/<image> or <split>/<class>/<image>)")
+        raise InvalidInput(
+            f"DATA={data} is not a folder (expected <class>/<image> or <split>/<class>/<image>)"
+        )
     splits = {p.name: p for p in _class_dirs(data)}
     if "train" in splits and ("test" in splits or "validation" in splits):
         # An explicit split: queries come from test (or validation), the catalogue from train.

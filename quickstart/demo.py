@@ -62,17 +62,29 @@ class DemoOptions:
         quick = bool(args.quick)
         base = cls(root=args.root, quick=quick, **(QUICK if quick else {}))
         chosen = {
-            "data": args.data, "seed": args.seed, "install": not args.no_install,
+            "data": args.data,
+            "seed": args.seed,
+            "install": not args.no_install,
             "keep_running": args.keep_running,
-            "train_per_class": args.train_per_class, "test_per_class": args.test_per_class,
-            "steps": args.steps, "swap_steps": args.swap_steps,
+            "train_per_class": args.train_per_class,
+            "test_per_class": args.test_per_class,
+            "steps": args.steps,
+            "swap_steps": args.swap_steps,
         }
         return cls(**{**asdict(base), **{k: v for k, v in chosen.items() if v is not None}})
 
 
 # Small enough for a test: a few hundred images, a few dozen steps.
-QUICK = {"train_per_class": 10, "test_per_class": 3, "steps": 20, "swap_steps": 5, "image_size": 28,
-         "embedding_dim": 32, "grid_rows": 5, "grid_hits": 6}
+QUICK = {
+    "train_per_class": 10,
+    "test_per_class": 3,
+    "steps": 20,
+    "swap_steps": 5,
+    "image_size": 28,
+    "embedding_dim": 32,
+    "grid_rows": 5,
+    "grid_hits": 6,
+}
 
 
 class _Interrupted(BaseException):
@@ -95,9 +107,14 @@ def run_demo(options: DemoOptions) -> int:
     try:
         demo = _Demo(options, root, progress, stack)
         summary = demo.run()
-        ok = summary["evaluation"]["agree"] and summary["hot_swap"]["failed"] == 0 \
+        ok = (
+            summary["evaluation"]["agree"]
+            and summary["hot_swap"]["failed"] == 0
             and summary["hot_swap"]["inconsistent"] == 0
-        progress.say(f"\nreport: {root / 'report' / 'index.html'}  (figures in {root / 'report' / 'report.json'})")
+        )
+        progress.say(
+            f"\nreport: {root / 'report' / 'index.html'}  (figures in {root / 'report' / 'report.json'})"
+        )
         progress.say(f"demo finished in {time.monotonic() - started_wall:.0f}s: " + summary["summary"])
     except (KeyboardInterrupt, _Interrupted) as exc:
         progress.say(f"\ninterrupted ({exc or 'Ctrl-C'}): stopping everything the demo started")
@@ -121,8 +138,10 @@ def _machine() -> str:
     from benchmarks.run import machine_info
 
     info = machine_info()
-    return (f"{info['cpu']}, {info['cores']} cores, {info.get('ram_gb', '?')} GB RAM, Python {info['python']}, "
-            f"TensorFlow {info['tensorflow']}")
+    return (
+        f"{info['cpu']}, {info['cores']} cores, {info.get('ram_gb', '?')} GB RAM, Python {info['python']}, "
+        f"TensorFlow {info['tensorflow']}"
+    )
 
 
 class _Demo:
@@ -137,9 +156,12 @@ class _Demo:
         self.trainer_dir = root / "trainer"
         self.logs = root / "logs"
         self.report_dir = root / "report"
-        self.report: dict = {"quick": options.quick, "models": [],
-                             "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                             "machine": _machine()}
+        self.report: dict = {
+            "quick": options.quick,
+            "models": [],
+            "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": _machine(),
+        }
         self.started = time.monotonic()
 
     # ------------------------------------------------------------------ the run
@@ -150,47 +172,73 @@ class _Demo:
             services.import_tensorflow_quietly()
         with self.p.step("Getting demo data"):
             self.data = demo_data.prepare_demo_data(
-                self.root / "data", data=self.o.data, train_per_class=self.o.train_per_class,
-                test_per_class=self.o.test_per_class, seed=self.o.seed, install_package=self.o.install,
-                allow_download=self.o.install, log=self.p.info)
-            self.p.info(f"{self.data.source}: {self.data.train_count} catalogue images, "
-                        f"{self.data.test_count} queries, {len(self.data.classes)} classes in {self.data.root}")
-            self.report["data"] = {"source": self.data.source, "classes": list(self.data.classes),
-                                   "train_count": self.data.train_count, "test_count": self.data.test_count,
-                                   "root": str(self.data.root)}
+                self.root / "data",
+                data=self.o.data,
+                train_per_class=self.o.train_per_class,
+                test_per_class=self.o.test_per_class,
+                seed=self.o.seed,
+                install_package=self.o.install,
+                allow_download=self.o.install,
+                log=self.p.info,
+            )
+            self.p.info(
+                f"{self.data.source}: {self.data.train_count} catalogue images, "
+                f"{self.data.test_count} queries, {len(self.data.classes)} classes in {self.data.root}"
+            )
+            self.report["data"] = {
+                "source": self.data.source,
+                "classes": list(self.data.classes),
+                "train_count": self.data.train_count,
+                "test_count": self.data.test_count,
+                "root": str(self.data.root),
+            }
             self.gallery_entries = read_catalogue(self.data.train_dir, layout="folders")
             self.query_entries = read_catalogue(self.data.test_dir, layout="folders")
         total = self.o.steps + self.o.swap_steps
-        with self.p.step(f"Training small_cnn for {total} steps (version 1 = step {self.o.steps}, version 2 = step {total})"):
+        with self.p.step(
+            f"Training small_cnn for {total} steps (version 1 = step {self.o.steps}, version 2 = step {total})"
+        ):
             self._train(total)
         with self.p.step(f"Exporting version 1 (the checkpoint of step {self.o.steps})"):
             self._export(1, self.o.steps)
         with self.p.step("Starting the model server and the indexer"):
             self.ports = services.StackPorts.free()
-            specs = services.stack_specs(self.stack.root, self.models, MODEL_NAME, self.ports, poll_seconds=0.5)
+            specs = services.stack_specs(
+                self.stack.root, self.models, MODEL_NAME, self.ports, poll_seconds=0.5
+            )
             self.report["services"] = []
             serving, indexer, self.gateway_spec = specs
             for spec in (serving, indexer):
                 self._start(spec)
             services.wait_for_model_version(self.serving, MODEL_NAME, 1)
-        with self.p.step("Indexing the catalogue through Serving (generation of version 1); starting the gateway"):
+        with self.p.step(
+            "Indexing the catalogue through Serving (generation of version 1); starting the gateway"
+        ):
             self.gen1 = self._reindex(1)
             # The gateway serves once a generation is active.
             self._start(self.gateway_spec)
-        with self.p.step(f"Searching every query through the gateway ({len(self.query_entries)} Search calls)"):
+        with self.p.step(
+            f"Searching every query through the gateway ({len(self.query_entries)} Search calls)"
+        ):
             hits, answered_by = self._search_all()
             self.p.info(f"answered by generation {answered_by}")
         with self.p.step("Evaluating: through the system vs offline on the same embeddings"):
             result = self._evaluate(hits, 1, self.gen1)
             self.report["evaluation"] = result
             for row in result["rows"]:
-                self.p.info(f"{row['metric']:17s} system {row['system']:.4f}  offline {row['offline']:.4f}  "
-                            f"|diff| {row['difference']:.4f} <= {row['tolerance']:.4f}: {'ok' if row['agree'] else 'NO'}")
-            self.p.info(f"HNSW neighbour recall {result['neighbour_recall']:.4f}; hit scores match offline "
-                        f"within {result['max_score_error']:.1e}")
+                self.p.info(
+                    f"{row['metric']:17s} system {row['system']:.4f}  offline {row['offline']:.4f}  "
+                    f"|diff| {row['difference']:.4f} <= {row['tolerance']:.4f}: {'ok' if row['agree'] else 'NO'}"
+                )
+            self.p.info(
+                f"HNSW neighbour recall {result['neighbour_recall']:.4f}; hit scores match offline "
+                f"within {result['max_score_error']:.1e}"
+            )
             if not result["agree"]:
-                raise FailedPrecondition("system and offline evaluation disagree beyond what HNSW explains "
-                                         f"(see {self.report_dir / 'report.json'})")
+                raise FailedPrecondition(
+                    "system and offline evaluation disagree beyond what HNSW explains "
+                    f"(see {self.report_dir / 'report.json'})"
+                )
             self.grid_v1 = self._grid_rows(hits)
         with self.p.step(f"Exporting version 2 ({self.o.swap_steps} more training steps); Serving loads it"):
             self._export(2, self.o.steps + self.o.swap_steps)
@@ -198,13 +246,19 @@ class _Demo:
         with self.p.step("Hot-swap: reindexing with version 2 and activating it while searches run"):
             swap = self._hot_swap()
             self.report["hot_swap"] = swap
-            self.p.info(f"{swap['searches']} searches during the swap, {swap['failed']} failed, "
-                        f"{swap['inconsistent']} answered with a model version other than their generation's; "
-                        f"{swap['answered_by_old']} by version 1, {swap['answered_by_new']} by version 2")
+            self.p.info(
+                f"{swap['searches']} searches during the swap, {swap['failed']} failed, "
+                f"{swap['inconsistent']} answered with a model version other than their generation's; "
+                f"{swap['answered_by_old']} by version 1, {swap['answered_by_new']} by version 2"
+            )
             hits2, _ = self._search_all()
             self.report["evaluation_v2"] = evaluation.metrics_from_hits(
-                hits2, [e.label for e in self.query_entries], [e.label for e in self.gallery_entries],
-                trials=len(hits2), seed=self.o.seed)
+                hits2,
+                [e.label for e in self.query_entries],
+                [e.label for e in self.gallery_entries],
+                trials=len(hits2),
+                seed=self.o.seed,
+            )
             self.grid_v2 = self._grid_rows(hits2)
         with self.p.step("Writing the report"):
             path = self._write_report()
@@ -239,8 +293,9 @@ class _Demo:
     def _start(self, spec) -> None:
         services.start_service(self.stack, spec, log=self.p.info)
         record = self.stack.record(spec.name)
-        self.report["services"].append({"name": spec.name, "target": spec.target, "pid": record.pid,
-                                        "log": record.log})
+        self.report["services"].append(
+            {"name": spec.name, "target": spec.target, "pid": record.pid, "log": record.log}
+        )
 
     def _config(self) -> Path:
         size = self.o.image_size
@@ -258,9 +313,15 @@ class _Demo:
                 "input": {"height": size, "width": size},
                 "crop": {"height": size + size // 8, "width": size + size // 8},
                 "batch": {"P": min(len(self.data.classes), 10), "K": 4},
-                "fit": {"loss": "batch_hard_triplet", "metric": "euclidean", "margin": 0.2,
-                        "optimizer": "adam", "epochs": self.o.steps + self.o.swap_steps, "lr": 0.001,
-                        "decay_start_iteration": -1},
+                "fit": {
+                    "loss": "batch_hard_triplet",
+                    "metric": "euclidean",
+                    "margin": 0.2,
+                    "optimizer": "adam",
+                    "epochs": self.o.steps + self.o.swap_steps,
+                    "lr": 0.001,
+                    "decay_start_iteration": -1,
+                },
             },
         }
         path = self.root / "demo_config.json"
@@ -268,8 +329,21 @@ class _Demo:
         return path
 
     def _trainer(self, command: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "trainer", command, "-c", str(self._config()), "--data-dir", str(self.trainer_dir),
-                "--run-name", "demo", "--set", f"model.fit.epochs={self.o.steps + self.o.swap_steps}", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "trainer",
+            command,
+            "-c",
+            str(self._config()),
+            "--data-dir",
+            str(self.trainer_dir),
+            "--run-name",
+            "demo",
+            "--set",
+            f"model.fit.epochs={self.o.steps + self.o.swap_steps}",
+            *extra,
+        ]
 
     def _train(self, steps: int) -> None:
         """One run; its checkpoint at ``self.o.steps`` becomes version 1, the last one version 2.
@@ -277,41 +351,93 @@ class _Demo:
         (One process instead of a second ``--resume`` run for version 2: TensorFlow's start-up is a
         good part of a short run on 2 cores.)"""
         started = time.monotonic()
-        self.p.run(self._trainer("train", "--max-steps", str(steps), "--seed", str(self.o.seed)),
-                   self.logs / "train.log", cwd=REPO)
+        self.p.run(
+            self._trainer("train", "--max-steps", str(steps), "--seed", str(self.o.seed)),
+            self.logs / "train.log",
+            cwd=REPO,
+        )
         self.train_seconds = time.monotonic() - started
         checkpoint = self.trainer_dir / "checkpoints" / "demo" / "tf_ckpts" / f"ckpt-{self.o.steps}.index"
         if not checkpoint.exists():
             raise StepFailed(f"training did not leave the checkpoint of step {self.o.steps} ({checkpoint})")
 
     def _export(self, version: int, total_steps: int) -> None:
-        which = "latest" if total_steps > self.o.steps else str(
-            self.trainer_dir / "checkpoints" / "demo" / "tf_ckpts" / f"ckpt-{total_steps}")
-        self.p.run(self._trainer("export", "--checkpoint", which, "--model-repo", str(self.models),
-                                 "--model-name", MODEL_NAME, "--version", str(version)),
-                   self.logs / "export.log", cwd=REPO)
+        which = (
+            "latest"
+            if total_steps > self.o.steps
+            else str(self.trainer_dir / "checkpoints" / "demo" / "tf_ckpts" / f"ckpt-{total_steps}")
+        )
+        self.p.run(
+            self._trainer(
+                "export",
+                "--checkpoint",
+                which,
+                "--model-repo",
+                str(self.models),
+                "--model-name",
+                MODEL_NAME,
+                "--version",
+                str(version),
+            ),
+            self.logs / "export.log",
+            cwd=REPO,
+        )
         meta_path = self.models / MODEL_NAME / str(version) / "assets.extra" / "cbir_model.json"
         meta = json.loads(meta_path.read_text())
-        self.p.info(f"exported {self.models / MODEL_NAME / str(version)} ({meta.get('backbone')}, "
-                    f"{meta.get('embedding_dim')}-d)")
-        self.report["models"].append({"version": version, "backbone": meta.get("backbone"),
-                                      "embedding_dim": meta.get("embedding_dim"), "steps": total_steps,
-                                      "train_seconds": round(self.train_seconds * total_steps
-                                                             / (self.o.steps + self.o.swap_steps), 1),
-                                      "evaluation": meta.get("evaluation", {})})
+        self.p.info(
+            f"exported {self.models / MODEL_NAME / str(version)} ({meta.get('backbone')}, "
+            f"{meta.get('embedding_dim')}-d)"
+        )
+        self.report["models"].append(
+            {
+                "version": version,
+                "backbone": meta.get("backbone"),
+                "embedding_dim": meta.get("embedding_dim"),
+                "steps": total_steps,
+                "train_seconds": round(
+                    self.train_seconds * total_steps / (self.o.steps + self.o.swap_steps), 1
+                ),
+                "evaluation": meta.get("evaluation", {}),
+            }
+        )
 
     def _reindex(self, version: int) -> str:
         generation = f"demo-v{version}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S')}"
-        self.p.run([sys.executable, "-m", "indexer", "reindex", str(self.data.train_dir), "--layout", "folders",
-                    "--indexer", self.indexer, "--serving", self.serving, "--model", MODEL_NAME,
-                    "--model-version", str(version), "--generation", generation, "--metric", "cosine"],
-                   self.logs / f"reindex-v{version}.log", cwd=REPO)
+        self.p.run(
+            [
+                sys.executable,
+                "-m",
+                "indexer",
+                "reindex",
+                str(self.data.train_dir),
+                "--layout",
+                "folders",
+                "--indexer",
+                self.indexer,
+                "--serving",
+                self.serving,
+                "--model",
+                MODEL_NAME,
+                "--model-version",
+                str(version),
+                "--generation",
+                generation,
+                "--metric",
+                "cosine",
+            ],
+            self.logs / f"reindex-v{version}.log",
+            cwd=REPO,
+        )
         active = services.active_generation(self.indexer)
         if active is None or active.name != generation:
-            raise StepFailed(f"reindex finished but the active generation is {active.name if active else None}, "
-                             f"not {generation}")
-        self.p.info(f"generation {generation} active: {active.item_count} items, model {active.space.model_name} "
-                    f"version {active.space.model_version}")
+            raise StepFailed(
+                f"reindex finished but the active generation is {active.name if active else None}, "
+                f"not {generation}"
+            )
+        self.p.info(
+            f"generation {generation} active: {active.item_count} items, model {active.space.model_name} "
+            f"version {active.space.model_version}"
+        )
         return generation
 
     def _search_all(self) -> tuple[list[evaluation.RankedHits], set[str]]:
@@ -325,29 +451,59 @@ class _Demo:
 
             with ThreadPoolExecutor(4) as pool:
                 answers = list(pool.map(one, images))
-        hits = [evaluation.RankedHits([h.id for h in a.hits], [h.label for h in a.hits], [h.score for h in a.hits])
-                for a in answers]
+        hits = [
+            evaluation.RankedHits(
+                [h.id for h in a.hits], [h.label for h in a.hits], [h.score for h in a.hits]
+            )
+            for a in answers
+        ]
         return hits, {a.generation.name for a in answers}
 
     def _evaluate(self, hits: list[evaluation.RankedHits], version: int, generation: str) -> dict:
         from embedder.client import EmbedderClient
 
         exported = self.root / "report" / f"vectors-{generation}.npz"
-        self.p.run([sys.executable, "-m", "indexer", "export", "--indexer", self.indexer, "--generation", generation,
-                    "--output", str(exported)], self.logs / "export-vectors.log", cwd=REPO)
+        self.p.run(
+            [
+                sys.executable,
+                "-m",
+                "indexer",
+                "export",
+                "--indexer",
+                self.indexer,
+                "--generation",
+                generation,
+                "--output",
+                str(exported),
+            ],
+            self.logs / "export-vectors.log",
+            cwd=REPO,
+        )
         with np.load(exported, allow_pickle=False) as npz:
             gallery_ids = [str(i) for i in npz["ids"]]
             gallery = np.asarray(npz["vectors"], dtype=np.float32)
             gallery_labels = [str(label) for label in npz["labels"]]
             if str(npz["model_version"]) != str(version):
-                raise StepFailed(f"generation {generation} holds model version {npz['model_version']}, not {version}")
+                raise StepFailed(
+                    f"generation {generation} holds model version {npz['model_version']}, not {version}"
+                )
         images = [read_image_bytes(e) for e in self.query_entries]
         with EmbedderClient(self.serving, MODEL_NAME, timeout=60) as client:
-            parts = [client.embed(images[i : i + 64], version=version).vectors for i in range(0, len(images), 64)]
+            parts = [
+                client.embed(images[i : i + 64], version=version).vectors for i in range(0, len(images), 64)
+            ]
         queries = np.concatenate(parts)
         exported.unlink()  # the figures are in the report; the vectors are big
-        return evaluation.compare(hits, queries, [e.label for e in self.query_entries], gallery_ids, gallery,
-                                  gallery_labels, trials=len(self.query_entries), seed=self.o.seed)
+        return evaluation.compare(
+            hits,
+            queries,
+            [e.label for e in self.query_entries],
+            gallery_ids,
+            gallery,
+            gallery_labels,
+            trials=len(self.query_entries),
+            seed=self.o.seed,
+        )
 
     def _hot_swap(self) -> dict:
         from indexer.client import IndexerClient
@@ -364,13 +520,29 @@ class _Demo:
                 while not stop.is_set():
                     started = time.monotonic()
                     try:
-                        answer = stub.Search(search_pb2.SearchRequest(image=images[i % len(images)], k=10), timeout=30)
-                        samples.append({"t": started - t0, "ok": True, "latency_ms": 1000 * (time.monotonic() - started),
-                                        "generation": answer.generation.name,
-                                        "model_version": answer.generation.space.model_version, "hits": len(answer.hits)})
+                        answer = stub.Search(
+                            search_pb2.SearchRequest(image=images[i % len(images)], k=10), timeout=30
+                        )
+                        samples.append(
+                            {
+                                "t": started - t0,
+                                "ok": True,
+                                "latency_ms": 1000 * (time.monotonic() - started),
+                                "generation": answer.generation.name,
+                                "model_version": answer.generation.space.model_version,
+                                "hits": len(answer.hits),
+                            }
+                        )
                     except grpc.RpcError as exc:
-                        samples.append({"t": started - t0, "ok": False, "latency_ms": 1000 * (time.monotonic() - started),
-                                        "error": f"{exc.code().name}: {exc.details()}", "model_version": None})
+                        samples.append(
+                            {
+                                "t": started - t0,
+                                "ok": False,
+                                "latency_ms": 1000 * (time.monotonic() - started),
+                                "error": f"{exc.code().name}: {exc.details()}",
+                                "model_version": None,
+                            }
+                        )
                     i += 1
                     # A steady client, not a flood: leave the CPU to the reindexing it is watching.
                     stop.wait(0.02)
@@ -390,11 +562,18 @@ class _Demo:
         with IndexerClient([self.indexer]) as client:
             version_of = {g.name: g.space.model_version for g in client.list_generations()}
         ok = [s for s in samples if s["ok"]]
-        inconsistent = [s for s in ok if version_of.get(s["generation"]) != s["model_version"] or s["hits"] == 0]
+        inconsistent = [
+            s for s in ok if version_of.get(s["generation"]) != s["model_version"] or s["hits"] == 0
+        ]
         self.swap_samples, self.swap_events = samples, events
         return {
-            "from_version": 1, "to_version": 2, "from_generation": self.gen1, "to_generation": gen2,
-            "searches": len(samples), "failed": len(samples) - len(ok), "inconsistent": len(inconsistent),
+            "from_version": 1,
+            "to_version": 2,
+            "from_generation": self.gen1,
+            "to_generation": gen2,
+            "searches": len(samples),
+            "failed": len(samples) - len(ok),
+            "inconsistent": len(inconsistent),
             "answered_by_old": sum(1 for s in ok if s["model_version"] == 1),
             "answered_by_new": sum(1 for s in ok if s["model_version"] == 2),
             "errors": [s["error"] for s in samples if not s["ok"]][:20],
@@ -412,20 +591,40 @@ class _Demo:
                 chosen.append(i)
                 seen.add(entry.label)
         chosen = (chosen + [i for i in range(len(hits)) if i not in chosen])[:n]
-        return [report.GridRow(self.query_entries[i].path, self.query_entries[i].label,
-                               [path_of[x] for x in hits[i].ids[:depth]], list(hits[i].labels[:depth]),
-                               list(hits[i].scores[:depth])) for i in chosen]
+        return [
+            report.GridRow(
+                self.query_entries[i].path,
+                self.query_entries[i].label,
+                [path_of[x] for x in hits[i].ids[:depth]],
+                list(hits[i].labels[:depth]),
+                list(hits[i].scores[:depth]),
+            )
+            for i in chosen
+        ]
 
     def _write_report(self) -> Path:
         figures = {
-            "grid_v1": report.result_grid(self.grid_v1, self.report_dir / "grid_v1.png",
-                                          f"Search results, model version 1 ({self.gen1})").name,
-            "grid_v2": report.result_grid(self.grid_v2, self.report_dir / "grid_v2.png",
-                                          "Search results after the hot-swap, model version 2").name,
-            "recall": report.recall_figure({"system v1": self.report["evaluation"]["system"],
-                                            "offline v1": self.report["evaluation"]["offline"],
-                                            "system v2": self.report["evaluation_v2"]}, self.report_dir / "recall.png").name,
-            "swap": report.swap_figure(self.swap_samples, self.swap_events, self.report_dir / "hot_swap.png").name,
+            "grid_v1": report.result_grid(
+                self.grid_v1,
+                self.report_dir / "grid_v1.png",
+                f"Search results, model version 1 ({self.gen1})",
+            ).name,
+            "grid_v2": report.result_grid(
+                self.grid_v2,
+                self.report_dir / "grid_v2.png",
+                "Search results after the hot-swap, model version 2",
+            ).name,
+            "recall": report.recall_figure(
+                {
+                    "system v1": self.report["evaluation"]["system"],
+                    "offline v1": self.report["evaluation"]["offline"],
+                    "system v2": self.report["evaluation_v2"],
+                },
+                self.report_dir / "recall.png",
+            ).name,
+            "swap": report.swap_figure(
+                self.swap_samples, self.swap_events, self.report_dir / "hot_swap.png"
+            ).name,
         }
         ev, swap = self.report["evaluation"], self.report["hot_swap"]
         system = ev["system"]
@@ -439,4 +638,3 @@ class _Demo:
             f"{swap['inconsistent']} inconsistent."
         )
         return report.write_report(self.report_dir, self.report, figures)
-

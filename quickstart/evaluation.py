@@ -52,8 +52,14 @@ def original_picks(n_queries: int, trials: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n_queries, size=trials)
 
 
-def metrics_from_hits(hits: Sequence[RankedHits], query_labels: Sequence[str], gallery_labels: Sequence[str], *,
-                      trials: int, seed: int) -> dict[str, float]:
+def metrics_from_hits(
+    hits: Sequence[RankedHits],
+    query_labels: Sequence[str],
+    gallery_labels: Sequence[str],
+    *,
+    trials: int,
+    seed: int,
+) -> dict[str, float]:
     """Recall@k, mAP@R and the original mAP@10 of ranked hit lists (the system's side)."""
     classes, counts = np.unique(np.asarray(gallery_labels), return_counts=True)
     class_size = dict(zip(classes.tolist(), counts.tolist(), strict=True))
@@ -71,20 +77,37 @@ def metrics_from_hits(hits: Sequence[RankedHits], query_labels: Sequence[str], g
         map_r.append(float(np.sum(precision[top_r]) / r))
     out = {f"recall@{k}": float(np.mean(v)) if v else 0.0 for k, v in recall.items()}
     out["map@r"] = float(np.mean(map_r)) if map_r else 0.0
-    aps = [tm.average_precision_at_k([lab == query_labels[i] for lab in hits[i].labels[:ORIGINAL_R]])
-           for i in original_picks(len(hits), trials, seed)]
+    aps = [
+        tm.average_precision_at_k([lab == query_labels[i] for lab in hits[i].labels[:ORIGINAL_R]])
+        for i in original_picks(len(hits), trials, seed)
+    ]
     out[f"original_map@{ORIGINAL_R}"] = float(np.mean(aps))
     return out
 
 
-def offline_metrics(queries: np.ndarray, query_labels: Sequence[str], gallery: np.ndarray,
-                    gallery_labels: Sequence[str], *, trials: int, seed: int) -> dict[str, float]:
+def offline_metrics(
+    queries: np.ndarray,
+    query_labels: Sequence[str],
+    gallery: np.ndarray,
+    gallery_labels: Sequence[str],
+    *,
+    trials: int,
+    seed: int,
+) -> dict[str, float]:
     """The same figures from ``trainer.metrics`` on the embeddings (exact search)."""
     q_labels, g_labels = np.asarray(query_labels), np.asarray(gallery_labels)
-    out = tm.evaluate(queries, q_labels, gallery_embeddings=gallery, gallery_labels=g_labels, ks=KS,
-                      metric="cosine", nmi=False)
-    out[f"original_map@{ORIGINAL_R}"] = tm.original_map(queries, q_labels, gallery, g_labels, trials=trials,
-                                                        r=ORIGINAL_R, seed=seed, metric="cosine")
+    out = tm.evaluate(
+        queries,
+        q_labels,
+        gallery_embeddings=gallery,
+        gallery_labels=g_labels,
+        ks=KS,
+        metric="cosine",
+        nmi=False,
+    )
+    out[f"original_map@{ORIGINAL_R}"] = tm.original_map(
+        queries, q_labels, gallery, g_labels, trials=trials, r=ORIGINAL_R, seed=seed, metric="cosine"
+    )
     out["nmi"] = tm.evaluate(queries, q_labels, ks=(1,), metric="cosine", nmi=True)["nmi"]
     return out
 
@@ -93,8 +116,17 @@ def _normalised(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def compare(hits: Sequence[RankedHits], queries: np.ndarray, query_labels: Sequence[str], gallery_ids: Sequence[str],
-            gallery: np.ndarray, gallery_labels: Sequence[str], *, trials: int, seed: int) -> dict:
+def compare(
+    hits: Sequence[RankedHits],
+    queries: np.ndarray,
+    query_labels: Sequence[str],
+    gallery_ids: Sequence[str],
+    gallery: np.ndarray,
+    gallery_labels: Sequence[str],
+    *,
+    trials: int,
+    seed: int,
+) -> dict:
     """System vs offline figures, the tolerance of each, and whether they agree."""
     system = metrics_from_hits(hits, query_labels, gallery_labels, trials=trials, seed=seed)
     offline = offline_metrics(queries, query_labels, gallery, gallery_labels, trials=trials, seed=seed)
@@ -111,10 +143,15 @@ def compare(hits: Sequence[RankedHits], queries: np.ndarray, query_labels: Seque
         return list(hits[i].labels[:d]) != g_labels[exact[i, :d]].tolist()
 
     n = len(hits)
-    neighbour_recall = float(np.mean([
-        len(set(hits[i].ids[:depth]) & {gallery_ids[j] for j in exact[i, :len(hits[i].ids)]}) / max(len(hits[i].ids), 1)
-        for i in range(n)
-    ]))
+    neighbour_recall = float(
+        np.mean(
+            [
+                len(set(hits[i].ids[:depth]) & {gallery_ids[j] for j in exact[i, : len(hits[i].ids)]})
+                / max(len(hits[i].ids), 1)
+                for i in range(n)
+            ]
+        )
+    )
     score_error = 0.0
     wrong_labels = 0
     for i, ranked in enumerate(hits):
@@ -130,9 +167,17 @@ def compare(hits: Sequence[RankedHits], queries: np.ndarray, query_labels: Seque
     for name in (*[f"recall@{k}" for k in KS], "map@r", f"original_map@{ORIGINAL_R}"):
         diff = abs(system[name] - offline[name])
         tolerance = float(share[name]) + 1e-6
-        rows.append({"metric": name, "system": system[name], "offline": offline[name], "difference": diff,
-                     "tolerance": tolerance, "queries_differing_from_exact": float(share[name]),
-                     "agree": diff <= tolerance})
+        rows.append(
+            {
+                "metric": name,
+                "system": system[name],
+                "offline": offline[name],
+                "difference": diff,
+                "tolerance": tolerance,
+                "queries_differing_from_exact": float(share[name]),
+                "agree": diff <= tolerance,
+            }
+        )
     return {
         "rows": rows,
         "system": system,
@@ -141,8 +186,12 @@ def compare(hits: Sequence[RankedHits], queries: np.ndarray, query_labels: Seque
         "max_score_error": score_error,
         "scores_agree": score_error <= SCORE_TOLERANCE,
         "hits_with_wrong_label": int(wrong_labels),
-        "agree": (all(r["agree"] for r in rows) and score_error <= SCORE_TOLERANCE and wrong_labels == 0
-                  and neighbour_recall >= MIN_NEIGHBOUR_RECALL),
+        "agree": (
+            all(r["agree"] for r in rows)
+            and score_error <= SCORE_TOLERANCE
+            and wrong_labels == 0
+            and neighbour_recall >= MIN_NEIGHBOUR_RECALL
+        ),
         "queries": n,
         "gallery": len(gallery_ids),
         "trials": trials,

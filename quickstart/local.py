@@ -48,9 +48,13 @@ def up(args) -> int:
     root: Path = args.root
     models = (args.models or root / "models").resolve()
     version = ensure_model(models, args.model_name)
-    ports = services.StackPorts(args.serving_port, args.indexer_port, args.gateway_port,
-                                services.StackPorts.defaults().indexer_metrics,
-                                services.StackPorts.defaults().gateway_metrics)
+    ports = services.StackPorts(
+        args.serving_port,
+        args.indexer_port,
+        args.gateway_port,
+        services.StackPorts.defaults().indexer_metrics,
+        services.StackPorts.defaults().gateway_metrics,
+    )
     stack = Stack(root)
     print(f"local stack in {root} (model {args.model_name} from {models}, latest version {version})")
     serving, indexer, gateway = services.stack_specs(root, models, args.model_name, ports)
@@ -62,9 +66,23 @@ def up(args) -> int:
     if generation is None and catalogue is not None:
         print(f"no active generation: indexing {catalogue} with {args.model_name} version {version} ...")
         services.wait_for_model_version(f"127.0.0.1:{ports.serving}", args.model_name, version)
-        command = [sys.executable, "-m", "indexer", "reindex", str(catalogue), "--indexer", indexer_target,
-                   "--serving", f"127.0.0.1:{ports.serving}", "--model", args.model_name,
-                   "--model-version", str(version), "--metric", "cosine"]
+        command = [
+            sys.executable,
+            "-m",
+            "indexer",
+            "reindex",
+            str(catalogue),
+            "--indexer",
+            indexer_target,
+            "--serving",
+            f"127.0.0.1:{ports.serving}",
+            "--model",
+            args.model_name,
+            "--model-version",
+            str(version),
+            "--metric",
+            "cosine",
+        ]
         result = subprocess.run(command, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if result.returncode != 0:
             print(f"reindexing failed (exit {result.returncode}); the services keep running", file=sys.stderr)
@@ -106,6 +124,8 @@ def _print_status(stack: Stack) -> bool:
         if generation is None:
             print("active generation: none (index a catalogue: python -m indexer reindex ...)")
         else:
-            print(f"active generation: {generation.name} ({generation.item_count} items, model "
-                  f"{generation.space.model_name} version {generation.space.model_version})")
+            print(
+                f"active generation: {generation.name} ({generation.item_count} items, model "
+                f"{generation.space.model_name} version {generation.space.model_version})"
+            )
     return healthy

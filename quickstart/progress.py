@@ -57,26 +57,42 @@ class Progress:
         self.timings[title] = round(seconds, 2)
         self.info(f"done in {seconds:.1f}s")
 
-    def run(self, command: Sequence[str], log_path: Path, *, cwd: Path, env: dict | None = None,
-            timeout: float = 1800.0) -> None:
+    def run(
+        self,
+        command: Sequence[str],
+        log_path: Path,
+        *,
+        cwd: Path,
+        env: dict | None = None,
+        timeout: float = 1800.0,
+    ) -> None:
         """Runs ``command`` (own session, output to ``log_path``) showing its progress; fails with its log."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
         with open(log_path, "ab") as log:
             log.write(f"\n$ {' '.join(command)}\n".encode())
             log.flush()
-            self.current = subprocess.Popen(list(command), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+            self.current = subprocess.Popen(
+                list(command),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                start_new_session=True,
+            )
         started = time.monotonic()
         deadline = started + timeout
         last_beat = time.monotonic()
         try:
             while self.current.poll() is None:
                 if time.monotonic() > deadline:
-                    raise StepFailed(f"`{' '.join(command[:4])} ...` took more than {timeout:.0f}s (log: {log_path})")
+                    raise StepFailed(
+                        f"`{' '.join(command[:4])} ...` took more than {timeout:.0f}s (log: {log_path})"
+                    )
                 line = _last_line(log_path)
                 if self.tty and line:
-                    self.out.write("\r      " + line[: 110].ljust(110))
+                    self.out.write("\r      " + line[:110].ljust(110))
                     self.out.flush()
                 elif line and time.monotonic() - last_beat >= self.heartbeat:
                     self.info(f"... {time.monotonic() - started:.0f}s: {line[:150]}")

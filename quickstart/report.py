@@ -36,7 +36,9 @@ def _thumbnail(path: str, size: int = 96) -> np.ndarray:
 def result_grid(rows: Sequence[GridRow], out: Path, title: str) -> Path:
     """Queries down the left, their top hits to the right; green frame = same class as the query."""
     n_hits = max(len(r.hit_paths) for r in rows)
-    fig, axes = plt.subplots(len(rows), n_hits + 1, figsize=(1.5 * (n_hits + 1), 1.7 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), n_hits + 1, figsize=(1.5 * (n_hits + 1), 1.7 * len(rows)), squeeze=False
+    )
     for i, row in enumerate(rows):
         ax = axes[i][0]
         ax.imshow(_thumbnail(row.query_path))
@@ -48,8 +50,11 @@ def result_grid(rows: Sequence[GridRow], out: Path, title: str) -> Path:
                 continue
             ax.imshow(_thumbnail(row.hit_paths[j]))
             good = row.hit_labels[j] == row.query_label
-            ax.set_title(f"{j + 1}. {row.hit_labels[j]}\n{row.hit_scores[j]:.3f}", fontsize=7,
-                         color="darkgreen" if good else "firebrick")
+            ax.set_title(
+                f"{j + 1}. {row.hit_labels[j]}\n{row.hit_scores[j]:.3f}",
+                fontsize=7,
+                color="darkgreen" if good else "firebrick",
+            )
             for spine in ax.spines.values():
                 spine.set_edgecolor("limegreen" if good else "red")
                 spine.set_linewidth(3)
@@ -69,8 +74,13 @@ def recall_figure(curves: dict[str, dict[str, float]], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for name, figures in curves.items():
         ks = sorted(int(k.split("@")[1]) for k in figures if k.startswith("recall@"))
-        ax.plot(ks, [figures[f"recall@{k}"] for k in ks], marker="o", label=name,
-                linestyle="--" if "offline" in name else "-")
+        ax.plot(
+            ks,
+            [figures[f"recall@{k}"] for k in ks],
+            marker="o",
+            label=name,
+            linestyle="--" if "offline" in name else "-",
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k")
     ax.set_ylabel("Recall@k")
@@ -93,8 +103,14 @@ def swap_figure(samples: Sequence[dict], events: dict[str, float], out: Path) ->
         ax.scatter(xs, ys, s=6, label=f"answered by model version {version}")
     failed = [s for s in samples if not s["ok"]]
     if failed:
-        ax.scatter([s["t"] for s in failed], [s["latency_ms"] for s in failed], s=20, marker="x", color="red",
-                   label=f"failed ({len(failed)})")
+        ax.scatter(
+            [s["t"] for s in failed],
+            [s["latency_ms"] for s in failed],
+            s=20,
+            marker="x",
+            color="red",
+            label=f"failed ({len(failed)})",
+        )
     for name, t in events.items():
         ax.axvline(t, color="grey", linestyle=":")
         ax.text(t, ax.get_ylim()[1] * 0.95, f" {name}", fontsize=7, va="top", rotation=90)
@@ -141,13 +157,33 @@ def write_report(out_dir: Path, report: dict, figures: dict[str, str]) -> Path:
         f"{html.escape(report.get('machine', ''))} · mode: {'quick' if report.get('quick') else 'full'}</p>",
         "<p>" + html.escape(report.get("summary", "")) + "</p>",
         "<h2>Data</h2>",
-        _table(["source", "classes", "catalogue (indexed, train split)", "queries (test split)"],
-               [[report["data"]["source"], len(report["data"]["classes"]), report["data"]["train_count"],
-                 report["data"]["test_count"]]]) if "data" in report else "",
+        _table(
+            ["source", "classes", "catalogue (indexed, train split)", "queries (test split)"],
+            [
+                [
+                    report["data"]["source"],
+                    len(report["data"]["classes"]),
+                    report["data"]["train_count"],
+                    report["data"]["test_count"],
+                ]
+            ],
+        )
+        if "data" in report
+        else "",
         "<h2>Models</h2>",
-        _table(["version", "backbone", "embedding dim", "training steps", "training seconds"],
-               [[m["version"], m.get("backbone", ""), m.get("embedding_dim", ""), m.get("steps", ""),
-                 m.get("train_seconds", 0.0)] for m in report.get("models", [])]),
+        _table(
+            ["version", "backbone", "embedding dim", "training steps", "training seconds"],
+            [
+                [
+                    m["version"],
+                    m.get("backbone", ""),
+                    m.get("embedding_dim", ""),
+                    m.get("steps", ""),
+                    m.get("train_seconds", 0.0),
+                ]
+                for m in report.get("models", [])
+            ],
+        ),
     ]
     if ev:
         parts += [
@@ -159,15 +195,29 @@ def write_report(out_dir: Path, report: dict, figures: dict[str, str]) -> Path:
             f"{ev['neighbour_recall']:.4f} (required: {ev['min_neighbour_recall']}); largest hit-score difference "
             f"from the offline cosine: {ev['max_score_error']:.2e}; hits whose label differs from the stored "
             f"one: {ev['hits_with_wrong_label']}. "
-            + ("<b class='ok'>They agree.</b>" if ev["agree"] else "<b class='bad'>They DISAGREE.</b>") + "</p>",
-            _table(["metric", "system (Search RPC)", "offline (trainer.metrics)", "|difference|", "tolerance", "agree"],
-                   [[r["metric"], r["system"], r["offline"], r["difference"], r["tolerance"], r["agree"]]
-                    for r in ev["rows"]]),
+            + ("<b class='ok'>They agree.</b>" if ev["agree"] else "<b class='bad'>They DISAGREE.</b>")
+            + "</p>",
+            _table(
+                [
+                    "metric",
+                    "system (Search RPC)",
+                    "offline (trainer.metrics)",
+                    "|difference|",
+                    "tolerance",
+                    "agree",
+                ],
+                [
+                    [r["metric"], r["system"], r["offline"], r["difference"], r["tolerance"], r["agree"]]
+                    for r in ev["rows"]
+                ],
+            ),
         ]
     if report.get("evaluation_v2"):
         v2 = report["evaluation_v2"]
-        parts += ["<h3>After the hot-swap (model version 2, through the system)</h3>",
-                  _table(["metric", "value"], [[k, v] for k, v in v2.items()])]
+        parts += [
+            "<h3>After the hot-swap (model version 2, through the system)</h3>",
+            _table(["metric", "value"], [[k, v] for k, v in v2.items()]),
+        ]
     if "recall" in figures:
         parts.append(f"<img src='{figures['recall']}' alt='Recall@k'>")
     if swap:
@@ -176,25 +226,51 @@ def write_report(out_dir: Path, report: dict, figures: dict[str, str]) -> Path:
             f"<p>Version {swap['from_version']} → {swap['to_version']}: generation "
             f"<code>{html.escape(swap['from_generation'])}</code> → <code>{html.escape(swap['to_generation'])}</code>, "
             f"reindexed and activated while a background client kept searching.</p>",
-            _table(["searches", "failed", "answered by v_old", "answered by v_new", "version ≠ generation's",
-                    "zero failures", "versions consistent"],
-                   [[swap["searches"], swap["failed"], swap["answered_by_old"], swap["answered_by_new"],
-                     swap["inconsistent"], swap["failed"] == 0, swap["inconsistent"] == 0]]),
+            _table(
+                [
+                    "searches",
+                    "failed",
+                    "answered by v_old",
+                    "answered by v_new",
+                    "version ≠ generation's",
+                    "zero failures",
+                    "versions consistent",
+                ],
+                [
+                    [
+                        swap["searches"],
+                        swap["failed"],
+                        swap["answered_by_old"],
+                        swap["answered_by_new"],
+                        swap["inconsistent"],
+                        swap["failed"] == 0,
+                        swap["inconsistent"] == 0,
+                    ]
+                ],
+            ),
         ]
         if swap.get("errors"):
             parts.append("<pre>" + html.escape("\n".join(swap["errors"][:10])) + "</pre>")
         if "swap" in figures:
             parts.append(f"<img src='{figures['swap']}' alt='hot-swap timeline'>")
     for key in sorted(k for k in figures if k.startswith("grid")):
-        parts += [f"<h2>Queries and their results ({html.escape(key.split('_', 1)[-1])})</h2>",
-                  "<p>Green: same class as the query; red: another class. Number under the label: cosine score.</p>",
-                  f"<img src='{figures[key]}' alt='{key}'>"]
+        parts += [
+            f"<h2>Queries and their results ({html.escape(key.split('_', 1)[-1])})</h2>",
+            "<p>Green: same class as the query; red: another class. Number under the label: cosine score.</p>",
+            f"<img src='{figures[key]}' alt='{key}'>",
+        ]
     if report.get("timings"):
-        parts += ["<h2>Where the time went</h2>",
-                  _table(["step", "seconds"], [[k, v] for k, v in report["timings"].items()])]
+        parts += [
+            "<h2>Where the time went</h2>",
+            _table(["step", "seconds"], [[k, v] for k, v in report["timings"].items()]),
+        ]
     if report.get("services"):
-        parts += ["<h2>Services</h2>",
-                  _table(["service", "address", "pid", "log"],
-                         [[s["name"], s["target"], s["pid"], s["log"]] for s in report["services"]])]
+        parts += [
+            "<h2>Services</h2>",
+            _table(
+                ["service", "address", "pid", "log"],
+                [[s["name"], s["target"], s["pid"], s["log"]] for s in report["services"]],
+            ),
+        ]
     (out_dir / "index.html").write_text("\n".join(parts))
     return out_dir / "index.html"

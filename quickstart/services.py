@@ -33,8 +33,13 @@ class StackPorts:
 
     @classmethod
     def defaults(cls) -> StackPorts:
-        return cls(defaults.SERVING_GRPC_PORT, defaults.INDEXER_PORT, defaults.GATEWAY_PORT,
-                   defaults.INDEXER_METRICS_PORT, defaults.GATEWAY_METRICS_PORT)
+        return cls(
+            defaults.SERVING_GRPC_PORT,
+            defaults.INDEXER_PORT,
+            defaults.GATEWAY_PORT,
+            defaults.INDEXER_METRICS_PORT,
+            defaults.GATEWAY_METRICS_PORT,
+        )
 
     @classmethod
     def free(cls) -> StackPorts:
@@ -57,33 +62,73 @@ def write_model_config(path: Path, model_repo: Path, model_name: str, num_versio
     return path
 
 
-def stack_specs(root: Path, model_repo: Path, model_name: str, ports: StackPorts, *,
-                poll_seconds: float = 1.0) -> list[ServiceSpec]:
+def stack_specs(
+    root: Path, model_repo: Path, model_name: str, ports: StackPorts, *, poll_seconds: float = 1.0
+) -> list[ServiceSpec]:
     """The three services in start order; their state lives under ``root``."""
     config = write_model_config(root / "serving" / "models.config", model_repo, model_name)
-    serving = ServiceSpec(SERVING, "embedder", (
-        "serve",
-        f"--port={ports.serving}",
-        "--rest_api_port=0",
-        f"--model_config_file={config}",
-        f"--file_system_poll_wait_seconds={poll_seconds:g}",
-        "--host=127.0.0.1",
-        "--log-format=text",
-    ), ports.serving)
-    indexer = ServiceSpec(INDEXER, "indexer", (
-        "serve", "--data-dir", str(root / "indexer"), "--port", str(ports.indexer),
-        "--metrics-port", str(ports.indexer_metrics), "--host", "127.0.0.1", "--log-format", "text",
-    ), ports.indexer)
-    gateway = ServiceSpec(GATEWAY, "gateway", (
-        "serve", "--serving", serving.target, "--indexer", indexer.target, "--model-name", model_name,
-        "--port", str(ports.gateway), "--metrics-port", str(ports.gateway_metrics), "--host", "127.0.0.1",
-        "--log-format", "text", "--generation-ttl", "0.2",
-    ), ports.gateway)
+    serving = ServiceSpec(
+        SERVING,
+        "embedder",
+        (
+            "serve",
+            f"--port={ports.serving}",
+            "--rest_api_port=0",
+            f"--model_config_file={config}",
+            f"--file_system_poll_wait_seconds={poll_seconds:g}",
+            "--host=127.0.0.1",
+            "--log-format=text",
+        ),
+        ports.serving,
+    )
+    indexer = ServiceSpec(
+        INDEXER,
+        "indexer",
+        (
+            "serve",
+            "--data-dir",
+            str(root / "indexer"),
+            "--port",
+            str(ports.indexer),
+            "--metrics-port",
+            str(ports.indexer_metrics),
+            "--host",
+            "127.0.0.1",
+            "--log-format",
+            "text",
+        ),
+        ports.indexer,
+    )
+    gateway = ServiceSpec(
+        GATEWAY,
+        "gateway",
+        (
+            "serve",
+            "--serving",
+            serving.target,
+            "--indexer",
+            indexer.target,
+            "--model-name",
+            model_name,
+            "--port",
+            str(ports.gateway),
+            "--metrics-port",
+            str(ports.gateway_metrics),
+            "--host",
+            "127.0.0.1",
+            "--log-format",
+            "text",
+            "--generation-ttl",
+            "0.2",
+        ),
+        ports.gateway,
+    )
     return [serving, indexer, gateway]
 
 
-def start_service(stack: Stack, spec: ServiceSpec, *, timeout: float = 180.0, require_serving: bool = True,
-                  log=print) -> bool:
+def start_service(
+    stack: Stack, spec: ServiceSpec, *, timeout: float = 180.0, require_serving: bool = True, log=print
+) -> bool:
     """Starts (or finds running) one service; returns whether it was started now."""
     log(f"{spec.name:8s} starting on {spec.target} ...")
     record, was_started = stack.start(spec, timeout=timeout, require_serving=require_serving)
@@ -148,7 +193,9 @@ def import_tensorflow_quietly() -> None:
         os.close(devnull)
 
 
-def wait_for_model_version(serving_target: str, model_name: str, version: int, timeout: float = 120.0) -> None:
+def wait_for_model_version(
+    serving_target: str, model_name: str, version: int, timeout: float = 120.0
+) -> None:
     """Waits until Serving reports ``version`` of ``model_name`` AVAILABLE (it polls the repository)."""
     import_tensorflow_quietly()
     from embedder.client import EmbedderClient
@@ -164,5 +211,7 @@ def wait_for_model_version(serving_target: str, model_name: str, version: int, t
             if states.get(version) == "AVAILABLE":
                 return
             time.sleep(0.3)
-    raise FailedPrecondition(f"Serving at {serving_target} did not load {model_name} version {version} "
-                             f"within {timeout:.0f}s (model versions: {states})")
+    raise FailedPrecondition(
+        f"Serving at {serving_target} did not load {model_name} version {version} "
+        f"within {timeout:.0f}s (model versions: {states})"
+    )

@@ -174,8 +174,9 @@ class Stack:
 
     # ------------------------------------------------------------------ start
 
-    def start(self, spec: ServiceSpec, *, timeout: float = 120.0, require_serving: bool = True
-              ) -> tuple[ServiceRecord, bool]:
+    def start(
+        self, spec: ServiceSpec, *, timeout: float = 120.0, require_serving: bool = True
+    ) -> tuple[ServiceRecord, bool]:
         """Starts ``spec`` unless it already runs; waits for health SERVING. Returns (record, started).
 
         With ``require_serving=False`` any health answer will do (a gateway is NOT_SERVING until the
@@ -199,8 +200,13 @@ class Stack:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
             log.flush()
             proc = subprocess.Popen(
-                command, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True,
+                command,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         self._children[spec.name] = proc
         ticks = None
@@ -210,8 +216,14 @@ class Stack:
                 break
             time.sleep(0.01)
         record = ServiceRecord(
-            name=spec.name, pid=proc.pid, start_ticks=ticks or -1, port=spec.port, command=command,
-            log=str(log_path), health_service=spec.health_service, started_at=time.time(),
+            name=spec.name,
+            pid=proc.pid,
+            start_ticks=ticks or -1,
+            port=spec.port,
+            command=command,
+            log=str(log_path),
+            health_service=spec.health_service,
+            started_at=time.time(),
         )
         staging = self._record_path(spec.name).with_suffix(".tmp")
         staging.write_text(json.dumps(asdict(record), indent=2))
@@ -292,13 +304,17 @@ def wait_healthy(record: ServiceRecord, *, timeout: float, require_serving: bool
     last = "no answer"
     while time.monotonic() < deadline:
         if not is_alive(record):
-            raise NotReady(f"{record.name} exited while starting; last lines of {record.log}:\n{tail(record.log)}")
+            raise NotReady(
+                f"{record.name} exited while starting; last lines of {record.log}:\n{tail(record.log)}"
+            )
         last = health_of(record.target, record.health_service)
         if last == "SERVING" or (not require_serving and last in ("NOT_SERVING", "SERVICE_UNKNOWN")):
             return
         time.sleep(0.2)
-    raise NotReady(f"{record.name} on {record.target} not SERVING after {timeout:.0f}s ({last}); "
-                   f"last lines of {record.log}:\n{tail(record.log)}")
+    raise NotReady(
+        f"{record.name} on {record.target} not SERVING after {timeout:.0f}s ({last}); "
+        f"last lines of {record.log}:\n{tail(record.log)}"
+    )
 
 
 def tail(path: str | Path, lines: int = 25) -> str:

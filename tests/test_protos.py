@@ -16,9 +16,17 @@ FILES = sorted(p.relative_to(PROTOS).as_posix() for p in PROTOS.rglob("*.proto")
 
 def test_protos_compile_with_grpcio_tools(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTOS}", f"--python_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", *FILES],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTOS}",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            *FILES,
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cbir" / "v1" / "search_pb2_grpc.py").exists()
@@ -31,8 +39,15 @@ def test_protos_load_in_node():
     loaded = json.loads(result.stdout)
     assert set(loaded["services"]["SearchService"]) >= {"Search", "BatchSearch", "GetServingInfo"}
     assert set(loaded["services"]["IndexerService"]) >= {
-        "Upsert", "Delete", "Get", "Knn", "Stats", "CreateGeneration", "ActivateGeneration",
-        "ListGenerations", "DropGeneration",
+        "Upsert",
+        "Delete",
+        "Get",
+        "Knn",
+        "Stats",
+        "CreateGeneration",
+        "ActivateGeneration",
+        "ListGenerations",
+        "DropGeneration",
     }
 
 

@@ -52,21 +52,52 @@ def test_every_service_is_healthy_and_reflected():
     work = Path(tempfile.mkdtemp(prefix="cbir-services-"))
     export_tiny_model(work / "models", "tiny", version=1, dim=8)
     with running_service(
-        "embedder", "serve", "--model_name", "tiny", "--model_base_path", str(work / "models" / "tiny"),
-        "--host", "127.0.0.1", log_dir=work,
+        "embedder",
+        "serve",
+        "--model_name",
+        "tiny",
+        "--model_base_path",
+        str(work / "models" / "tiny"),
+        "--host",
+        "127.0.0.1",
+        log_dir=work,
     ) as (_, serving):
-        assert {"tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
-                "grpc.health.v1.Health"} <= reflected_services(serving)
+        assert {
+            "tensorflow.serving.PredictionService",
+            "tensorflow.serving.ModelService",
+            "grpc.health.v1.Health",
+        } <= reflected_services(serving)
         with running_service(
-            "indexer", "serve", "--data-dir", str(work / "index"), "--host", "127.0.0.1",
-            "--metrics-port", "-1", health_service="cbir.v1.IndexerService", log_dir=work,
+            "indexer",
+            "serve",
+            "--data-dir",
+            str(work / "index"),
+            "--host",
+            "127.0.0.1",
+            "--metrics-port",
+            "-1",
+            health_service="cbir.v1.IndexerService",
+            log_dir=work,
         ) as (_, indexer):
             assert {"cbir.v1.IndexerService", "grpc.health.v1.Health"} <= reflected_services(indexer)
             _activate_one_item_generation(indexer)
             with running_service(
-                "gateway", "serve", "--serving", serving, "--model-name", "tiny", "--indexer", indexer,
-                "--host", "127.0.0.1", "--metrics-port", "-1", "--probe-period", "0.2",
-                health_service="cbir.v1.SearchService", log_dir=work,
+                "gateway",
+                "serve",
+                "--serving",
+                serving,
+                "--model-name",
+                "tiny",
+                "--indexer",
+                indexer,
+                "--host",
+                "127.0.0.1",
+                "--metrics-port",
+                "-1",
+                "--probe-period",
+                "0.2",
+                health_service="cbir.v1.SearchService",
+                log_dir=work,
             ) as (_, gateway):
                 assert {"cbir.v1.SearchService", "grpc.health.v1.Health"} <= reflected_services(gateway)
                 wait_for_health(gateway, "", timeout=30)

@@ -40,11 +40,17 @@ def _positive_float(text: str) -> float:
 
 def _common(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
     parser.add_argument(
-        "-c", "--config", required=config_required,
+        "-c",
+        "--config",
+        required=config_required,
         help="training config: a path, or the name of a shipped config in trainer/trainings/",
     )
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
         help="override a config field by its dotted path, value as JSON (repeatable): --set model.fit.epochs=20",
     )
     parser.add_argument(
@@ -52,20 +58,26 @@ def _common(parser: argparse.ArgumentParser, *, config_required: bool = True) ->
         help="data root with datasets/, checkpoints/, emb/, logs/ (default: $CBIR_DATA_DIR, else data_dir "
         "in $CBIR_SETTINGS or ~/.config/cbir/settings.json)",
     )
-    parser.add_argument("--run-name", help="run folder name (default: the original run name built from the config)")
+    parser.add_argument(
+        "--run-name", help="run folder name (default: the original run name built from the config)"
+    )
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def _inference(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--checkpoint", default="best",
+        "--checkpoint",
+        default="best",
         help="best (the best test Recall@1 so far, else latest), latest, or a checkpoint path (default: best)",
     )
     parser.add_argument(
-        "--untrained", action="store_true",
+        "--untrained",
+        action="store_true",
         help="use the initial weights (model.weights, e.g. pretrained ImageNet) instead of a checkpoint",
     )
-    parser.add_argument("-b", "--batch-size", type=_positive_int, default=32, help="images per inference batch")
+    parser.add_argument(
+        "-b", "--batch-size", type=_positive_int, default=32, help="images per inference batch"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,17 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model (P x K batches, checkpoints, periodic Recall@1)")
     _common(train)
-    train.add_argument("--resume", action="store_true", help="continue an existing run from its latest checkpoint")
+    train.add_argument(
+        "--resume", action="store_true", help="continue an existing run from its latest checkpoint"
+    )
     train.add_argument("--max-minutes", type=_positive_float, help="stop (and save) after this many minutes")
-    train.add_argument("--max-steps", type=_positive_int, help="stop (and save) after this many more iterations")
+    train.add_argument(
+        "--max-steps", type=_positive_int, help="stop (and save) after this many more iterations"
+    )
     train.add_argument("--seed", type=int, default=0, help="seed of the batch sampler and augmentation")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     train.add_argument(
-        "--freeze-batchnorm", action="store_true",
+        "--freeze-batchnorm",
+        action="store_true",
         help="keep the backbone's BatchNorm statistics frozen (fine-tuning a pretrained backbone)",
     )
     train.add_argument(
-        "--train-from", metavar="LAYER",
+        "--train-from",
+        metavar="LAYER",
         help="fine-tune only the backbone layers from LAYER on (e.g. block11_expand_conv); earlier ones stay frozen",
     )
 
@@ -101,14 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     _inference(test)
     test.add_argument("-r", "--n-retrievals", type=_positive_int, default=10, help="images to retrieve")
     test.add_argument("--seed", type=int, default=None, help="seed choosing the query (default: random)")
-    test.add_argument("-o", "--output", type=Path, help="figure path (default: <data_dir>/logs/<run>/test/...png)")
+    test.add_argument(
+        "-o", "--output", type=Path, help="figure path (default: <data_dir>/logs/<run>/test/...png)"
+    )
 
     evaluation = commands.add_parser(
         "evaluation", help="the original MAP over T random test queries, plus mAP@R, Recall@K and NMI"
     )
     _common(evaluation)
     _inference(evaluation)
-    evaluation.add_argument("-t", "--n-test-samples", type=_positive_int, default=100, help="random test queries")
+    evaluation.add_argument(
+        "-t", "--n-test-samples", type=_positive_int, default=100, help="random test queries"
+    )
     evaluation.add_argument("-r", "--n-retrievals", type=_positive_int, default=10, help="R of AP@R")
     evaluation.add_argument("--seed", type=int, default=0, help="seed choosing the test queries")
 
@@ -116,13 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cbir)
     _inference(cbir)
     cbir.add_argument("-r", "--n-retrievals", type=_positive_int, default=10, help="images to retrieve")
-    cbir.add_argument("-o", "--output", type=Path, help="figure path (default: <data_dir>/logs/<run>/cbir/...png)")
+    cbir.add_argument(
+        "-o", "--output", type=Path, help="figure path (default: <data_dir>/logs/<run>/cbir/...png)"
+    )
     cbir.add_argument("image", type=Path, help="the query image file")
 
     export = commands.add_parser("export", help="publish a SavedModel version for TF Serving")
     _common(export)
     _inference(export)
-    export.add_argument("--model-repo", type=Path, required=True, help="model repository (TF Serving's base path)")
+    export.add_argument(
+        "--model-repo", type=Path, required=True, help="model repository (TF Serving's base path)"
+    )
     export.add_argument("--model-name", help="model name in the repository (default: the run name)")
     export.add_argument("--version", type=_positive_int, help="version number (default: the next integer)")
 
@@ -130,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         "quality",
         help="quality figures on a folder-per-class dataset: pretrained efficientnet_lite0 vs fine-tuned",
     )
-    quality.add_argument("--data", type=Path, required=True, help="folder-per-class dataset with train/ and test/")
+    quality.add_argument(
+        "--data", type=Path, required=True, help="folder-per-class dataset with train/ and test/"
+    )
     quality.add_argument("--minutes", type=_positive_float, default=15.0, help="fine-tuning budget per loss")
     quality.add_argument("--work-dir", type=Path, help="where runs are written (default: a temporary folder)")
     quality.add_argument(
@@ -138,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quality.add_argument("--output", type=Path, help="also write the results as JSON here")
     quality.add_argument(
-        "--train-from", metavar="LAYER",
+        "--train-from",
+        metavar="LAYER",
         help="fine-tune only the backbone layers from LAYER on (e.g. block11_expand_conv; default: all)",
     )
     quality.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -248,7 +277,9 @@ def _print_hits(hits, gallery, query_label: int | None) -> list[bool]:
         label = int(gallery.labels[hit.index])
         relevant.append(query_label is not None and label == query_label)
         mark = " *" if relevant[-1] else ""
-        print(f"{hit.rank:>4}  {hit.distance:9.4f}  {gallery.label_names[label]:<20} {gallery.paths[hit.index]}{mark}")
+        print(
+            f"{hit.rank:>4}  {hit.distance:9.4f}  {gallery.label_names[label]:<20} {gallery.paths[hit.index]}{mark}"
+        )
     return relevant
 
 
@@ -298,20 +329,37 @@ def cmd_evaluation(args) -> int:
     labels = _query_labels_in_gallery(split, gallery)
     metric = ctx.config.model.fit.metric
     score = metrics.original_map(
-        queries, labels, gallery.vectors, gallery.labels,
-        trials=args.n_test_samples, r=args.n_retrievals, seed=args.seed, metric=metric,
+        queries,
+        labels,
+        gallery.vectors,
+        gallery.labels,
+        trials=args.n_test_samples,
+        r=args.n_retrievals,
+        seed=args.seed,
+        metric=metric,
     )
     print(f"MAP: {score * 100:.2f}%")
     loo = metrics.evaluate(queries, split.labels, metric=metric, nmi=True)
-    vs_gallery = metrics.evaluate(queries, labels, gallery_embeddings=gallery.vectors,
-                                  gallery_labels=gallery.labels, metric=metric, nmi=False)
+    vs_gallery = metrics.evaluate(
+        queries,
+        labels,
+        gallery_embeddings=gallery.vectors,
+        gallery_labels=gallery.labels,
+        metric=metric,
+        nmi=False,
+    )
     print(f"Test split ({len(split)} images, leave-one-out, {metric}):")
     _print_metrics(loo)
     print(f"Test queries against the gallery ({len(gallery)} train images):")
     _print_metrics(vs_gallery)
     result = {
         "step": step,
-        "original_map": {"value": score, "trials": args.n_test_samples, "r": args.n_retrievals, "seed": args.seed},
+        "original_map": {
+            "value": score,
+            "trials": args.n_test_samples,
+            "r": args.n_retrievals,
+            "seed": args.seed,
+        },
         "test_leave_one_out": loo,
         "test_vs_gallery": vs_gallery,
     }
@@ -322,8 +370,13 @@ def cmd_evaluation(args) -> int:
 
 
 def _print_metrics(result: dict) -> None:
-    recalls = "  ".join(f"R@{k.split('@')[1]} {v * 100:.2f}%" for k, v in result.items() if k.startswith("recall@"))
-    print(f"  mAP@R: {result['map@r'] * 100:.2f}%   {recalls}" + (f"   NMI: {result['nmi']:.4f}" if "nmi" in result else ""))
+    recalls = "  ".join(
+        f"R@{k.split('@')[1]} {v * 100:.2f}%" for k, v in result.items() if k.startswith("recall@")
+    )
+    print(
+        f"  mAP@R: {result['map@r'] * 100:.2f}%   {recalls}"
+        + (f"   NMI: {result['nmi']:.4f}" if "nmi" in result else "")
+    )
 
 
 def cmd_cbir(args) -> int:
@@ -385,8 +438,14 @@ def cmd_export(args) -> int:
 def cmd_quality(args) -> int:
     from trainer.quality import run_quality
 
-    run_quality(args.data, minutes=args.minutes, work_dir=args.work_dir,
-                losses=[x for x in args.losses.split(",") if x], output=args.output, train_from=args.train_from)
+    run_quality(
+        args.data,
+        minutes=args.minutes,
+        work_dir=args.work_dir,
+        losses=[x for x in args.losses.split(",") if x],
+        output=args.output,
+        train_from=args.train_from,
+    )
     return 0
 
 

@@ -242,11 +242,13 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainingConfig:
         raise ConfigError(f"model.fit.alpha: only angular_loss takes alpha, not {loss}")
     margin = f.get("margin")
     if isinstance(margin, str) and margin != "soft":
-        raise ConfigError(f"model.fit.margin: a number or \"soft\", got {json.dumps(margin)}")
+        raise ConfigError(f'model.fit.margin: a number or "soft", got {json.dumps(margin)}')
     if isinstance(margin, int | float) and margin < 0:
         raise ConfigError(f"model.fit.margin: must be >= 0, got {margin}")
     if canonical in PAIR_LOSSES and m["batch"]["K"] != 2:
-        raise ConfigError(f"model.batch.K: {loss} reads the batch as (anchor, positive) pairs, so K must be 2")
+        raise ConfigError(
+            f"model.batch.K: {loss} reads the batch as (anchor, positive) pairs, so K must be 2"
+        )
     if not data["dataset"].strip():
         raise ConfigError("dataset: must not be empty")
     return TrainingConfig(
@@ -373,7 +375,7 @@ def resolve_data_dir(flag: str | None, env: Mapping[str, str] | None = None) -> 
         except json.JSONDecodeError as exc:
             raise ConfigError(f"settings file {settings}: not valid JSON ({exc.msg})") from exc
         if not isinstance(data, dict) or not isinstance(data.get("data_dir"), str):
-            raise ConfigError(f"settings file {settings}: expected {{\"data_dir\": \"/path\"}}")
+            raise ConfigError(f'settings file {settings}: expected {{"data_dir": "/path"}}')
         root = Path(data["data_dir"]).expanduser()
         if not root.is_absolute():
             root = settings.parent / root

@@ -108,7 +108,9 @@ def load_splits(dataset: str, dirs: DataDirs, splits: Sequence[str] = ("train", 
         for problem in problems:
             log.warning("skipping unreadable image %s", problem)
         if not kept:
-            raise InvalidInput(f"dataset {dataset!r}, split {name!r}: no readable image ({len(entries)} listed)")
+            raise InvalidInput(
+                f"dataset {dataset!r}, split {name!r}: no readable image ({len(entries)} listed)"
+            )
         result[name] = Split(
             name=name,
             ids=[e.id for e in kept],

@@ -72,7 +72,9 @@ def embed_paths(
     except tf.errors.InvalidArgumentError as exc:
         # The pipeline keeps order, so the failing file is the first one not embedded yet.
         bad = paths[done] if done < len(paths) else "?"
-        raise InvalidInput(f"cannot decode image {bad} (near index {done}): {exc.message.splitlines()[0]}") from exc
+        raise InvalidInput(
+            f"cannot decode image {bad} (near index {done}): {exc.message.splitlines()[0]}"
+        ) from exc
     if not chunks:
         return np.zeros((0, 0), np.float32)
     return np.concatenate(chunks).astype(np.float32)

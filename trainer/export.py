@@ -55,7 +55,9 @@ def _check_image(image_bytes: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     # One assertion with one message, so the error says the right thing whatever order ops run in.
     message = tf.where(
         size > 0,
-        tf.strings.format("image_bytes[{}] is not a JPEG, PNG, GIF, BMP or WebP image ({} bytes)", (index, size)),
+        tf.strings.format(
+            "image_bytes[{}] is not a JPEG, PNG, GIF, BMP or WebP image ({} bytes)", (index, size)
+        ),
         tf.strings.format("image_bytes[{}] is empty", index),
     )
     check = tf.debugging.Assert(tf.logical_and(size > 0, known), [message], name="image_is_decodable")
@@ -75,7 +77,8 @@ class EmbeddingExport(tf.Module):
             self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_BYTES)]
         )
         self.serve_pixels = tf.function(
-            self._serve_pixels, input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name=INPUT_PIXELS)]
+            self._serve_pixels,
+            input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name=INPUT_PIXELS)],
         )
 
     def _embed(self, pixels: tf.Tensor) -> tf.Tensor:
@@ -91,7 +94,9 @@ class EmbeddingExport(tf.Module):
         pixels = tf.map_fn(
             one,
             (image_bytes, tf.range(count)),
-            fn_output_signature=tf.TensorSpec([self._input_size.height, self._input_size.width, 3], tf.float32),
+            fn_output_signature=tf.TensorSpec(
+                [self._input_size.height, self._input_size.width, 3], tf.float32
+            ),
         )
         return {OUTPUT: self._embed(pixels)}
 
@@ -100,7 +105,11 @@ class EmbeddingExport(tf.Module):
 
 
 def next_version(model_dir: Path) -> int:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
+    versions = (
+        [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        if model_dir.is_dir()
+        else []
+    )
     return max(versions, default=0) + 1
 
 
@@ -174,7 +183,10 @@ def export_model(
             "preprocessing": describe(m.input, m.resize),
             "backbone_preprocessing": backbone_spec(m.name).preprocessing,
             "signatures": {
-                "serving_default": {"inputs": {INPUT_BYTES: "string [batch]"}, "outputs": {OUTPUT: "float32 [batch, D]"}},
+                "serving_default": {
+                    "inputs": {INPUT_BYTES: "string [batch]"},
+                    "outputs": {OUTPUT: "float32 [batch, D]"},
+                },
                 "serving_pixels": {
                     "inputs": {INPUT_PIXELS: f"float32 [batch, {m.input.height}, {m.input.width}, 3]"},
                     "outputs": {OUTPUT: "float32 [batch, D]"},

@@ -80,7 +80,9 @@ def run_quality(
 
     started = time.monotonic()
     backbone = build_backbone("efficientnet_lite0", (224, 224), "imagenet")
-    rows["(a) pretrained efficientnet_lite0, no training (1280-d)"] = _evaluate(backbone, base, test.paths, test.labels)
+    rows["(a) pretrained efficientnet_lite0, no training (1280-d)"] = _evaluate(
+        backbone, base, test.paths, test.labels
+    )
     print(f"(a) done in {time.monotonic() - started:.0f}s: {rows[next(iter(rows))]}")
 
     for loss in losses:
@@ -111,7 +113,9 @@ def run_quality(
     print("| model | Recall@1 | mAP@R | NMI | steps |")
     print("|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['recall@1']:.4f} | {row['map@r']:.4f} | {row['nmi']:.4f} | {row.get('steps', '-')} |")
+        print(
+            f"| {name} | {row['recall@1']:.4f} | {row['map@r']:.4f} | {row['nmi']:.4f} | {row.get('steps', '-')} |"
+        )
     report = {"data": str(data), "test_images": len(test), "minutes_per_loss": minutes, "results": rows}
     if output:
         Path(output).write_text(json.dumps(report, indent=2) + "\n")

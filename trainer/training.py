@@ -101,7 +101,9 @@ def make_loss(config: TrainingConfig) -> keras.losses.Loss:
     return losses.get_loss(fit.loss, margin=fit.margin)
 
 
-def training_dataset(split: Split, config: TrainingConfig, *, seed: int, start_step: int = 0) -> tf.data.Dataset:
+def training_dataset(
+    split: Split, config: TrainingConfig, *, seed: int, start_step: int = 0
+) -> tf.data.Dataset:
     """Endless P*K batches of (augmented images, labels), classes consecutive, reproducible per seed."""
     m = config.model
     sampler = PKSampler(split.labels, m.batch.P, m.batch.K, seed=seed + start_step)
@@ -118,7 +120,10 @@ def training_dataset(split: Split, config: TrainingConfig, *, seed: int, start_s
 
     def load(position, index):
         image = augment_image_bytes(
-            tf.io.read_file(paths_t[index]), input_size, resize, seed=tf.stack([tf.cast(seed, tf.int64), position])
+            tf.io.read_file(paths_t[index]),
+            input_size,
+            resize,
+            seed=tf.stack([tf.cast(seed, tf.int64), position]),
         )
         return image, labels_t[index]
 
@@ -130,6 +135,7 @@ def training_dataset(split: Split, config: TrainingConfig, *, seed: int, start_s
 
 def freeze_batchnorm(model: keras.Model) -> int:
     """Puts every BatchNormalization layer of the backbone in inference mode; returns how many."""
+
     def walk(layer):
         yield layer
         for child in getattr(layer, "layers", ()):
@@ -263,7 +269,9 @@ def prepare_run(config: TrainingConfig, dirs: DataDirs, options: TrainOptions) -
     return run
 
 
-def evaluate_split(model: keras.Model, split: Split, config: TrainingConfig, *, batch_size: int, embed_fn=None) -> dict:
+def evaluate_split(
+    model: keras.Model, split: Split, config: TrainingConfig, *, batch_size: int, embed_fn=None
+) -> dict:
     """Leave-one-out retrieval metrics on one split (Recall@K, mAP@R, NMI)."""
     vectors = embed_paths(model, split.paths, config, batch_size=batch_size, embed_fn=embed_fn)
     return metrics.evaluate(vectors, split.labels, metric=config.model.fit.metric, nmi=True)
@@ -320,7 +328,9 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
 
     def evaluate_now(step: int) -> None:
         nonlocal best_recall
-        result = evaluate_split(model, test_split, config, batch_size=options.eval_batch_size, embed_fn=embed_fn)
+        result = evaluate_split(
+            model, test_split, config, batch_size=options.eval_batch_size, embed_fn=embed_fn
+        )
         result = {"step": step, **result}
         history.append(result)
         with writer.as_default():
@@ -340,8 +350,14 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
             options.on_eval(step, result)
 
     images_seen, busy_seconds = 0, 0.0
-    bar = tqdm(total=last_step, initial=start, desc=run.path.name, unit="it", disable=not options.progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=last_step,
+        initial=start,
+        desc=run.path.name,
+        unit="it",
+        disable=not options.progress,
+        dynamic_ncols=True,
+    )
     iterator = iter(dataset)
     step = start
     with _StopRequest() as stop, writer.as_default():
@@ -378,7 +394,12 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
     bar.close()
     if not latest.latest_checkpoint or not latest.latest_checkpoint.endswith(f"-{step}"):
         latest.save(checkpoint_number=step)
-    if stopped != "interrupted" and step > start and eval_every and (not history or history[-1]["step"] != step):
+    if (
+        stopped != "interrupted"
+        and step > start
+        and eval_every
+        and (not history or history[-1]["step"] != step)
+    ):
         evaluate_now(step)
     writer.flush()
     rate = images_seen / busy_seconds if busy_seconds else 0.0

@@ -37,8 +37,10 @@ def check(args: argparse.Namespace) -> tuple[bool, str]:
     target = f"{args.host}:{args.port}"
     if args.tls_ca:
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(args.tls_ca), private_key=_read(args.tls_key),
-            certificate_chain=_read(args.tls_cert))
+            root_certificates=_read(args.tls_ca),
+            private_key=_read(args.tls_key),
+            certificate_chain=_read(args.tls_cert),
+        )
         options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
         channel = grpc.secure_channel(target, credentials, options=options)
     else:
@@ -46,7 +48,8 @@ def check(args: argparse.Namespace) -> tuple[bool, str]:
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
         except grpc.RpcError as exc:
             return False, f"{target}: {exc.code().name}: {exc.details()}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -30,7 +30,10 @@ def test_folders_without_splits(tmp_path):
     touch(tmp_path / "bags" / "a.png")
     touch(tmp_path / "bags" / "b.PNG")
     entries = read_catalogue(tmp_path, layout="folders")
-    assert [(e.id, e.label, e.split) for e in entries] == [("bags/a.png", "bags", None), ("bags/b.PNG", "bags", None)]
+    assert [(e.id, e.label, e.split) for e in entries] == [
+        ("bags/a.png", "bags", None),
+        ("bags/b.PNG", "bags", None),
+    ]
     with pytest.raises(InvalidInput, match="no split folders"):
         read_catalogue(tmp_path, split="train")
 
@@ -64,7 +67,10 @@ def test_manifest_csv_and_jsonl(tmp_path):
     [entry] = read_catalogue(tmp_path / "m.csv")
     assert entry.id == "sku-1" and entry.label == "dress" and entry.attributes == {"color": "red"}
     assert entry.path == str(tmp_path / "img" / "a.jpg")
-    rows = [{"id": "a", "uri": "img/a.jpg", "label": "x", "attributes": {"size": 3}}, {"id": "b", "path": "/abs.jpg"}]
+    rows = [
+        {"id": "a", "uri": "img/a.jpg", "label": "x", "attributes": {"size": 3}},
+        {"id": "b", "path": "/abs.jpg"},
+    ]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     entries = read_catalogue(tmp_path / "m.jsonl")
     assert [e.id for e in entries] == ["a", "b"] and entries[0].attributes == {"size": "3"}

@@ -110,7 +110,9 @@ def test_metrics_count_requests_by_code(channel, server):
     call(channel, b"counted")
     with pytest.raises(grpc.RpcError):
         call(channel, b"missing")
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    )
     assert 'cbir_grpc_requests_total{code="OK",method="Echo",service="test"}' in text
     assert 'cbir_grpc_requests_total{code="NOT_FOUND",method="Echo",service="test"}' in text
     assert "cbir_grpc_request_seconds_bucket" in text

@@ -39,7 +39,8 @@ def kustomize_command() -> tuple[str, ...]:
         return ("kubectl", "kustomize")
     raise RendererMissing(
         "neither `kustomize` nor `kubectl` is on PATH: install kubectl (it includes kustomize v5), "
-        "e.g. `apt-get install kubectl` from Kubernetes' apt repository")
+        "e.g. `apt-get install kubectl` from Kubernetes' apt repository"
+    )
 
 
 def overlay_paths() -> list[str]:
@@ -77,12 +78,16 @@ def render(path: str, components: tuple[str, ...] = ()) -> tuple[dict, ...]:
         if components:
             # kustomize wants relative paths to other kustomizations.
             rel = lambda p: os.path.relpath(p, tmp)  # noqa: E731
-            (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump({
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [rel(target)],
-                "components": [rel(DEPLOY / "components" / c) for c in components],
-            }))
+            (Path(tmp) / "kustomization.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                        "kind": "Kustomization",
+                        "resources": [rel(target)],
+                        "components": [rel(DEPLOY / "components" / c) for c in components],
+                    }
+                )
+            )
             target = Path(tmp)
         proc = subprocess.run([*kustomize_command(), str(target)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:

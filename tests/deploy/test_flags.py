@@ -61,7 +61,9 @@ def _our_containers(rendered):
     for key, objects in rendered.items():
         path, components = key
         # The Jobs read the stack's ConfigMaps (cbir-topology) at run time.
-        cluster = objects if rendering.is_stack(path) else objects + rendered[(path.rsplit("/", 1)[0], components)]
+        cluster = (
+            objects if rendering.is_stack(path) else objects + rendered[(path.rsplit("/", 1)[0], components)]
+        )
         for workload, spec in pod_specs(objects):
             for c in containers(spec):
                 if not any(image in c["image"] for image in OUR_IMAGES):
@@ -76,7 +78,9 @@ def _our_containers(rendered):
 
 def _expand(arg: str, env: dict[str, str], where: str) -> str:
     def value(match):
-        assert match.group(1) in env, f"{where}: {arg} uses ${match.group(1)}, which the container does not have"
+        assert match.group(1) in env, (
+            f"{where}: {arg} uses ${match.group(1)}, which the container does not have"
+        )
         return env[match.group(1)]
 
     return VARIABLE.sub(value, arg)
@@ -96,8 +100,9 @@ def test_every_flag_and_variable_exists_and_parses(rendered):
             known_flags = set(sub._option_string_actions)
             for flag in flags:
                 if flag.startswith("--"):
-                    assert flag.split("=", 1)[0] in known_flags, \
+                    assert flag.split("=", 1)[0] in known_flags, (
                         f"{where}: `python -m {package} {command}` has no flag {flag.split('=', 1)[0]}"
+                    )
             known_env = {m for a in sub._actions for m in ENV_IN_HELP.findall(a.help or "")}
             for name in ours:
                 assert name in known_env, f"{where}: {name} is not read by `python -m {package} {command}`"
@@ -106,7 +111,9 @@ def test_every_flag_and_variable_exists_and_parses(rendered):
                 with contextlib.redirect_stderr(stderr):
                     parsed = parser.parse_args([command, *(_expand(f, env, where) for f in flags)])
             except SystemExit:
-                pytest.fail(f"{where}: `python -m {package} {command}` rejects its arguments:\n{stderr.getvalue()}")
+                pytest.fail(
+                    f"{where}: `python -m {package} {command}` rejects its arguments:\n{stderr.getvalue()}"
+                )
         # The environment-provided settings arrive (TLS files, API keys, ...).
         for name, value in ours.items():
             dest = name.removeprefix(f"CBIR_{package.upper()}_").lower()
@@ -116,10 +123,13 @@ def test_every_flag_and_variable_exists_and_parses(rendered):
     assert checked >= 5
 
 
-@pytest.mark.parametrize(("package", "port", "metrics_port"), [
-    ("gateway", defaults.GATEWAY_PORT, defaults.GATEWAY_METRICS_PORT),
-    ("indexer", defaults.INDEXER_PORT, defaults.INDEXER_METRICS_PORT),
-])
+@pytest.mark.parametrize(
+    ("package", "port", "metrics_port"),
+    [
+        ("gateway", defaults.GATEWAY_PORT, defaults.GATEWAY_METRICS_PORT),
+        ("indexer", defaults.INDEXER_PORT, defaults.INDEXER_METRICS_PORT),
+    ],
+)
 def test_manifest_ports_are_the_parsers_defaults(stacks, package, port, metrics_port):
     with mock.patch.dict(os.environ, {}, clear=False):
         for name in [n for n in os.environ if n.startswith(f"CBIR_{package.upper()}_")]:
@@ -131,7 +141,9 @@ def test_manifest_ports_are_the_parsers_defaults(stacks, package, port, metrics_
             c = spec["containers"][0]
             if c.get("args", [None, None])[1:3] == [package, "serve"]:
                 ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-                assert ports == {"grpc": parsed.port, "metrics": parsed.metrics_port}, rendering.combination_id(*key)
+                assert ports == {"grpc": parsed.port, "metrics": parsed.metrics_port}, (
+                    rendering.combination_id(*key)
+                )
 
 
 def test_serving_port_default_is_tf_servings(stacks):
@@ -139,7 +151,9 @@ def test_serving_port_default_is_tf_servings(stacks):
     assert parsed.port == defaults.SERVING_GRPC_PORT
     for objects in stacks.values():
         serving = next(spec for w, spec in pod_specs(objects) if w["metadata"]["name"] == "cbir-tf-serving")
-        assert {p["name"]: p["containerPort"] for p in serving["containers"][0]["ports"]}["grpc"] == parsed.port
+        assert {p["name"]: p["containerPort"] for p in serving["containers"][0]["ports"]}[
+            "grpc"
+        ] == parsed.port
 
 
 README = rendering.DEPLOY / "README.md"
@@ -155,8 +169,12 @@ def test_readme_commands_use_existing_flags_and_paths():
         for token in rest.split():
             if token.startswith("--"):
                 flag = token.split("=", 1)[0]
-                assert flag in sub._option_string_actions, f"README: python -m {package} {command} has no {flag}"
-    paths = re.findall(r"-k (deploy/[\w/.-]+)", text) + re.findall(r"`((?:base|overlays|components|docker)/[\w/.-]+)`", text)
+                assert flag in sub._option_string_actions, (
+                    f"README: python -m {package} {command} has no {flag}"
+                )
+    paths = re.findall(r"-k (deploy/[\w/.-]+)", text) + re.findall(
+        r"`((?:base|overlays|components|docker)/[\w/.-]+)`", text
+    )
     assert len(paths) >= 10
     for path in paths:
         full = rendering.REPO / path if path.startswith("deploy/") else rendering.DEPLOY / path
@@ -178,4 +196,6 @@ def test_tf_serving_flags_are_the_ones_the_local_model_server_mirrors(stacks):
             continue
         for arg in c["args"]:
             flag = arg.split("=", 1)[0]
-            assert flag in mirrored | TF_SERVING_ONLY_FLAGS, f"{rendering.combination_id(*key)}: unknown {flag}"
+            assert flag in mirrored | TF_SERVING_ONLY_FLAGS, (
+                f"{rendering.combination_id(*key)}: unknown {flag}"
+            )

@@ -24,8 +24,11 @@ HEALTH_CHECK = DEPLOY / "docker" / "health_check.py"
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", path.read_text())
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
-            for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def _base_images(path: Path) -> list[str]:
@@ -48,7 +51,9 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root(dockerfile):
         name, _, tag = image.partition("@")[0].rpartition(":")
         assert name and re.fullmatch(r"\d+\.\d+\.\d+[\w.-]*", tag), f"{image}: pin an exact version"
     users = [rest for op, rest in steps if op == "USER"]
-    assert users and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[-1]), "the last USER must be a numeric non-root uid:gid"
+    assert users and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[-1]), (
+        "the last USER must be a numeric non-root uid:gid"
+    )
     # Sources copied from the build context exist (the context is the repository root).
     for op, rest in steps:
         if op == "COPY" and "--from" not in rest:
@@ -91,8 +96,13 @@ def test_overlays_use_the_image_names_make_images_builds():
 
 
 def test_make_images_without_an_engine_fails_with_a_clear_message():
-    proc = subprocess.run(["make", "--no-print-directory", "images", "CONTAINER_ENGINE="], cwd=REPO,
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "images", "CONTAINER_ENGINE="],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode != 0
     assert "needs a container engine" in proc.stderr and "docker or podman" in proc.stderr
 
@@ -113,7 +123,9 @@ def health_server():
 
 
 def _probe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HEALTH_CHECK), *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, str(HEALTH_CHECK), *args], capture_output=True, text=True, timeout=30
+    )
 
 
 @pytest.mark.slow
@@ -151,13 +163,54 @@ def certificates(tmp_path_factory):
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed")
     d = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=cbir-test-ca",
-             "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=cbir-indexer", "-keyout", "tls.key",
-             "-out", "tls.csr", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=cbir-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        cwd=d,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=cbir-indexer",
+        "-keyout",
+        "tls.key",
+        "-out",
+        "tls.csr",
+        cwd=d,
+    )
     (d / "san.ext").write_text("subjectAltName=DNS:cbir-indexer,DNS:*.cbir-indexer\n")
-    _openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "1", "-extfile", "san.ext", "-out", "tls.crt", cwd=d)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "tls.crt",
+        cwd=d,
+    )
     return d
 
 
@@ -168,7 +221,8 @@ def test_health_check_speaks_tls_with_the_certificates_name(certificates):
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = free_port()
     credentials = grpc.ssl_server_credentials(
-        [((certificates / "tls.key").read_bytes(), (certificates / "tls.crt").read_bytes())])
+        [((certificates / "tls.key").read_bytes(), (certificates / "tls.crt").read_bytes())]
+    )
     server.add_secure_port(f"127.0.0.1:{port}", credentials)
     server.start()
     try:
@@ -185,8 +239,11 @@ def test_health_check_speaks_tls_with_the_certificates_name(certificates):
 
 
 def test_tls_exec_probes_run_the_health_check_the_services_image_installs(rendered):
-    copies = [rest.split() for op, rest in _instructions(DEPLOY / "docker" / "services.Dockerfile")
-              if op == "COPY" and "health_check.py" in rest]
+    copies = [
+        rest.split()
+        for op, rest in _instructions(DEPLOY / "docker" / "services.Dockerfile")
+        if op == "COPY" and "health_check.py" in rest
+    ]
     assert len(copies) == 1
     installed = copies[0][-1]
     commands = set()

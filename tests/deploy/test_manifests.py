@@ -76,8 +76,10 @@ def _validation_errors(obj: dict) -> list[str]:
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            failures.append(f"{obj['kind']}/{obj['metadata']['name']} (k8s {version}): {exc.message} at "
-                            f"{'.'.join(map(str, exc.path))}")
+            failures.append(
+                f"{obj['kind']}/{obj['metadata']['name']} (k8s {version}): {exc.message} at "
+                f"{'.'.join(map(str, exc.path))}"
+            )
     return failures
 
 
@@ -154,7 +156,9 @@ def test_every_container_is_locked_down_and_sized(rendered):
                 seccomp = ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {}))
                 assert seccomp.get("type") == "RuntimeDefault", where
                 for bound in ("requests", "limits"):
-                    assert {"cpu", "memory"} <= set(c.get("resources", {}).get(bound, {})), f"{where}: {bound}"
+                    assert {"cpu", "memory"} <= set(c.get("resources", {}).get(bound, {})), (
+                        f"{where}: {bound}"
+                    )
                 # A read-only root needs somewhere to write temporary files.
                 tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
                 assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{where}: no emptyDir at /tmp"
@@ -180,7 +184,9 @@ def test_images_are_pinned(rendered):
             for c in containers(spec):
                 image = c["image"]
                 name, _, tag = image.rpartition(":")
-                assert name and tag and tag != "latest" and "/" not in tag, f"{workload['metadata']['name']}: {image}"
+                assert name and tag and tag != "latest" and "/" not in tag, (
+                    f"{workload['metadata']['name']}: {image}"
+                )
 
 
 # --------------------------------------------------------------------------- GPU
@@ -228,7 +234,9 @@ def test_shard_topology_agrees_with_the_statefulset(stacks):
         topology = _topology(objects)
         replicas = find(objects, "StatefulSet", "cbir-indexer")["spec"]["replicas"]
         targets = topology["INDEXER_TARGETS"].split(",")
-        assert int(topology["INDEXER_SHARD_COUNT"]) == replicas == len(targets), rendering.combination_id(*key)
+        assert int(topology["INDEXER_SHARD_COUNT"]) == replicas == len(targets), rendering.combination_id(
+            *key
+        )
         expected_count = 4 if "shards-4" in key[1] else 2
         assert replicas == expected_count
         for shard, target in enumerate(targets):
@@ -238,15 +246,21 @@ def test_shard_topology_agrees_with_the_statefulset(stacks):
         if "shards-4" in key[1]:
             # Shards and gateway read the topology at start-up: both templates change, so both roll.
             for workload in (statefulset, find(objects, "Deployment", "cbir-gateway")):
-                assert workload["spec"]["template"]["metadata"]["annotations"]["cbir.io/indexer-shards"] == "4"
+                assert (
+                    workload["spec"]["template"]["metadata"]["annotations"]["cbir.io/indexer-shards"] == "4"
+                )
         service = find(objects, "Service", "cbir-indexer")
         assert statefulset["spec"]["serviceName"] == "cbir-indexer" and service["spec"]["clusterIP"] == "None"
         indexer = statefulset["spec"]["template"]["spec"]["containers"][0]
         pod_index = next(e for e in indexer["env"] if e["name"] == "POD_INDEX")
-        assert pod_index["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+        assert (
+            pod_index["valueFrom"]["fieldRef"]["fieldPath"]
+            == "metadata.labels['apps.kubernetes.io/pod-index']"
+        )
         assert _arg(indexer, "--shard-id") == "$(POD_INDEX)"
         assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] in {
-            m["name"] for m in indexer["volumeMounts"]}
+            m["name"] for m in indexer["volumeMounts"]
+        }
 
 
 def test_clients_reach_serving_round_robin_through_a_headless_service(stacks):
@@ -257,7 +271,10 @@ def test_clients_reach_serving_round_robin_through_a_headless_service(stacks):
         service = find(objects, "Service", match.group(1))
         assert service["spec"]["clusterIP"] == "None"
         assert int(match.group(2)) == defaults.SERVING_GRPC_PORT
-        assert {p["port"] for p in service["spec"]["ports"]} == {defaults.SERVING_GRPC_PORT, defaults.SERVING_REST_PORT}
+        assert {p["port"] for p in service["spec"]["ports"]} == {
+            defaults.SERVING_GRPC_PORT,
+            defaults.SERVING_REST_PORT,
+        }
         gateway = _container(objects, "Deployment", "cbir-gateway", "gateway")
         assert _arg(gateway, "--serving") == "$(SERVING_TARGET)"
         assert _arg(gateway, "--indexer") == "$(INDEXER_TARGETS)"
@@ -294,8 +311,11 @@ def test_ports_are_the_services_defaults(stacks):
                 if exec_probe:
                     assert f"--port={ports['grpc']}" in exec_probe["command"], f"{name} {probe}"
         for service in (o for o in objects if o["kind"] == "Service"):
-            pods = [spec for w, spec in pod_specs(objects)
-                    if w["spec"]["template"]["metadata"]["labels"].items() >= service["spec"]["selector"].items()]
+            pods = [
+                spec
+                for w, spec in pod_specs(objects)
+                if w["spec"]["template"]["metadata"]["labels"].items() >= service["spec"]["selector"].items()
+            ]
             assert len(pods) == 1, service["metadata"]["name"]
             named = {p["name"]: p["containerPort"] for p in pods[0]["containers"][0]["ports"]}
             for port in service["spec"]["ports"]:
@@ -309,8 +329,10 @@ def test_indexer_accepts_only_the_gateway_and_the_reindex_job(rendered):
         job_components = tuple(c for c in components if c not in rendering.STACK_ONLY_COMPONENTS)
         policy = find(objects, "NetworkPolicy", "cbir-indexer")
         statefulset = find(objects, "StatefulSet", "cbir-indexer")
-        assert policy["spec"]["podSelector"]["matchLabels"].items() <= \
-            statefulset["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            policy["spec"]["podSelector"]["matchLabels"].items()
+            <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+        )
         grpc_rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "grpc")
         allowed = [peer["podSelector"]["matchLabels"] for peer in grpc_rule["from"]]
         reindex = rendering.render(path + "/reindex", job_components)
@@ -319,7 +341,9 @@ def test_indexer_accepts_only_the_gateway_and_the_reindex_job(rendered):
             labels = client["spec"]["template"]["metadata"]["labels"]
             assert any(sel.items() <= labels.items() for sel in allowed), client["metadata"]["name"]
         train = find(rendering.render(path + "/train", job_components), "Job", "cbir-train")
-        assert not any(sel.items() <= train["spec"]["template"]["metadata"]["labels"].items() for sel in allowed)
+        assert not any(
+            sel.items() <= train["spec"]["template"]["metadata"]["labels"].items() for sel in allowed
+        )
         # Metrics only: everything else from outside is refused.
         other = [r for r in policy["spec"]["ingress"] if r is not grpc_rule]
         assert all(p["port"] == "metrics" for r in other for p in r["ports"])
@@ -332,7 +356,11 @@ def test_disruption_budgets_and_autoscaling(stacks):
             assert budget["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": name}
         hpa = find(objects, "HorizontalPodAutoscaler", "cbir-gateway")
         assert hpa["apiVersion"] == "autoscaling/v2"
-        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "cbir-gateway"}
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": "cbir-gateway",
+        }
         assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
         # The HPA owns the replica count; a fixed one would be reset on every apply.
         assert "replicas" not in find(objects, "Deployment", "cbir-gateway")["spec"]
@@ -361,8 +389,9 @@ def test_tf_serving_model_config_parses_with_the_model_servers_parser(stacks):
     for key, objects in stacks.items():
         deployment, spec = _tf_serving(objects)
         c = spec["containers"][0]
-        entries = model_entries(parse_model_server_config(
-            _mounted_file(objects, spec, c, _arg(c, "--model_config_file"))))
+        entries = model_entries(
+            parse_model_server_config(_mounted_file(objects, spec, c, _arg(c, "--model_config_file")))
+        )
         model_name = _topology(objects)["MODEL_NAME"]
         assert [e.name for e in entries] == [model_name]
         entry = entries[0]
@@ -375,7 +404,8 @@ def test_tf_serving_model_config_parses_with_the_model_servers_parser(stacks):
         assert c["readinessProbe"]["httpGet"]["port"] == "http"
 
         batching = parse_batching_parameters(
-            _mounted_file(objects, spec, c, _arg(c, "--batching_parameters_file")))
+            _mounted_file(objects, spec, c, _arg(c, "--batching_parameters_file"))
+        )
         assert _arg(c, "--enable_batching") == "true"
         assert batching.allowed_batch_sizes[-1] == batching.max_batch_size
         assert list(batching.allowed_batch_sizes) == sorted(batching.allowed_batch_sizes)
@@ -398,7 +428,9 @@ def test_tf_serving_model_config_parses_with_the_model_servers_parser(stacks):
             assert 0 < float(_arg(c, "--per_process_gpu_memory_fraction")) < 1
             assert _env_value(c, "TF_FORCE_GPU_ALLOW_GROWTH") == "true"
             assert c["command"] == ["tensorflow_model_server"]
-        claim = next(v for v in spec["volumes"] if v["name"] == "models")["persistentVolumeClaim"]["claimName"]
+        claim = next(v for v in spec["volumes"] if v["name"] == "models")["persistentVolumeClaim"][
+            "claimName"
+        ]
         assert find(objects, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
@@ -429,8 +461,12 @@ def test_training_job_exports_into_the_models_volume_that_serving_reads(rendered
         claim = next(v for v in spec["volumes"] if v["name"] == repo_mount["name"])["persistentVolumeClaim"]
         stack = rendering.render(path.rsplit("/", 1)[0], components)
         _, serving = _tf_serving(stack)
-        assert claim["claimName"] == next(
-            v for v in serving["volumes"] if v["name"] == "models")["persistentVolumeClaim"]["claimName"]
+        assert (
+            claim["claimName"]
+            == next(v for v in serving["volumes"] if v["name"] == "models")["persistentVolumeClaim"][
+                "claimName"
+            ]
+        )
         train = spec["initContainers"][0]
         assert train["args"][:3] == ["-m", "trainer", "train"]
 
@@ -458,7 +494,6 @@ def test_secret_examples_hold_placeholders_only():
                 assert "PLACEHOLDER" in value and "-----BEGIN" not in value, example.name
 
 
-
 def test_no_overlay_ships_a_secret(rendered):
     # Secrets are created by the operator; a placeholder must never become a working key or certificate.
     for key, objects in rendered.items():
@@ -467,8 +502,11 @@ def test_no_overlay_ships_a_secret(rendered):
 
 
 def test_components_mount_the_secrets_the_examples_describe(rendered):
-    secret_names = {s["metadata"]["name"] for ex in DEPLOY.glob("**/*.example.yaml")
-                    for s in yaml.safe_load_all(ex.read_text())}
+    secret_names = {
+        s["metadata"]["name"]
+        for ex in DEPLOY.glob("**/*.example.yaml")
+        for s in yaml.safe_load_all(ex.read_text())
+    }
     used = set()
     for objects in rendered.values():
         for _, spec in pod_specs(objects):
@@ -488,15 +526,23 @@ def test_every_file_under_deploy_is_used():
             for entry in generator.get("files", []):
                 referenced.add((kustomization.parent / entry.split("=", 1)[-1]).resolve())
     for path in DEPLOY.rglob("*"):
-        if path.is_file() and path.suffix in (".yaml", ".config", ".txt") and path.name != "kustomization.yaml":
+        if (
+            path.is_file()
+            and path.suffix in (".yaml", ".config", ".txt")
+            and path.name != "kustomization.yaml"
+        ):
             if ".example." in path.name or "examples" in path.parts:
                 continue
-            assert path.resolve() in referenced, f"{path.relative_to(DEPLOY)} is not used by any kustomization"
+            assert path.resolve() in referenced, (
+                f"{path.relative_to(DEPLOY)} is not used by any kustomization"
+            )
 
 
 @pytest.mark.parametrize("overlay", rendering.STACK_OVERLAYS)
 def test_jobs_and_stack_of_an_overlay_agree(overlay):
-    stack_images = {c["image"] for _, s in pod_specs(rendering.render(f"overlays/{overlay}")) for c in containers(s)}
+    stack_images = {
+        c["image"] for _, s in pod_specs(rendering.render(f"overlays/{overlay}")) for c in containers(s)
+    }
     for job in rendering.JOB_KUSTOMIZATIONS:
         objects = rendering.render(f"overlays/{overlay}/{job}")
         for _, spec in pod_specs(objects):

@@ -43,11 +43,27 @@ def test_concurrent_single_image_requests_are_batched_and_exact(tiny_repo, tmp_p
     model_dir = tiny_repo / "tiny" / "2"
     # Unbatched reference: every image alone through the SavedModel in this process.
     embed_alone = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
-    want = np.concatenate([embed_alone(image_bytes=tf.constant([image]))["embedding"].numpy() for image in images])
+    want = np.concatenate(
+        [embed_alone(image_bytes=tf.constant([image]))["embedding"].numpy() for image in images]
+    )
     with running_service(
-        "embedder", "serve", "--model_name", "tiny", "--model_base_path", str(tiny_repo / "tiny"),
-        "--enable_batching", "--batching_parameters_file", str(params), "--rest_api_port", str(rest_port),
-        "--monitoring_config_file", str(monitoring), "--max-workers", str(CLIENTS + 8), "--log-format", "text",
+        "embedder",
+        "serve",
+        "--model_name",
+        "tiny",
+        "--model_base_path",
+        str(tiny_repo / "tiny"),
+        "--enable_batching",
+        "--batching_parameters_file",
+        str(params),
+        "--rest_api_port",
+        str(rest_port),
+        "--monitoring_config_file",
+        str(monitoring),
+        "--max-workers",
+        str(CLIENTS + 8),
+        "--log-format",
+        "text",
         log_dir=tmp_path,
     ) as (proc, target):
         with EmbedderClient(target, "tiny", max_retries=0) as client:
@@ -76,8 +92,13 @@ def test_concurrent_single_image_requests_are_batched_and_exact(tiny_repo, tmp_p
                 for vector in results[i]:
                     np.testing.assert_allclose(vector, want[i], atol=1e-5)
 
-            metrics = urllib.request.urlopen(
-                f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics", timeout=10).read().decode()
+            metrics = (
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics", timeout=10
+                )
+                .read()
+                .decode()
+            )
             runs, rows = histogram(metrics, "cbir_embedder_batch_size")
             # 96 requests (+1 warmup) in far fewer model runs: requests were merged.
             assert runs < 0.6 * CLIENTS * 4, (runs, rows)

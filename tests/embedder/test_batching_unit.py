@@ -65,8 +65,9 @@ def test_concurrent_requests_are_merged_and_get_their_own_rows():
 
 def test_padding_to_allowed_batch_sizes():
     model = Recorder()
-    params = BatchingParameters(max_batch_size=8, batch_timeout_micros=200_000, num_batch_threads=1,
-                                allowed_batch_sizes=(4, 8))
+    params = BatchingParameters(
+        max_batch_size=8, batch_timeout_micros=200_000, num_batch_threads=1, allowed_batch_sizes=(4, 8)
+    )
     batcher = DynamicBatcher(model, params, name="t")
     try:
         results, errors = run_concurrently(batcher, [1.0, 2.0, 3.0, 4.0, 5.0])
@@ -97,8 +98,10 @@ def test_too_large_task_is_rejected_or_split():
     finally:
         batcher.close()
     splitting = DynamicBatcher(
-        model, BatchingParameters(max_batch_size=4, num_batch_threads=1, enable_large_batch_splitting=True),
-        name="t2")
+        model,
+        BatchingParameters(max_batch_size=4, num_batch_threads=1, enable_large_batch_splitting=True),
+        name="t2",
+    )
     try:
         out = splitting.submit({"x": np.arange(10, dtype=np.float32)}, 10)
     finally:

@@ -18,12 +18,26 @@ def test_tf_serving_flag_names_and_defaults():
     assert (args.file_system_poll_wait_seconds, args.model_config_file_poll_wait_seconds) == (1.0, 0.0)
     assert args.enable_batching is False and args.enable_model_warmup is True
     flags = set(_serve_parser()._option_string_actions)
-    assert {"--model_base_path", "--model_config_file", "--batching_parameters_file", "--monitoring_config_file",
-            "--port-file", "--tls-cert", "--grace-seconds"} <= flags
+    assert {
+        "--model_base_path",
+        "--model_config_file",
+        "--batching_parameters_file",
+        "--monitoring_config_file",
+        "--port-file",
+        "--tls-cert",
+        "--grace-seconds",
+    } <= flags
 
 
-@pytest.mark.parametrize(("argv", "value"), [(["--enable_batching"], True), (["--enable_batching=true"], True),
-                                             (["--enable_batching=false"], False), ([], False)])
+@pytest.mark.parametrize(
+    ("argv", "value"),
+    [
+        (["--enable_batching"], True),
+        (["--enable_batching=true"], True),
+        (["--enable_batching=false"], False),
+        ([], False),
+    ],
+)
 def test_boolean_flags_are_written_the_tf_serving_way(argv, value):
     assert build_parser().parse_args(["serve", *argv]).enable_batching is value
 
@@ -40,7 +54,10 @@ def test_environment_fallback(monkeypatch):
     [
         (["serve"], "give --model_base_path"),
         (["serve", "--model_config_file", "/nonexistent/models.config"], "cannot read model config file"),
-        (["serve", "--model_base_path", "/tmp/x", "--batching_parameters_file", "{bad}"], "batching parameters"),
+        (
+            ["serve", "--model_base_path", "/tmp/x", "--batching_parameters_file", "{bad}"],
+            "batching parameters",
+        ),
     ],
 )
 def test_user_mistakes_exit_2_with_a_message(argv, message, capsys, tmp_path):

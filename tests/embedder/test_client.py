@@ -59,7 +59,12 @@ def test_metadata_is_cached_per_version(fake):
         client.embed([b"x"], version=1)
         assert fake.count("GetModelMetadata") == 1
         info = client.signature(1)
-        assert (info.input_name, info.output_name, info.dim, info.model_version) == ("image_bytes", "embedding", 4, 1)
+        assert (info.input_name, info.output_name, info.dim, info.model_version) == (
+            "image_bytes",
+            "embedding",
+            4,
+            1,
+        )
         assert fake.count("GetModelMetadata") == 1
 
 

@@ -34,11 +34,24 @@ def test_new_versions_swap_in_without_failures(tmp_path):
     repo = tmp_path / "models"
     export_tiny_model(repo, "tiny", version=1, seed=0)
     config = tmp_path / "models.config"
-    config.write_text(format_model_server_config(
-        [ModelEntry("tiny", str(repo / "tiny"), VersionPolicy("latest", num_versions=2))]))
+    config.write_text(
+        format_model_server_config(
+            [ModelEntry("tiny", str(repo / "tiny"), VersionPolicy("latest", num_versions=2))]
+        )
+    )
     with running_service(
-        "embedder", "serve", "--model_config_file", str(config), "--file_system_poll_wait_seconds", "0.2",
-        "--model_config_file_poll_wait_seconds", "0.3", "--enable_batching", "--log-format", "text", log_dir=tmp_path,
+        "embedder",
+        "serve",
+        "--model_config_file",
+        str(config),
+        "--file_system_poll_wait_seconds",
+        "0.2",
+        "--model_config_file_poll_wait_seconds",
+        "0.3",
+        "--enable_batching",
+        "--log-format",
+        "text",
+        log_dir=tmp_path,
     ) as (proc, target):
         stop = threading.Event()
         failures: list[str] = []
@@ -62,11 +75,17 @@ def test_new_versions_swap_in_without_failures(tmp_path):
         for thread in threads:
             thread.start()
         try:
-            wait_for(lambda: all(len(seen.get(n, [])) >= 3
-                                 for n in ("latest-0", "latest-1", "latest-2", "pinned-1")), what="first answers")
+            wait_for(
+                lambda: all(
+                    len(seen.get(n, [])) >= 3 for n in ("latest-0", "latest-1", "latest-2", "pinned-1")
+                ),
+                what="first answers",
+            )
             export_tiny_model(repo, "tiny", version=2, seed=1)
-            wait_for(lambda: all(seen[n][-1] == 2 for n in ("latest-0", "latest-1", "latest-2")),
-                     what="answers from version 2")
+            wait_for(
+                lambda: all(seen[n][-1] == 2 for n in ("latest-0", "latest-1", "latest-2")),
+                what="answers from version 2",
+            )
             count_after = {n: len(v) for n, v in seen.items()}
             wait_for(lambda: all(len(seen[n]) >= count_after[n] + 3 for n in seen), what="more answers")
         finally:
@@ -106,8 +125,15 @@ def test_new_versions_swap_in_without_failures(tmp_path):
             assert client.embed(IMAGES).model_version == 3
             assert client.embed(IMAGES, version=2).model_version == 2
             # The config file is polled: a label added to it becomes usable without a restart.
-            config.write_text(format_model_server_config([ModelEntry(
-                "tiny", str(repo / "tiny"), VersionPolicy("latest", num_versions=2), {"stable": 2})]))
+            config.write_text(
+                format_model_server_config(
+                    [
+                        ModelEntry(
+                            "tiny", str(repo / "tiny"), VersionPolicy("latest", num_versions=2), {"stable": 2}
+                        )
+                    ]
+                )
+            )
 
             def stable_version():
                 try:
@@ -134,8 +160,19 @@ def test_health_waits_for_the_first_version(tmp_path):
     (repo / "tiny").mkdir(parents=True)
     port = free_port()
     proc = ServiceProcess(
-        ["-m", "embedder", "serve", "--model_name", "tiny", "--model_base_path", str(repo / "tiny"),
-         "--port", str(port), "--file_system_poll_wait_seconds", "0.2"],
+        [
+            "-m",
+            "embedder",
+            "serve",
+            "--model_name",
+            "tiny",
+            "--model_base_path",
+            str(repo / "tiny"),
+            "--port",
+            str(port),
+            "--file_system_poll_wait_seconds",
+            "0.2",
+        ],
         tmp_path / "server.log",
     )
     try:

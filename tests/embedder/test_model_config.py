@@ -73,15 +73,20 @@ def test_format_round_trips():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("model_config_list { config { name: 'a' base_path: '/a' } config { name: 'a' base_path: '/b' } }",
-         "more than once"),
+        (
+            "model_config_list { config { name: 'a' base_path: '/a' } config { name: 'a' base_path: '/b' } }",
+            "more than once",
+        ),
         ("model_config_list { config { name: 'a' } }", "has no base_path"),
         ("model_config_list { config { base_path: '/a' } }", "has no name"),
         ("model_config_list { config { name: 'a' base_path: '/a' model_platform: 'pytorch' } }", "pytorch"),
         ("model_config_list { config { name: 'a' base_path: '/a' nonsense: 1 } }", "nonsense"),
         ("model_config_list { config { name: 'a' base_path: '/a' ", "1:"),
-        ("model_config_list { config { name: 'a' base_path: '/a' "
-         "model_version_policy { specific { } } } }", "lists no versions"),
+        (
+            "model_config_list { config { name: 'a' base_path: '/a' "
+            "model_version_policy { specific { } } } }",
+            "lists no versions",
+        ),
     ],
 )
 def test_rejects_bad_model_configs_with_a_clear_message(text, message):
@@ -102,7 +107,11 @@ def test_batching_parameters_with_tf_serving_syntax_and_defaults():
         pad_variable_length_inputs: false
         """
     )
-    assert (params.max_batch_size, params.batch_timeout_micros, params.max_enqueued_batches) == (32, 2000, 100)
+    assert (params.max_batch_size, params.batch_timeout_micros, params.max_enqueued_batches) == (
+        32,
+        2000,
+        100,
+    )
     assert params.num_batch_threads == 4
     assert params.allowed_batch_sizes == (8, 16, 32)
     assert [params.padded_size(n) for n in (1, 8, 9, 32)] == [8, 8, 16, 32]
@@ -114,9 +123,14 @@ def test_batching_parameters_with_tf_serving_syntax_and_defaults():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("max_batch_size { value: 32 } allowed_batch_sizes: 8 allowed_batch_sizes: 16", "must equal max_batch_size"),
-        ("max_batch_size { value: 32 } allowed_batch_sizes: 16 allowed_batch_sizes: 8 allowed_batch_sizes: 32",
-         "monotonically increasing"),
+        (
+            "max_batch_size { value: 32 } allowed_batch_sizes: 8 allowed_batch_sizes: 16",
+            "must equal max_batch_size",
+        ),
+        (
+            "max_batch_size { value: 32 } allowed_batch_sizes: 16 allowed_batch_sizes: 8 allowed_batch_sizes: 32",
+            "monotonically increasing",
+        ),
         ("max_batch_size { value: 0 }", "max_batch_size must be positive"),
         ("max_batch_size: 32", "1:"),  # TF Serving wants the wrapper syntax
         ("max_batch_sise { value: 3 }", "max_batch_sise"),
@@ -128,8 +142,12 @@ def test_rejects_bad_batching_parameters(text, message):
 
 
 def test_large_batch_splitting_uses_the_execution_size():
-    params = BatchingParameters(max_batch_size=64, enable_large_batch_splitting=True, max_execution_batch_size=16,
-                                allowed_batch_sizes=(8, 16))
+    params = BatchingParameters(
+        max_batch_size=64,
+        enable_large_batch_splitting=True,
+        max_execution_batch_size=16,
+        allowed_batch_sizes=(8, 16),
+    )
     assert params.execution_batch_size == 16
 
 

@@ -39,7 +39,9 @@ def test_predicts_like_the_saved_model(base):
     manager.poll_once()
     result = manager.predict(ModelRef("tiny"), "", {"image_bytes": IMAGES})
     assert (result.model_name, result.version, result.signature_name) == ("tiny", 1, "serving_default")
-    np.testing.assert_allclose(result.outputs["embedding"], reference_embedding(base / "1", list(IMAGES)), atol=1e-6)
+    np.testing.assert_allclose(
+        result.outputs["embedding"], reference_embedding(base / "1", list(IMAGES)), atol=1e-6
+    )
     manager.close()
 
 
@@ -129,11 +131,14 @@ def test_removing_a_model_from_the_config_unloads_it(base):
 def test_batched_manager_gives_the_same_answers(base):
     from embedder.model_config import BatchingParameters
 
-    manager = ModelManager([ModelEntry("tiny", str(base))],
-                           batching=BatchingParameters(max_batch_size=8, num_batch_threads=1))
+    manager = ModelManager(
+        [ModelEntry("tiny", str(base))], batching=BatchingParameters(max_batch_size=8, num_batch_threads=1)
+    )
     manager.poll_once()
     result = manager.predict(ModelRef("tiny"), "", {"image_bytes": IMAGES})
-    np.testing.assert_allclose(result.outputs["embedding"], reference_embedding(base / "1", list(IMAGES)), atol=1e-6)
+    np.testing.assert_allclose(
+        result.outputs["embedding"], reference_embedding(base / "1", list(IMAGES)), atol=1e-6
+    )
     with pytest.raises(InvalidInput, match="Task size 9 is larger than maximum input batch size 8"):
         manager.predict(ModelRef("tiny"), "", {"image_bytes": np.array([IMAGES[0]] * 9, dtype=object)})
     manager.close()

@@ -31,7 +31,7 @@ def test_embedder_commands_use_existing_flags():
     for tokens in commands:
         start = tokens.index("embedder") + 1
         sub = _subparser(tokens[start])
-        for token in tokens[start + 1:]:
+        for token in tokens[start + 1 :]:
             if token.startswith("--"):
                 assert token.split("=", 1)[0] in sub._option_string_actions, (tokens[start], token)
 

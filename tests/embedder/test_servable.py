@@ -25,13 +25,17 @@ def test_runs_like_the_saved_model(servable, tiny_repo):
     signature = servable.signature("")
     inputs = servable.check_inputs(signature, {"image_bytes": np.array(IMAGES, dtype=object)})
     out = servable.run(signature, inputs)
-    np.testing.assert_allclose(out["embedding"], reference_embedding(tiny_repo / "tiny" / "1", IMAGES), atol=1e-6)
+    np.testing.assert_allclose(
+        out["embedding"], reference_embedding(tiny_repo / "tiny" / "1", IMAGES), atol=1e-6
+    )
     assert set(servable.signature_defs) >= {"serving_default", "serving_pixels"}
 
 
 def test_input_checks(servable):
     signature = servable.signature("serving_default")
-    with pytest.raises(InvalidInput, match=r"Missing but required: \{image_bytes\}.*expects inputs: image_bytes"):
+    with pytest.raises(
+        InvalidInput, match=r"Missing but required: \{image_bytes\}.*expects inputs: image_bytes"
+    ):
         servable.check_inputs(signature, {"images": np.array(IMAGES, dtype=object)})
     with pytest.raises(InvalidInput, match="to be string but float is provided"):
         servable.check_inputs(signature, {"image_bytes": np.zeros(2, np.float32)})
@@ -58,7 +62,9 @@ def _warmup_record(inputs: dict, signature: str = "serving_default") -> bytes:
     request.model_spec.signature_name = signature
     for alias, value in inputs.items():
         request.inputs[alias].CopyFrom(tf.make_tensor_proto(value))
-    return prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString()
+    return prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)
+    ).SerializeToString()
 
 
 def test_warmup_replays_the_recorded_requests(tmp_path):
@@ -100,8 +106,13 @@ def test_scan_versions_ignores_what_tf_serving_ignores(tmp_path):
 
 @pytest.mark.parametrize(
     "value",
-    [np.random.default_rng(0).random((3, 8), dtype=np.float32), np.arange(6, dtype=np.int64).reshape(2, 3),
-     np.array([True, False]), np.zeros((0, 4), np.float32), np.array([b"a", b"bc"], dtype=object)],
+    [
+        np.random.default_rng(0).random((3, 8), dtype=np.float32),
+        np.arange(6, dtype=np.int64).reshape(2, 3),
+        np.array([True, False]),
+        np.zeros((0, 4), np.float32),
+        np.array([b"a", b"bc"], dtype=object),
+    ],
 )
 def test_answers_convert_to_tensor_protos_exactly(value):
     from embedder.server import array_to_tensor

@@ -48,13 +48,24 @@ def server(tiny_repo, tmp_path_factory):
     monitoring.write_text("prometheus_config { enable: true }")
     rest_port = free_port()
     with running_service(
-        "embedder", "serve", "--model_config_file", str(config), "--rest_api_port", str(rest_port),
-        "--monitoring_config_file", str(monitoring), "--log-format", "text",
+        "embedder",
+        "serve",
+        "--model_config_file",
+        str(config),
+        "--rest_api_port",
+        str(rest_port),
+        "--monitoring_config_file",
+        str(monitoring),
+        "--log-format",
+        "text",
         log_dir=work,
     ) as (proc, target):
         channel = grpc.insecure_channel(target)
         yield {
-            "proc": proc, "target": target, "rest": f"http://127.0.0.1:{rest_port}", "repo": tiny_repo,
+            "proc": proc,
+            "target": target,
+            "rest": f"http://127.0.0.1:{rest_port}",
+            "repo": tiny_repo,
             "predict": prediction_service_pb2_grpc.PredictionServiceStub(channel),
             "models": model_service_pb2_grpc.ModelServiceStub(channel),
         }
@@ -85,7 +96,11 @@ def test_health_and_reflection(server):
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in answer.list_services_response.service}
-    assert {"tensorflow.serving.PredictionService", "tensorflow.serving.ModelService", "grpc.health.v1.Health"} <= names
+    assert {
+        "tensorflow.serving.PredictionService",
+        "tensorflow.serving.ModelService",
+        "grpc.health.v1.Health",
+    } <= names
     channel.close()
 
 
@@ -97,7 +112,10 @@ def test_metadata_lists_the_signatures_of_the_latest_version(server):
     signatures = get_model_metadata_pb2.SignatureDefMap()
     assert response.metadata["signature_def"].Unpack(signatures)
     default = signatures.signature_def["serving_default"]
-    assert list(default.inputs) == ["image_bytes"] and default.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
+    assert (
+        list(default.inputs) == ["image_bytes"]
+        and default.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
+    )
     assert [d.size for d in default.outputs["embedding"].tensor_shape.dim] == [-1, 8]
     assert "serving_pixels" in signatures.signature_def
     request.model_spec.version.value = 1
@@ -114,8 +132,9 @@ def test_metadata_errors(server):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "tags is not supported" in error.details()
 
 
-@pytest.mark.parametrize(("spec", "version"), [({}, 2), ({"version": 1}, 1), ({"label": "stable"}, 1),
-                                               ({"label": "canary"}, 2)])
+@pytest.mark.parametrize(
+    ("spec", "version"), [({}, 2), ({"version": 1}, 1), ({"label": "stable"}, 1), ({"label": "canary"}, 2)]
+)
 def test_predict_matches_the_saved_model(server, spec, version):
     response = server["predict"].Predict(predict_request(IMAGES, **spec), timeout=20)
     assert response.model_spec.name == "tiny" and response.model_spec.version.value == version
@@ -143,26 +162,55 @@ def test_predict_errors_have_tf_serving_codes_and_messages(server):
     request = predict_request(IMAGES)
     request.model_spec.name = "nope"
     cases.append((request, grpc.StatusCode.NOT_FOUND, "Servable not found for request: Latest(nope)"))
-    cases.append((predict_request(IMAGES, version=9), grpc.StatusCode.NOT_FOUND,
-                  "Servable not found for request: Specific(tiny, 9)"))
-    cases.append((predict_request(IMAGES, label="gold"), grpc.StatusCode.NOT_FOUND,
-                  "Unrecognized servable version label: gold"))
-    cases.append((predict_request(IMAGES, input_name="images"), grpc.StatusCode.INVALID_ARGUMENT,
-                  "Missing but required: {image_bytes}"))
-    cases.append((predict_request(IMAGES, signature="serving_nope"), grpc.StatusCode.FAILED_PRECONDITION,
-                  'Serving signature key "serving_nope" not found.'))
+    cases.append(
+        (
+            predict_request(IMAGES, version=9),
+            grpc.StatusCode.NOT_FOUND,
+            "Servable not found for request: Specific(tiny, 9)",
+        )
+    )
+    cases.append(
+        (
+            predict_request(IMAGES, label="gold"),
+            grpc.StatusCode.NOT_FOUND,
+            "Unrecognized servable version label: gold",
+        )
+    )
+    cases.append(
+        (
+            predict_request(IMAGES, input_name="images"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "Missing but required: {image_bytes}",
+        )
+    )
+    cases.append(
+        (
+            predict_request(IMAGES, signature="serving_nope"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            'Serving signature key "serving_nope" not found.',
+        )
+    )
     wrong_type = predict_request(IMAGES)
     wrong_type.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(np.zeros(2, np.float32)))
     cases.append((wrong_type, grpc.StatusCode.INVALID_ARGUMENT, "to be string but float is provided"))
     wrong_shape = predict_request(IMAGES)
-    wrong_shape.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([IMAGES[:2], IMAGES[2:4]], dtype=tf.string))
+    wrong_shape.inputs["image_bytes"].CopyFrom(
+        tf.make_tensor_proto([IMAGES[:2], IMAGES[2:4]], dtype=tf.string)
+    )
     cases.append((wrong_shape, grpc.StatusCode.INVALID_ARGUMENT, "has shape [2, 2]"))
     bad_filter = predict_request(IMAGES)
     bad_filter.output_filter.append("logits")
-    cases.append((bad_filter, grpc.StatusCode.INVALID_ARGUMENT, "output tensor alias not found in signature: logits"))
+    cases.append(
+        (bad_filter, grpc.StatusCode.INVALID_ARGUMENT, "output tensor alias not found in signature: logits")
+    )
     corrupt = IMAGES[:2] + [b"not an image"] + IMAGES[2:]
-    cases.append((predict_request(corrupt), grpc.StatusCode.INVALID_ARGUMENT,
-                  "image index 2 of the batch is invalid: Unknown image file format"))
+    cases.append(
+        (
+            predict_request(corrupt),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "image index 2 of the batch is invalid: Unknown image file format",
+        )
+    )
     for request, code, message in cases:
         error = rpc_error(stub.Predict, request)
         assert (error.code(), message in error.details()) == (code, True), (code, message, error.details())
@@ -176,9 +224,11 @@ def test_unimplemented_methods(server, method):
     request = {"Classify": classification_pb2.ClassificationRequest}.get(method)
     from tensorflow_serving.apis import inference_pb2, regression_pb2
 
-    request = {"Classify": classification_pb2.ClassificationRequest(),
-               "Regress": regression_pb2.RegressionRequest(),
-               "MultiInference": inference_pb2.MultiInferenceRequest()}[method]
+    request = {
+        "Classify": classification_pb2.ClassificationRequest(),
+        "Regress": regression_pb2.RegressionRequest(),
+        "MultiInference": inference_pb2.MultiInferenceRequest(),
+    }[method]
     error = rpc_error(getattr(server["predict"], method), request)
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
 
@@ -192,7 +242,10 @@ def test_model_status(server):
     assert states == {1: (available, 0), 2: (available, 0)}
     request.model_spec.version.value = 9
     error = rpc_error(server["models"].GetModelStatus, request)
-    assert error.code() == grpc.StatusCode.NOT_FOUND and "Could not find version 9 of model tiny" in error.details()
+    assert (
+        error.code() == grpc.StatusCode.NOT_FOUND
+        and "Could not find version 9 of model tiny" in error.details()
+    )
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = "nope"
     error = rpc_error(server["models"].GetModelStatus, request)
@@ -201,29 +254,48 @@ def test_model_status(server):
 
 def test_rest_api(server):
     body = json.dumps({"instances": [{"b64": base64.b64encode(i).decode()} for i in IMAGES[:2]]}).encode()
-    answer = json.loads(urllib.request.urlopen(
-        urllib.request.Request(server["rest"] + "/v1/models/tiny/versions/1:predict", data=body), timeout=20).read())
+    answer = json.loads(
+        urllib.request.urlopen(
+            urllib.request.Request(server["rest"] + "/v1/models/tiny/versions/1:predict", data=body),
+            timeout=20,
+        ).read()
+    )
     want = reference_embedding(server["repo"] / "tiny" / "1", IMAGES[:2])
     np.testing.assert_allclose(np.array(answer["predictions"]), want, atol=1e-5)
     pixels = np.random.default_rng(1).uniform(0, 255, (2, 16, 16, 3)).round(2)
     body = json.dumps({"signature_name": "serving_pixels", "inputs": {"pixels": pixels.tolist()}}).encode()
-    answer = json.loads(urllib.request.urlopen(
-        urllib.request.Request(server["rest"] + "/v1/models/tiny/labels/canary:predict", data=body), timeout=20).read())
+    answer = json.loads(
+        urllib.request.urlopen(
+            urllib.request.Request(server["rest"] + "/v1/models/tiny/labels/canary:predict", data=body),
+            timeout=20,
+        ).read()
+    )
     loaded = tf.saved_model.load(str(server["repo"] / "tiny" / "2"))
     want = loaded.signatures["serving_pixels"](pixels=tf.constant(pixels, tf.float32))["embedding"].numpy()
     np.testing.assert_allclose(np.array(answer["outputs"]), want, atol=1e-5)
     status = json.loads(urllib.request.urlopen(server["rest"] + "/v1/models/tiny", timeout=20).read())
-    assert {s["version"]: s["state"] for s in status["model_version_status"]} == {"1": "AVAILABLE", "2": "AVAILABLE"}
-    metadata = json.loads(urllib.request.urlopen(server["rest"] + "/v1/models/tiny/metadata", timeout=20).read())
+    assert {s["version"]: s["state"] for s in status["model_version_status"]} == {
+        "1": "AVAILABLE",
+        "2": "AVAILABLE",
+    }
+    metadata = json.loads(
+        urllib.request.urlopen(server["rest"] + "/v1/models/tiny/metadata", timeout=20).read()
+    )
     assert "serving_default" in metadata["metadata"]["signature_def"]["signature_def"]
-    metrics = urllib.request.urlopen(server["rest"] + "/monitoring/prometheus/metrics", timeout=20).read().decode()
+    metrics = (
+        urllib.request.urlopen(server["rest"] + "/monitoring/prometheus/metrics", timeout=20).read().decode()
+    )
     assert "cbir_embedder_predict_requests_total" in metrics
     with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(urllib.request.Request(server["rest"] + "/v1/models/nope:predict", data=body), timeout=20)
+        urllib.request.urlopen(
+            urllib.request.Request(server["rest"] + "/v1/models/nope:predict", data=body), timeout=20
+        )
     assert caught.value.code == 404 and "Latest(nope)" in json.loads(caught.value.read())["error"]
     bad = json.dumps({"instances": [{"b64": base64.b64encode(b"junk").decode()}]}).encode()
     with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(urllib.request.Request(server["rest"] + "/v1/models/tiny:predict", data=bad), timeout=20)
+        urllib.request.urlopen(
+            urllib.request.Request(server["rest"] + "/v1/models/tiny:predict", data=bad), timeout=20
+        )
     assert caught.value.code == 400
 
 
@@ -231,7 +303,9 @@ def test_client_against_the_server(server):
     with EmbedderClient(server["target"], "tiny") as client:
         result = client.embed(IMAGES, version_label="stable")
         assert result.model_version == 1
-        np.testing.assert_allclose(result.vectors, reference_embedding(server["repo"] / "tiny" / "1", IMAGES), atol=1e-5)
+        np.testing.assert_allclose(
+            result.vectors, reference_embedding(server["repo"] / "tiny" / "1", IMAGES), atol=1e-5
+        )
         assert client.model_versions() == {1: "AVAILABLE", 2: "AVAILABLE"}
         from cbir.errors import InvalidInput
 
@@ -257,13 +331,24 @@ def test_reload_config_moves_labels_and_versions(server):
     error = rpc_error(lambda r, timeout: reload(server, config_text(repo, {"stable": 7})), None)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "version 7 of model tiny, which is not currently available" in error.details()
-    assert server["predict"].Predict(predict_request(IMAGES, label="stable"), timeout=20).model_spec.version.value == 2
+    assert (
+        server["predict"]
+        .Predict(predict_request(IMAGES, label="stable"), timeout=20)
+        .model_spec.version.value
+        == 2
+    )
     # Only version 1: version 2 is unloaded (END) and the latest answer comes from 1.
     reload(server, config_text(repo, policy=VersionPolicy("specific", versions=(1,))))
     status_request = get_model_status_pb2.GetModelStatusRequest()
     status_request.model_spec.name = "tiny"
-    states = {s.version: s.state for s in server["models"].GetModelStatus(status_request, timeout=20).model_version_status}
-    assert states == {1: get_model_status_pb2.ModelVersionStatus.AVAILABLE, 2: get_model_status_pb2.ModelVersionStatus.END}
+    states = {
+        s.version: s.state
+        for s in server["models"].GetModelStatus(status_request, timeout=20).model_version_status
+    }
+    assert states == {
+        1: get_model_status_pb2.ModelVersionStatus.AVAILABLE,
+        2: get_model_status_pb2.ModelVersionStatus.END,
+    }
     assert server["predict"].Predict(predict_request(IMAGES), timeout=20).model_spec.version.value == 1
     bad = model_management_pb2.ReloadConfigRequest()
     bad.config.model_config_list.config.add(name="x")

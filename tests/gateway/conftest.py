@@ -40,17 +40,42 @@ def e2e():
     procs: list[ServiceProcess] = []
     try:
         serving_proc, serving = s.start(
-            "embedder", ["--model_config_file", str(config), "--file_system_poll_wait_seconds", "0.5",
-                         "--host", "127.0.0.1", "--max-workers", "32"], logs, "embedder")
+            "embedder",
+            [
+                "--model_config_file",
+                str(config),
+                "--file_system_poll_wait_seconds",
+                "0.5",
+                "--host",
+                "127.0.0.1",
+                "--max-workers",
+                "32",
+            ],
+            logs,
+            "embedder",
+        )
         procs.append(serving_proc)
-        indexer_proc, indexer = s.start("indexer", ["--data-dir", str(workdir / "index0"), "--host", "127.0.0.1", "--metrics-port", "-1"],
-                                        logs, "indexer")
+        indexer_proc, indexer = s.start(
+            "indexer",
+            ["--data-dir", str(workdir / "index0"), "--host", "127.0.0.1", "--metrics-port", "-1"],
+            logs,
+            "indexer",
+        )
         procs.append(indexer_proc)
         s.build_generation(serving, [indexer], catalogue, 1, "tiny-v1")
         gateway = s.start_gateway(
-            logs, "gateway", serving, [indexer],
-            "--max-image-bytes", "2000000", "--max-image-pixels", "4000000",
-            "--max-message-bytes", str(8 * 1024 * 1024), "--generation-ttl", "0.5",
+            logs,
+            "gateway",
+            serving,
+            [indexer],
+            "--max-image-bytes",
+            "2000000",
+            "--max-image-pixels",
+            "4000000",
+            "--max-message-bytes",
+            str(8 * 1024 * 1024),
+            "--generation-ttl",
+            "0.5",
             env={"CBIR_GATEWAY_API_KEYS": f"{s.SEARCH_KEY},{s.INFO_KEY}:info"},
         )
         procs.append(gateway.proc)
@@ -58,4 +83,3 @@ def e2e():
     finally:
         for proc in reversed(procs):
             proc.stop()
-

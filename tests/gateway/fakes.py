@@ -52,8 +52,10 @@ class FakeEmbedder:
         if self.down:
             raise NotReady("serving at fake:8500 is unreachable")
         if version not in self.versions:
-            raise NotReady(f"model {self.model_name!r} version {version} is not available "
-                           f"(available: {sorted(self.versions)})")
+            raise NotReady(
+                f"model {self.model_name!r} version {version} is not available "
+                f"(available: {sorted(self.versions)})"
+            )
         for index, image in enumerate(images):
             if image in self.reject:
                 raise InvalidInput(f"image {index}: the model cannot decode it")
@@ -92,8 +94,10 @@ class FakeIndexer:
     # -- setup helpers
     def add_generation(self, name, version, model_name="tiny", activate=True):
         self.generations[name] = indexer_pb2.Generation(
-            name=name, space=types_pb2.EmbeddingSpace(model_name=model_name, model_version=version),
-            metric=types_pb2.METRIC_COSINE, dimension=DIM,
+            name=name,
+            space=types_pb2.EmbeddingSpace(model_name=model_name, model_version=version),
+            metric=types_pb2.METRIC_COSINE,
+            dimension=DIM,
         )
         self.vectors[name] = {}
         if activate:
@@ -124,8 +128,19 @@ class FakeIndexer:
         out.CopyFrom(self.generations[self.active])
         return out
 
-    def knn(self, queries, k, *, generation, require_active=True, filter=None, ef=0, min_score=None,
-            exclude_ids=(), timeout=None):
+    def knn(
+        self,
+        queries,
+        k,
+        *,
+        generation,
+        require_active=True,
+        filter=None,
+        ef=0,
+        min_score=None,
+        exclude_ids=(),
+        timeout=None,
+    ):
         self._check()
         self.knn_calls += 1
         if generation not in self.generations:
@@ -134,7 +149,8 @@ class FakeIndexer:
             raise Aborted(f"generation {generation!r} is no longer active (active: {self.active!r})")
         gen = self.generations[generation]
         response = indexer_pb2.KnnResponse(
-            generation=types_pb2.GenerationRef(name=gen.name, space=gen.space, metric=gen.metric))
+            generation=types_pb2.GenerationRef(name=gen.name, space=gen.space, metric=gen.metric)
+        )
         for query in np.asarray(queries):
             scored = []
             for item_id, vector in self.vectors[generation].items():
@@ -147,8 +163,14 @@ class FakeIndexer:
                 scored.append((score, item_id))
             scored.sort(key=lambda pair: (-pair[0], pair[1]))
             hits = [
-                types_pb2.Hit(id=i, score=s, distance=1 - s, uri=self.items[i].uri, label=self.items[i].label,
-                              attributes=self.items[i].attributes)
+                types_pb2.Hit(
+                    id=i,
+                    score=s,
+                    distance=1 - s,
+                    uri=self.items[i].uri,
+                    label=self.items[i].label,
+                    attributes=self.items[i].attributes,
+                )
                 for s, i in scored[:k]
             ]
             response.results.add().hits.extend(hits)
@@ -164,16 +186,23 @@ class FakeIndexer:
             if item_id not in self.items:
                 raise NotFound(f"item {item_id!r} not found")
             vector = self.vectors[generation].get(item_id) if include_vectors else None
-            records.append(indexer_pb2.Record(item=self.items[item_id],
-                                              vector=[] if vector is None else vector.tolist()))
+            records.append(
+                indexer_pb2.Record(item=self.items[item_id], vector=[] if vector is None else vector.tolist())
+            )
         return records
 
     def stats(self, timeout=None):
         self._check()
-        return [indexer_pb2.StatsResponse(item_count=len(self.items), active_generation=self.active,
-                                          generations=list(self.generations.values()), shard_id=s,
-                                          shard_count=self.shard_count)
-                for s in range(self.shard_count)]
+        return [
+            indexer_pb2.StatsResponse(
+                item_count=len(self.items),
+                active_generation=self.active,
+                generations=list(self.generations.values()),
+                shard_id=s,
+                shard_count=self.shard_count,
+            )
+            for s in range(self.shard_count)
+        ]
 
 
 def _matches(item, flt) -> bool:

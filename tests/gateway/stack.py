@@ -61,13 +61,25 @@ class Catalogue:
         return catalogue
 
 
-def start(module: str, args: Sequence[str], log_dir: Path, name: str, *, port: int = 0,
-          env: dict | None = None, timeout: float = 120.0, health: bool = True,
-          credentials: grpc.ChannelCredentials | None = None) -> tuple[ServiceProcess, str]:
+def start(
+    module: str,
+    args: Sequence[str],
+    log_dir: Path,
+    name: str,
+    *,
+    port: int = 0,
+    env: dict | None = None,
+    timeout: float = 120.0,
+    health: bool = True,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> tuple[ServiceProcess, str]:
     """Starts `python -m module serve ARGS` on ``port`` (0: free) and waits for it to listen (and be SERVING)."""
     port_file = log_dir / f"{name}-{time.monotonic_ns()}.port"
-    proc = ServiceProcess(["-m", module, "serve", *args, "--port", str(port), "--port-file", str(port_file)],
-                          log_dir / f"{name}.log", env)
+    proc = ServiceProcess(
+        ["-m", module, "serve", *args, "--port", str(port), "--port-file", str(port_file)],
+        log_dir / f"{name}.log",
+        env,
+    )
     try:
         bound = wait_for_port_file(port_file, proc, timeout)
         target = f"127.0.0.1:{bound}"
@@ -90,21 +102,31 @@ def metrics_port_of(proc: ServiceProcess, timeout: float = 10.0) -> int:
     raise TimeoutError("no 'server started' log line with metrics_port")
 
 
-def build_generation(serving: str, indexers: Sequence[str], catalogue: Catalogue, version: int,
-                     name: str, indexer_tls=None) -> indexer_pb2.Generation:
+def build_generation(
+    serving: str, indexers: Sequence[str], catalogue: Catalogue, version: int, name: str, indexer_tls=None
+) -> indexer_pb2.Generation:
     """Embeds the catalogue with model ``version`` and activates it as generation ``name``."""
     from embedder.client import EmbedderClient
     from indexer.client import IndexerClient
 
     ids = sorted(catalogue.items)
-    with EmbedderClient(serving, MODEL, timeout=60) as embedder, \
-            IndexerClient(list(indexers), timeout=60, tls=indexer_tls) as index:
+    with (
+        EmbedderClient(serving, MODEL, timeout=60) as embedder,
+        IndexerClient(list(indexers), timeout=60, tls=indexer_tls) as index,
+    ):
         result = embedder.embed([catalogue.images[i] for i in ids], version=version)
         assert result.model_version == version
-        index.create_generation(name, types_pb2.EmbeddingSpace(model_name=MODEL, model_version=version),
-                                types_pb2.METRIC_COSINE, DIM)
+        index.create_generation(
+            name,
+            types_pb2.EmbeddingSpace(model_name=MODEL, model_version=version),
+            types_pb2.METRIC_COSINE,
+            DIM,
+        )
         index.upsert(
-            (indexer_pb2.Record(item=catalogue.items[i], vector=v.tolist()) for i, v in zip(ids, result.vectors, strict=True)),
+            (
+                indexer_pb2.Record(item=catalogue.items[i], vector=v.tolist())
+                for i, v in zip(ids, result.vectors, strict=True)
+            ),
             generation=name,
         )
         index.activate_generation(name)
@@ -136,17 +158,38 @@ class Gateway:
     def channel(self) -> grpc.Channel:
         if self.credentials is None:
             return grpc.insecure_channel(self.target)
-        return grpc.secure_channel(self.target, self.credentials,
-                                   options=[("grpc.ssl_target_name_override", "localhost")])
+        return grpc.secure_channel(
+            self.target, self.credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+        )
 
     def stub(self, channel: grpc.Channel) -> search_pb2_grpc.SearchServiceStub:
         return search_pb2_grpc.SearchServiceStub(channel)
 
 
-def start_gateway(log_dir: Path, name: str, serving: str, indexers: Sequence[str], *extra: str,
-                  env: dict | None = None, credentials=None) -> Gateway:
-    args = ["--serving", serving, "--indexer", ",".join(indexers), "--host", "127.0.0.1",
-            "--metrics-port", "0", "--probe-period", "0.3", "--probe-timeout", "1", *extra]
+def start_gateway(
+    log_dir: Path,
+    name: str,
+    serving: str,
+    indexers: Sequence[str],
+    *extra: str,
+    env: dict | None = None,
+    credentials=None,
+) -> Gateway:
+    args = [
+        "--serving",
+        serving,
+        "--indexer",
+        ",".join(indexers),
+        "--host",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--probe-period",
+        "0.3",
+        "--probe-timeout",
+        "1",
+        *extra,
+    ]
     proc, target = start("gateway", args, log_dir, name, env=env, credentials=credentials)
     return Gateway(proc, target, metrics_port_of(proc), credentials)
 

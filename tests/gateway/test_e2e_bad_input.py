@@ -41,7 +41,11 @@ def _bmp_bomb() -> bytes:
 def _image_cases() -> list[Case]:
     photo = bad.photo(64)
     jpeg, png = bad.encode(photo, "JPEG"), bad.encode(photo, "PNG")
-    gif, webp, bmp = bad.encode(photo.convert("P"), "GIF"), bad.encode(photo, "WEBP"), bad.encode(photo, "BMP")
+    gif, webp, bmp = (
+        bad.encode(photo.convert("P"), "GIF"),
+        bad.encode(photo, "WEBP"),
+        bad.encode(photo, "BMP"),
+    )
     rng = np.random.default_rng(7)
     invalid = {
         "zero_bytes": b"",
@@ -52,7 +56,10 @@ def _image_cases() -> list[Case]:
         "bmp_truncated": bad.truncated(bmp, 0.5),
         "png_corrupt_data": bad.corrupt(png, 1),
         "jpeg_corrupt_header": jpeg[:2] + rng.integers(0, 256, 30, dtype=np.uint8).tobytes() + jpeg[32:],
-        **{f"random_bytes_{i}": rng.integers(0, 256, 500 * (i + 1), dtype=np.uint8).tobytes() for i in range(3)},
+        **{
+            f"random_bytes_{i}": rng.integers(0, 256, 500 * (i + 1), dtype=np.uint8).tobytes()
+            for i in range(3)
+        },
         "text": b"this is not an image",
         "html": b"<html><body><img src='x.png'></body></html>",
         "pdf": b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n",
@@ -76,9 +83,24 @@ def _image_cases() -> list[Case]:
         "jpeg_real_3000x1500": bad.encode(Image.new("RGB", (3000, 1500), (10, 200, 30)), "JPEG"),
         "webp_real_2500x2000": bad.encode(Image.new("RGB", (2500, 2000), (10, 200, 30)), "WEBP"),
     }
-    valid = {name: data for name, data in bad.valid_variants().items()
-             if name in ("gif_animated", "png_animated", "webp_animated", "jpeg_cmyk", "jpeg_grey", "png_rgba",
-                         "png_grey_alpha", "png_16bit", "bmp_palette", "bmp_1bit", "tiny_1x1")}
+    valid = {
+        name: data
+        for name, data in bad.valid_variants().items()
+        if name
+        in (
+            "gif_animated",
+            "png_animated",
+            "webp_animated",
+            "jpeg_cmyk",
+            "jpeg_grey",
+            "png_rgba",
+            "png_grey_alpha",
+            "png_16bit",
+            "bmp_palette",
+            "bmp_1bit",
+            "tiny_1x1",
+        )
+    }
     cases = [Case(f"image_{n}", search_pb2.SearchRequest(image=d), INVALID) for n, d in invalid.items()]
     cases += [Case(f"image_{n}", search_pb2.SearchRequest(image=d), TOO_BIG) for n, d in too_big.items()]
     cases += [Case(f"image_{n}", search_pb2.SearchRequest(image=d, k=3), OK) for n, d in valid.items()]
@@ -104,7 +126,12 @@ def _parameter_cases() -> list[Case]:
         Case("min_score_nan", req(min_score=float("nan")), INVALID, "min_score"),
         Case("min_score_inf", req(min_score=float("inf")), INVALID, "min_score"),
         Case("filter_empty_label", req(filter=flt(labels=["class1", ""])), INVALID, "empty label"),
-        Case("filter_empty_key", req(filter=flt(attributes=[attr(key="", values=["red"])])), INVALID, "empty key"),
+        Case(
+            "filter_empty_key",
+            req(filter=flt(attributes=[attr(key="", values=["red"])])),
+            INVALID,
+            "empty key",
+        ),
         Case("filter_no_values", req(filter=flt(attributes=[attr(key="colour")])), INVALID, "no values"),
         Case("filter_matching_nothing", req(filter=flt(labels=["no-such-label"])), OK),
         Case("no_query", search_pb2.SearchRequest(k=3), INVALID, "exactly one"),
@@ -115,11 +142,18 @@ def _parameter_cases() -> list[Case]:
         Case("id_control_chars", search_pb2.SearchRequest(item_id="item\n001"), INVALID, "control"),
         Case("batch_empty", search_pb2.BatchSearchRequest(), INVALID, "at least one"),
         Case("batch_too_many", search_pb2.BatchSearchRequest(queries=[req()] * 65), INVALID, "--max-batch"),
-        Case("batch_bad_third_query",
-             search_pb2.BatchSearchRequest(queries=[req(), req(), search_pb2.SearchRequest(image=b"junk")]),
-             INVALID, "queries[2]"),
-        Case("batch_bad_k_second", search_pb2.BatchSearchRequest(queries=[req(), req(k=5000)]),
-             INVALID, "queries[1]: k must"),
+        Case(
+            "batch_bad_third_query",
+            search_pb2.BatchSearchRequest(queries=[req(), req(), search_pb2.SearchRequest(image=b"junk")]),
+            INVALID,
+            "queries[2]",
+        ),
+        Case(
+            "batch_bad_k_second",
+            search_pb2.BatchSearchRequest(queries=[req(), req(k=5000)]),
+            INVALID,
+            "queries[1]: k must",
+        ),
     ]
 
 
@@ -159,6 +193,9 @@ def test_services_are_still_up_after_the_corpus(e2e, stub):
     for proc in (e2e.gateway.proc, e2e.indexer_proc, e2e.serving_proc):
         assert proc.alive()
     image = e2e.catalogue.images["item-020"]
-    assert stub.Search(search_pb2.SearchRequest(image=image, k=1), metadata=AUTH, timeout=30).hits[0].id == "item-020"
+    assert (
+        stub.Search(search_pb2.SearchRequest(image=image, k=1), metadata=AUTH, timeout=30).hits[0].id
+        == "item-020"
+    )
     log = e2e.gateway.proc.log_text()
     assert "unhandled error" not in log and "Traceback" not in log

@@ -19,8 +19,17 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(not node_available(), reason="node/npm not installed: the Node.js client test needs them")
 def test_node_client_searches_the_real_gateway(e2e):
     item = e2e.catalogue.items["item-011"]
-    done = run_node("search_client.js", e2e.gateway.target, "--image", item.uri, "--k", "4",
-                    "--api-key", s.SEARCH_KEY, timeout=120)
+    done = run_node(
+        "search_client.js",
+        e2e.gateway.target,
+        "--image",
+        item.uri,
+        "--k",
+        "4",
+        "--api-key",
+        s.SEARCH_KEY,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     response = json.loads(done.stdout)
     hits = response["hits"]
@@ -36,8 +45,14 @@ def test_node_client_searches_the_real_gateway(e2e):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "CBIR_GATEWAY_API_KEY": s.SEARCH_KEY}
-    return subprocess.run([sys.executable, "-m", "gateway", "search", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "search", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_command_line_search(e2e):
@@ -59,8 +74,12 @@ def test_readme_python_example_runs(e2e):
     readme = (REPO / "gateway" / "README.md").read_text()
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
     item = e2e.catalogue.items["item-005"]
-    code = (code.replace("localhost:50051", e2e.gateway.target).replace("MY-KEY", s.SEARCH_KEY)
-            .replace('"query.jpg"', repr(item.uri)).replace('"dress"', repr(item.label)))
+    code = (
+        code.replace("localhost:50051", e2e.gateway.target)
+        .replace("MY-KEY", s.SEARCH_KEY)
+        .replace('"query.jpg"', repr(item.uri))
+        .replace('"dress"', repr(item.label))
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].startswith("item-005 1.0 class1")

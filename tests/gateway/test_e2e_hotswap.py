@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 def test_hot_swap_under_concurrent_searches(e2e):
     with e2e.gateway.channel() as channel:
         info = e2e.gateway.stub(channel).GetServingInfo(
-            search_pb2.GetServingInfoRequest(), metadata=s.AUTH, timeout=30)
+            search_pb2.GetServingInfoRequest(), metadata=s.AUTH, timeout=30
+        )
     old_version = info.generation.space.model_version
     new_version = old_version + 1
     new_generation = f"tiny-v{new_version}"
@@ -39,16 +40,26 @@ def test_hot_swap_under_concurrent_searches(e2e):
             while not stop.is_set():
                 item_id = rng.choice(ids)
                 by_id = rng.random() < 0.25
-                request = (search_pb2.SearchRequest(item_id=item_id, k=3) if by_id
-                           else search_pb2.SearchRequest(image=e2e.catalogue.images[item_id], k=3))
+                request = (
+                    search_pb2.SearchRequest(item_id=item_id, k=3)
+                    if by_id
+                    else search_pb2.SearchRequest(image=e2e.catalogue.images[item_id], k=3)
+                )
                 try:
                     response = stub.Search(request, metadata=s.AUTH, timeout=30)
                 except grpc.RpcError as exc:
                     failures.append(f"{exc.code().name}: {exc.details()}")
                     continue
                 top = response.hits[0]
-                answers.append((response.generation.name, response.generation.space.model_version,
-                                item_id if not by_id else "", top.id, top.score))
+                answers.append(
+                    (
+                        response.generation.name,
+                        response.generation.space.model_version,
+                        item_id if not by_id else "",
+                        top.id,
+                        top.score,
+                    )
+                )
 
     threads = [threading.Thread(target=searcher, args=(i,)) for i in range(4)]
     for thread in threads:
@@ -75,5 +86,9 @@ def test_hot_swap_under_concurrent_searches(e2e):
         assert version == versions_of[generation]
         # ...and the query was embedded in that same space: a catalogue image finds itself at score 1.
         if query_id:
-            assert top_id == query_id and math.isclose(top_score, 1.0, abs_tol=1e-4), (generation, query_id, top_id)
+            assert top_id == query_id and math.isclose(top_score, 1.0, abs_tol=1e-4), (
+                generation,
+                query_id,
+                top_id,
+            )
     assert answers[-1][0] == new_generation

@@ -16,7 +16,10 @@ from cbir.v1 import search_pb2, types_pb2
 from tests.gateway import stack as s
 from tests.gateway.certs import make_certs, openssl_available
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not openssl_available(), reason="openssl CLI not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not openssl_available(), reason="openssl CLI not installed"),
+]
 
 KEY = "shard-stack-key-0001"
 
@@ -38,27 +41,68 @@ def sharded(e2e):
     try:
         for shard in range(2):
             proc, target = s.start(
-                "indexer", ["--data-dir", str(workdir / f"shard{shard}"), "--shard-id", str(shard), "--shard-count", "2",
-                            "--host", "127.0.0.1", "--metrics-port", "-1", *server_tls],
-                logs, f"indexer{shard}", credentials=ca_only)
+                "indexer",
+                [
+                    "--data-dir",
+                    str(workdir / f"shard{shard}"),
+                    "--shard-id",
+                    str(shard),
+                    "--shard-count",
+                    "2",
+                    "--host",
+                    "127.0.0.1",
+                    "--metrics-port",
+                    "-1",
+                    *server_tls,
+                ],
+                logs,
+                f"indexer{shard}",
+                credentials=ca_only,
+            )
             shards.append([proc, target])
         targets = [t for _, t in shards]
         indexer_tls = ClientTLS(ca_file=str(certs.ca), server_name="localhost")
-        s.build_generation(e2e.serving, targets, e2e.catalogue, active.space.model_version, active.name,
-                           indexer_tls=indexer_tls)
+        s.build_generation(
+            e2e.serving,
+            targets,
+            e2e.catalogue,
+            active.space.model_version,
+            active.name,
+            indexer_tls=indexer_tls,
+        )
         # Its own model server, over TLS, on the same model repository (exercises --serving-tls-*).
         serving_proc, serving = s.start(
-            "embedder", ["--model_config_file", str(e2e.workdir / "models.config"), "--host", "127.0.0.1",
-                         *server_tls], logs, "embedder-tls", credentials=ca_only)
+            "embedder",
+            ["--model_config_file", str(e2e.workdir / "models.config"), "--host", "127.0.0.1", *server_tls],
+            logs,
+            "embedder-tls",
+            credentials=ca_only,
+        )
         servings.append(serving_proc)
         (workdir / "keys").write_text(f"# gateway keys\n{KEY}:search+info\n")
         client_creds = grpc.ssl_channel_credentials(
-            certs.ca.read_bytes(), certs.client_key.read_bytes(), certs.client_cert.read_bytes())
+            certs.ca.read_bytes(), certs.client_key.read_bytes(), certs.client_cert.read_bytes()
+        )
         gateway = s.start_gateway(
-            logs, "gateway-sharded", serving, targets, *server_tls, "--tls-client-ca", str(certs.ca),
-            "--serving-tls-ca", str(certs.ca), "--serving-tls-server-name", "localhost",
-            "--indexer-tls-ca", str(certs.ca), "--indexer-tls-server-name", "localhost",
-            "--api-keys-file", str(workdir / "keys"), credentials=client_creds)
+            logs,
+            "gateway-sharded",
+            serving,
+            targets,
+            *server_tls,
+            "--tls-client-ca",
+            str(certs.ca),
+            "--serving-tls-ca",
+            str(certs.ca),
+            "--serving-tls-server-name",
+            "localhost",
+            "--indexer-tls-ca",
+            str(certs.ca),
+            "--indexer-tls-server-name",
+            "localhost",
+            "--api-keys-file",
+            str(workdir / "keys"),
+            credentials=client_creds,
+        )
         yield gateway, shards, certs, active, logs, serving_proc
         gateway.proc.stop()
     finally:
@@ -77,10 +121,15 @@ def test_items_really_are_split_over_both_shards(e2e, sharded):
 def test_two_shards_answer_exactly_like_one(e2e, sharded):
     gateway, _, _, active, _, _ = sharded
     flt = types_pb2.Filter(attributes=[types_pb2.AttributeFilter(key="colour", values=["green"])])
-    requests = [search_pb2.SearchRequest(image=e2e.catalogue.images[i], k=10) for i in ("item-000", "item-017", "item-033")]
-    requests += [search_pb2.SearchRequest(item_id="item-008", k=15),
-                 search_pb2.SearchRequest(image=e2e.catalogue.images["item-021"], k=40, filter=flt),
-                 search_pb2.SearchRequest(image=e2e.catalogue.images["item-005"], k=40, min_score=0.3)]
+    requests = [
+        search_pb2.SearchRequest(image=e2e.catalogue.images[i], k=10)
+        for i in ("item-000", "item-017", "item-033")
+    ]
+    requests += [
+        search_pb2.SearchRequest(item_id="item-008", k=15),
+        search_pb2.SearchRequest(image=e2e.catalogue.images["item-021"], k=40, filter=flt),
+        search_pb2.SearchRequest(image=e2e.catalogue.images["item-005"], k=40, min_score=0.3),
+    ]
     with e2e.gateway.channel() as one_channel, gateway.channel() as two_channel:
         one, two = e2e.gateway.stub(one_channel), gateway.stub(two_channel)
         for request in requests:
@@ -98,7 +147,9 @@ def test_tls_with_client_certificates_is_enforced(e2e, sharded):
     gateway, _, certs, _, _, _ = sharded
     request = search_pb2.SearchRequest(image=e2e.catalogue.images["item-001"], k=1)
     no_cert = grpc.ssl_channel_credentials(certs.ca.read_bytes())
-    with grpc.secure_channel(gateway.target, no_cert, options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
+    with grpc.secure_channel(
+        gateway.target, no_cert, options=[("grpc.ssl_target_name_override", "localhost")]
+    ) as ch:
         with pytest.raises(grpc.RpcError) as info:
             gateway.stub(ch).Search(request, metadata=AUTH, timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -115,8 +166,11 @@ def test_tls_with_client_certificates_is_enforced(e2e, sharded):
 
 def _health(gateway) -> int:
     with gateway.channel() as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service="cbir.v1.SearchService"), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(ch)
+            .Check(health_pb2.HealthCheckRequest(service="cbir.v1.SearchService"), timeout=5)
+            .status
+        )
 
 
 def _wait_health(gateway, expected, timeout=20.0) -> int:
@@ -185,10 +239,28 @@ def test_health_follows_a_shard_going_down_and_coming_back(e2e, sharded):
         assert time.monotonic() - started < 15, "a dead shard must not hang searches"
     port = target.rsplit(":", 1)[1]
     restarted, _ = s.start(
-        "indexer", ["--data-dir", str(e2e.workdir / "sharded" / "shard1"), "--shard-id", "1", "--shard-count", "2",
-                    "--host", "127.0.0.1", "--metrics-port", "-1",
-                    "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key)],
-        logs, "indexer1-restarted", port=int(port), credentials=grpc.ssl_channel_credentials(certs.ca.read_bytes()))
+        "indexer",
+        [
+            "--data-dir",
+            str(e2e.workdir / "sharded" / "shard1"),
+            "--shard-id",
+            "1",
+            "--shard-count",
+            "2",
+            "--host",
+            "127.0.0.1",
+            "--metrics-port",
+            "-1",
+            "--tls-cert",
+            str(certs.server_cert),
+            "--tls-key",
+            str(certs.server_key),
+        ],
+        logs,
+        "indexer1-restarted",
+        port=int(port),
+        credentials=grpc.ssl_channel_credentials(certs.ca.read_bytes()),
+    )
     shards[1][0] = restarted
     assert _wait_health(gateway, SERVING) == SERVING
     with gateway.channel() as ch:

@@ -22,7 +22,9 @@ def test_valid_variants_are_accepted(name, data):
     assert decoded.size == (prepared.width, prepared.height)
 
 
-@pytest.mark.parametrize("name", ["jpeg_rgb", "jpeg_cmyk", "png_rgba", "png_16bit", "gif_still", "webp", "bmp_rgb"])
+@pytest.mark.parametrize(
+    "name", ["jpeg_rgb", "jpeg_cmyk", "png_rgba", "png_16bit", "gif_still", "webp", "bmp_rgb"]
+)
 def test_formats_the_model_decodes_are_passed_through_unchanged(name):
     data = bad.valid_variants()[name]
     prepared = prepare_image(data, LIMITS)
@@ -55,14 +57,18 @@ def test_too_many_bytes_is_resource_exhausted():
         prepare_image(b"\xff" * (LIMITS.max_bytes + 1), LIMITS)
 
 
-@pytest.mark.parametrize("bomb", [bad.png_bomb(50_000, 50_000), bad.png_bomb(1001, 1000), bad.gif_bomb(65535, 65535)])
+@pytest.mark.parametrize(
+    "bomb", [bad.png_bomb(50_000, 50_000), bad.png_bomb(1001, 1000), bad.gif_bomb(65535, 65535)]
+)
 def test_pixel_bombs_are_rejected_from_the_header(bomb):
     assert len(bomb) < 2000
     with pytest.raises(ResourceExhausted, match="--max-image-pixels"):
         prepare_image(bomb, LIMITS)
 
 
-@pytest.mark.parametrize("data", [b"hello world", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"\xff\xd8\xff", b"\0" * 100])
+@pytest.mark.parametrize(
+    "data", [b"hello world", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"\xff\xd8\xff", b"\0" * 100]
+)
 def test_not_an_image(data):
     with pytest.raises(InvalidInput):
         prepare_image(data, LIMITS)

@@ -20,7 +20,9 @@ print(int(rss.split()[1]) // 1024)
 
 
 def test_gateway_imports_without_the_tensorflow_runtime():
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) < 250  # MB; with the runtime it is ~600
 

@@ -24,8 +24,12 @@ N_ITEMS = 30
 
 
 def _item(i):
-    return types_pb2.Item(id=f"item-{i:02d}", uri=f"/data/{i}.png", label=f"class{i % 3}",
-                          attributes={"colour": ["red", "blue"][i % 2]})
+    return types_pb2.Item(
+        id=f"item-{i:02d}",
+        uri=f"/data/{i}.png",
+        label=f"class{i % 3}",
+        attributes={"colour": ["red", "blue"][i % 2]},
+    )
 
 
 def _images():
@@ -86,7 +90,9 @@ def test_unknown_item_is_not_found(world):
 
 def test_filters_and_min_score(world):
     core, _, _, images = world
-    flt = types_pb2.Filter(labels=["class2"], attributes=[types_pb2.AttributeFilter(key="colour", values=["red"])])
+    flt = types_pb2.Filter(
+        labels=["class2"], attributes=[types_pb2.AttributeFilter(key="colour", values=["red"])]
+    )
     hits = _search(core, image=images["item-01"], k=50, filter=flt).hits
     assert hits and all(h.label == "class2" and h.attributes["colour"] == "red" for h in hits)
     assert len(hits) == len([i for i in range(N_ITEMS) if i % 3 == 2 and i % 2 == 0])
@@ -102,10 +108,16 @@ def test_filters_and_min_score(world):
         (dict(ef=-5), InvalidInput, "ef must be"),
         (dict(min_score=float("nan")), InvalidInput, "min_score"),
         (dict(filter=types_pb2.Filter(labels=[""])), InvalidInput, "empty label"),
-        (dict(filter=types_pb2.Filter(attributes=[types_pb2.AttributeFilter(key="", values=["x"])])),
-         InvalidInput, "empty key"),
-        (dict(filter=types_pb2.Filter(attributes=[types_pb2.AttributeFilter(key="colour")])),
-         InvalidInput, "has no values"),
+        (
+            dict(filter=types_pb2.Filter(attributes=[types_pb2.AttributeFilter(key="", values=["x"])])),
+            InvalidInput,
+            "empty key",
+        ),
+        (
+            dict(filter=types_pb2.Filter(attributes=[types_pb2.AttributeFilter(key="colour")])),
+            InvalidInput,
+            "has no values",
+        ),
     ],
 )
 def test_bad_parameters(world, kwargs, error, fragment):
@@ -196,8 +208,12 @@ def test_model_name_flag_mismatch_is_failed_precondition(world):
 
 def test_batch_embeds_all_images_in_one_call_and_answers_in_order(world):
     core, embedder, _, images = world
-    queries = [Query(image=images["item-01"], k=2), Query(item_id="item-05", k=3),
-               Query(image=images["item-09"], k=2), Query(image=images["item-12"], k=4)]
+    queries = [
+        Query(image=images["item-01"], k=2),
+        Query(item_id="item-05", k=3),
+        Query(image=images["item-09"], k=2),
+        Query(image=images["item-12"], k=4),
+    ]
     results, generation = core.batch_search(queries, core.deadline(None))
     assert embedder.calls == [(3, 1)]
     assert [len(r.hits) for r in results] == [2, 3, 2, 4]

@@ -37,7 +37,9 @@ def stack():
         serving=False,
         extra_interceptors=[ApiKeyInterceptor(keys)],
     )
-    prober = DependencyProber(core, lambda name: embedder, indexer, running.set_serving, period=0.05, timeout=1)
+    prober = DependencyProber(
+        core, lambda name: embedder, indexer, running.set_serving, period=0.05, timeout=1
+    )
     prober.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     yield search_pb2_grpc.SearchServiceStub(channel), channel, images, embedder, indexer, prober
@@ -52,7 +54,8 @@ AUTH = (("authorization", f"Bearer {FULL_KEY}"),)
 def test_search_over_grpc_returns_hits_generation_and_request_id(stack):
     stub, _, images, *_ = stack
     response, call = stub.Search.with_call(
-        search_pb2.SearchRequest(image=images[5], k=3), metadata=(*AUTH, ("x-request-id", "abc-1")), timeout=5)
+        search_pb2.SearchRequest(image=images[5], k=3), metadata=(*AUTH, ("x-request-id", "abc-1")), timeout=5
+    )
     assert [h.id for h in response.hits][0] == "id5" and len(response.hits) == 3
     assert response.generation.name == "gen1" and response.generation.space.model_version == 1
     assert response.request_id == "abc-1"
@@ -67,8 +70,9 @@ def test_min_score_presence_is_kept(stack):
 
 def test_batch_search_over_grpc(stack):
     stub, _, images, *_ = stack
-    request = search_pb2.BatchSearchRequest(queries=[
-        search_pb2.SearchRequest(image=images[1], k=2), search_pb2.SearchRequest(item_id="id2", k=2)])
+    request = search_pb2.BatchSearchRequest(
+        queries=[search_pb2.SearchRequest(image=images[1], k=2), search_pb2.SearchRequest(item_id="id2", k=2)]
+    )
     response = stub.BatchSearch(request, metadata=AUTH, timeout=5)
     assert response.responses[0].hits[0].id == "id1"
     assert "id2" not in [h.id for h in response.responses[1].hits]
@@ -110,7 +114,9 @@ def test_api_keys_are_required(stack, metadata, code):
 
 def test_info_scope_and_x_api_key(stack):
     stub, *_ = stack
-    info = stub.GetServingInfo(search_pb2.GetServingInfoRequest(), metadata=(("x-api-key", INFO_KEY),), timeout=5)
+    info = stub.GetServingInfo(
+        search_pb2.GetServingInfoRequest(), metadata=(("x-api-key", INFO_KEY),), timeout=5
+    )
     assert info.generation.name == "gen1" and info.item_count == 12 and info.available_model_versions == [1]
 
 

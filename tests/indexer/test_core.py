@@ -27,12 +27,24 @@ def _core(path, **kw) -> IndexerCore:
 
 def _fill(core, gen, ids, x, batch=2000, labels=None, attrs=None):
     for s in range(0, len(ids), batch):
-        core.upsert(gen, [(ItemRow(ids[j], f"uri/{ids[j]}", labels[j] if labels else "", attrs[j] if attrs else {}), x[j])
-                          for j in range(s, min(s + batch, len(ids)))])
+        core.upsert(
+            gen,
+            [
+                (
+                    ItemRow(ids[j], f"uri/{ids[j]}", labels[j] if labels else "", attrs[j] if attrs else {}),
+                    x[j],
+                )
+                for j in range(s, min(s + batch, len(ids)))
+            ],
+        )
 
 
 def _recall(results, exact_ids) -> float:
-    return float(np.mean([len({h.item.id for h in r} & set(e)) / len(e) for r, e in zip(results, exact_ids, strict=True)]))
+    return float(
+        np.mean(
+            [len({h.item.id for h in r} & set(e)) / len(e) for r, e in zip(results, exact_ids, strict=True)]
+        )
+    )
 
 
 def _clustered(rng, n, dim, centres=100, intrinsic=8):
@@ -43,7 +55,9 @@ def _clustered(rng, n, dim, centres=100, intrinsic=8):
     bases = rng.normal(size=(centres, intrinsic, dim)) / np.sqrt(intrinsic)
     which = rng.integers(0, centres, n)
     z = rng.normal(size=(n, intrinsic))
-    return (c[which] + np.einsum("ni,nid->nd", z, bases[which]) + 0.1 * rng.normal(size=(n, dim))).astype(np.float32)
+    return (c[which] + np.einsum("ni,nid->nd", z, bases[which]) + 0.1 * rng.normal(size=(n, dim))).astype(
+        np.float32
+    )
 
 
 @pytest.mark.parametrize("kind", ["uniform", "clustered", "clustered, queries from other clusters"])
@@ -135,14 +149,17 @@ def small(tmp_path):
     core.close()
 
 
-@pytest.mark.parametrize("flt", [
-    ItemFilter(labels=("cls1",)),
-    ItemFilter(labels=("cls1", "cls2")),
-    ItemFilter(attributes=(("color", ("red",)),)),
-    ItemFilter(labels=("cls0", "cls3"), attributes=(("color", ("red", "blue")), ("size", ("0", "2")))),
-    ItemFilter(labels=("cls5",), attributes=(("size", ("1",)),)),  # few matches: exact search
-    ItemFilter(labels=("nothing",)),
-])
+@pytest.mark.parametrize(
+    "flt",
+    [
+        ItemFilter(labels=("cls1",)),
+        ItemFilter(labels=("cls1", "cls2")),
+        ItemFilter(attributes=(("color", ("red",)),)),
+        ItemFilter(labels=("cls0", "cls3"), attributes=(("color", ("red", "blue")), ("size", ("0", "2")))),
+        ItemFilter(labels=("cls5",), attributes=(("size", ("1",)),)),  # few matches: exact search
+        ItemFilter(labels=("nothing",)),
+    ],
+)
 def test_filters_give_the_exact_filtered_answers(small, flt):
     core, ids, x, labels, attrs = small
     q = np.random.default_rng(3).normal(size=(20, 8)).astype(np.float32)
@@ -200,9 +217,16 @@ def test_validation_errors_name_the_problem(small):
         (lambda: core.upsert("", [(ItemRow("a\n"), np.ones(8))]), InvalidInput, "control"),
         (lambda: core.upsert("", [(ItemRow("a", label="l" * 300), np.ones(8))]), InvalidInput, "label"),
         (lambda: core.upsert("", [(ItemRow("a", uri="u" * 3000), np.ones(8))]), InvalidInput, "uri"),
-        (lambda: core.upsert("", [(ItemRow("a", attributes={str(i): "" for i in range(65)}), np.ones(8))]),
-         InvalidInput, "64 attributes"),
-        (lambda: core.upsert("", [(ItemRow("a", attributes={"k": "v" * 1025}), np.ones(8))]), InvalidInput, "1024"),
+        (
+            lambda: core.upsert("", [(ItemRow("a", attributes={str(i): "" for i in range(65)}), np.ones(8))]),
+            InvalidInput,
+            "64 attributes",
+        ),
+        (
+            lambda: core.upsert("", [(ItemRow("a", attributes={"k": "v" * 1025}), np.ones(8))]),
+            InvalidInput,
+            "1024",
+        ),
         (lambda: core.upsert("nope", [(ItemRow("a"), np.ones(8))]), NotFound, "nope"),
         (lambda: core.knn(x[:1], 0), InvalidInput, "k must be"),
         (lambda: core.knn(x[:1], 1001), InvalidInput, "k must be"),
@@ -337,6 +361,7 @@ def test_concurrent_writers_and_readers_match_exact(tmp_path):
     _fill(core, "", [f"b{j}" for j in range(2000)], base)
     stop = threading.Event()
     errors: list[BaseException] = []
+
     # Readers query vectors of items no writer touches: their answer must be themselves, exactly.
     def reader():
         try:
@@ -360,8 +385,9 @@ def test_concurrent_writers_and_readers_match_exact(tmp_path):
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=reader) for _ in range(3)] + [threading.Thread(target=writer, args=(w,))
-                                                                       for w in range(2)]
+    threads = [threading.Thread(target=reader) for _ in range(3)] + [
+        threading.Thread(target=writer, args=(w,)) for w in range(2)
+    ]
     for t in threads:
         t.start()
     time.sleep(3)

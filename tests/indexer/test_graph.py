@@ -37,7 +37,9 @@ def test_exact_index_returns_fewer_when_fewer_items():
 
 
 def _graph(dim=4, capacity=16) -> HnswGraph:
-    return HnswGraph(GraphParams(metric=2, dimension=dim, m=8, ef_construction=50, ef_search=50), capacity=capacity)
+    return HnswGraph(
+        GraphParams(metric=2, dimension=dim, m=8, ef_construction=50, ef_search=50), capacity=capacity
+    )
 
 
 def test_updates_in_place_reuses_deleted_slots_and_grows():

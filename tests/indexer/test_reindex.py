@@ -32,10 +32,32 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reindex")
     repo = tmp / "models"
     export_tiny_model(repo, "tiny", version=1, dim=8, seed=0)
-    with running_service("embedder", "serve", "--model_name", "tiny", "--model_base_path", str(repo / "tiny"),
-                         "--file_system_poll_wait_seconds", "0.2", "--log-format", "text", log_dir=tmp) as (_e, serving), \
-            running_service("indexer", "serve", "--data-dir", str(tmp / "index"), "--metrics-port", "-1",
-                            "--log-format", "text", log_dir=tmp) as (_i, indexer):
+    with (
+        running_service(
+            "embedder",
+            "serve",
+            "--model_name",
+            "tiny",
+            "--model_base_path",
+            str(repo / "tiny"),
+            "--file_system_poll_wait_seconds",
+            "0.2",
+            "--log-format",
+            "text",
+            log_dir=tmp,
+        ) as (_e, serving),
+        running_service(
+            "indexer",
+            "serve",
+            "--data-dir",
+            str(tmp / "index"),
+            "--metrics-port",
+            "-1",
+            "--log-format",
+            "text",
+            log_dir=tmp,
+        ) as (_i, indexer),
+    ):
         yield tmp, repo, serving, indexer
 
 
@@ -48,7 +70,17 @@ def _run(capsys, *argv):
 def test_reindex_builds_checks_activates_resumes_and_exports(stack, capsys):
     tmp, repo, serving, indexer = stack
     images = _catalogue(tmp / "catalogue", 24)
-    common = ["--indexer", indexer, "--serving", serving, "--model", "tiny", "--no-progress", "--batch-size", "5"]
+    common = [
+        "--indexer",
+        indexer,
+        "--serving",
+        serving,
+        "--model",
+        "tiny",
+        "--no-progress",
+        "--batch-size",
+        "5",
+    ]
 
     code, out, _ = _run(capsys, "reindex", str(images), "--dry-run", "--indexer", indexer)
     assert code == 0 and "24 items, 3 labels, 0 missing" in out and "nothing written" in out
@@ -57,8 +89,9 @@ def test_reindex_builds_checks_activates_resumes_and_exports(stack, capsys):
 
     # An interrupted build: only part of the catalogue made it into generation "first".
     partial = tmp / "partial.csv"
-    rows = ["id,path,label"] + [f"{p.relative_to(images)},{p},{p.parent.name}"
-                                for p in sorted(images.rglob("*.png"))[:10]]
+    rows = ["id,path,label"] + [
+        f"{p.relative_to(images)},{p},{p.parent.name}" for p in sorted(images.rglob("*.png"))[:10]
+    ]
     partial.write_text("\n".join(rows) + "\n")
     code, out, err = _run(capsys, "reindex", str(partial), *common, "--generation", "first", "--no-activate")
     assert code == 0, err
@@ -84,8 +117,14 @@ def test_reindex_builds_checks_activates_resumes_and_exports(stack, capsys):
         # A write to the active generation while the next model version is being indexed.
         extra = tmp / "extra.png"
         extra.write_bytes(make_image(999, label=1))
-        client.upsert([indexer_pb2.Record(item=types_pb2.Item(id="extra", uri=str(extra), label="class1"),
-                                          vector=embedder.embed([extra.read_bytes()]).vectors[0])])
+        client.upsert(
+            [
+                indexer_pb2.Record(
+                    item=types_pb2.Item(id="extra", uri=str(extra), label="class1"),
+                    vector=embedder.embed([extra.read_bytes()]).vectors[0],
+                )
+            ]
+        )
 
     export_tiny_model(repo, "tiny", version=2, dim=8, seed=1)
     import time
@@ -134,5 +173,7 @@ def test_reindex_user_mistakes_are_messages_not_tracebacks(stack, capsys, tmp_pa
     code, _, err = _run(capsys, "reindex", str(images), *common, "--model", "tiny", "--model-version", "9")
     assert code == 2 and "9" in err
     (images / "class0" / "broken.png").write_bytes(b"not an image")
-    code, out, err = _run(capsys, "reindex", str(images), *common, "--model", "tiny", "--generation", "broken")
+    code, out, err = _run(
+        capsys, "reindex", str(images), *common, "--model", "tiny", "--generation", "broken"
+    )
     assert code == 1 and "1 failed" in out and "broken.png" in err and "not activating" in err

@@ -25,7 +25,9 @@ def test_not_serving_until_loaded_then_serving(tmp_path):
         load()
 
     core.load = slow_load
-    running = serve(ServerOptions(service_name="indexer-test", host="127.0.0.1", port=0, metrics_port=-1), core)
+    running = serve(
+        ServerOptions(service_name="indexer-test", host="127.0.0.1", port=0, metrics_port=-1), core
+    )
     target = f"127.0.0.1:{running.port}"
     try:
         with grpc.insecure_channel(target) as channel:

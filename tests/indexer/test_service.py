@@ -27,19 +27,33 @@ SPACE = types_pb2.EmbeddingSpace(model_name="m", model_version=1)
 
 
 def _serve(data_dir, *extra, log_dir=None, metrics_port=-1):
-    return running_service("indexer", "serve", "--data-dir", str(data_dir), "--metrics-port", str(metrics_port),
-                           "--log-format", "text", *extra, log_dir=log_dir)
+    return running_service(
+        "indexer",
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--metrics-port",
+        str(metrics_port),
+        "--log-format",
+        "text",
+        *extra,
+        log_dir=log_dir,
+    )
 
 
 def _records(ids, vectors, label=""):
-    return [indexer_pb2.Record(item=types_pb2.Item(id=i, label=label, uri=f"file:{i}"), vector=v)
-            for i, v in zip(ids, vectors, strict=True)]
+    return [
+        indexer_pb2.Record(item=types_pb2.Item(id=i, label=label, uri=f"file:{i}"), vector=v)
+        for i, v in zip(ids, vectors, strict=True)
+    ]
 
 
 def test_statuses_over_grpc_and_metrics(tmp_path):
     metrics_port = free_port()
-    with _serve(tmp_path / "data", log_dir=tmp_path, metrics_port=metrics_port) as (_proc, target), \
-            grpc.insecure_channel(target) as channel:
+    with (
+        _serve(tmp_path / "data", log_dir=tmp_path, metrics_port=metrics_port) as (_proc, target),
+        grpc.insecure_channel(target) as channel,
+    ):
         stub = indexer_pb2_grpc.IndexerServiceStub(channel)
 
         def code(call, request):
@@ -47,33 +61,68 @@ def test_statuses_over_grpc_and_metrics(tmp_path):
                 call(request, timeout=10)
             return info.value.code(), info.value.details()
 
-        assert code(stub.Knn, indexer_pb2.KnnRequest(queries=[indexer_pb2.Vector(values=[1, 2])], k=1))[0] == \
-            grpc.StatusCode.FAILED_PRECONDITION
-        stub.CreateGeneration(indexer_pb2.CreateGenerationRequest(name="g", space=SPACE, metric=1, dimension=2))
-        assert code(stub.CreateGeneration, indexer_pb2.CreateGenerationRequest(name="g", space=SPACE, metric=1,
-                                                                               dimension=2))[0] == grpc.StatusCode.ALREADY_EXISTS
+        assert (
+            code(stub.Knn, indexer_pb2.KnnRequest(queries=[indexer_pb2.Vector(values=[1, 2])], k=1))[0]
+            == grpc.StatusCode.FAILED_PRECONDITION
+        )
+        stub.CreateGeneration(
+            indexer_pb2.CreateGenerationRequest(name="g", space=SPACE, metric=1, dimension=2)
+        )
+        assert (
+            code(
+                stub.CreateGeneration,
+                indexer_pb2.CreateGenerationRequest(name="g", space=SPACE, metric=1, dimension=2),
+            )[0]
+            == grpc.StatusCode.ALREADY_EXISTS
+        )
         ok = indexer_pb2.UpsertRequest(generation="g", records=_records(["a", "b"], [[1, 0], [0, 1]]))
         bad = indexer_pb2.UpsertRequest(generation="g", records=_records(["c"], [[1, 2, 3]]))
         with pytest.raises(grpc.RpcError) as info:
             stub.Upsert(iter([ok, bad]), timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "dimension 2" in info.value.details() and "2 records of earlier messages" in info.value.details()
+        assert (
+            "dimension 2" in info.value.details() and "2 records of earlier messages" in info.value.details()
+        )
         got = stub.Get(indexer_pb2.GetRequest(ids=["a", "b"], generation="g", include_vectors=True))
         assert [list(r.vector) for r in got.records] == [[1, 0], [0, 1]] and got.generation.name == "g"
-        nan = indexer_pb2.KnnRequest(queries=[indexer_pb2.Vector(values=[float("nan"), 1])], k=1, generation="g")
+        nan = indexer_pb2.KnnRequest(
+            queries=[indexer_pb2.Vector(values=[float("nan"), 1])], k=1, generation="g"
+        )
         assert code(stub.Knn, nan)[0] == grpc.StatusCode.INVALID_ARGUMENT
-        assert code(stub.Knn, indexer_pb2.KnnRequest(queries=[indexer_pb2.Vector(values=[1, 1])], k=0,
-                                                     generation="g"))[0] == grpc.StatusCode.INVALID_ARGUMENT
-        assert code(stub.Knn, indexer_pb2.KnnRequest(queries=[indexer_pb2.Vector(values=[1, 1])], k=1,
-                                                     generation="x"))[0] == grpc.StatusCode.NOT_FOUND
+        assert (
+            code(
+                stub.Knn,
+                indexer_pb2.KnnRequest(queries=[indexer_pb2.Vector(values=[1, 1])], k=0, generation="g"),
+            )[0]
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert (
+            code(
+                stub.Knn,
+                indexer_pb2.KnnRequest(queries=[indexer_pb2.Vector(values=[1, 1])], k=1, generation="x"),
+            )[0]
+            == grpc.StatusCode.NOT_FOUND
+        )
         assert code(stub.Get, indexer_pb2.GetRequest(ids=["zz"]))[0] == grpc.StatusCode.NOT_FOUND
-        assert code(stub.Knn, indexer_pb2.KnnRequest(queries=[indexer_pb2.Vector(values=[1, 1])], k=1, generation="g",
-                                                     require_active=True))[0] == grpc.StatusCode.ABORTED
+        assert (
+            code(
+                stub.Knn,
+                indexer_pb2.KnnRequest(
+                    queries=[indexer_pb2.Vector(values=[1, 1])], k=1, generation="g", require_active=True
+                ),
+            )[0]
+            == grpc.StatusCode.ABORTED
+        )
         stub.ActivateGeneration(indexer_pb2.ActivateGenerationRequest(name="g"))
-        answer = stub.Knn(indexer_pb2.KnnRequest(queries=[indexer_pb2.Vector(values=[1, 0.1])], k=5,
-                                                 generation="g", require_active=True))
+        answer = stub.Knn(
+            indexer_pb2.KnnRequest(
+                queries=[indexer_pb2.Vector(values=[1, 0.1])], k=5, generation="g", require_active=True
+            )
+        )
         assert [h.id for h in answer.results[0].hits] == ["a", "b"]
-        assert answer.generation.space.model_version == 1 and answer.generation.metric == types_pb2.METRIC_COSINE
+        assert (
+            answer.generation.space.model_version == 1 and answer.generation.metric == types_pb2.METRIC_COSINE
+        )
         stats = stub.Stats(indexer_pb2.StatsRequest())
         assert stats.item_count == 2 and stats.active_generation == "g" and stats.process_rss_bytes > 0
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -84,9 +133,24 @@ def test_statuses_over_grpc_and_metrics(tmp_path):
 
 def _start(data_dir, log_dir, name):
     port_file = log_dir / f"{name}.port"
-    proc = ServiceProcess(["-m", "indexer", "serve", "--data-dir", str(data_dir), "--metrics-port", "-1",
-                           "--log-format", "text", "--port", "0", "--port-file", str(port_file)],
-                          log_dir / f"{name}.log")
+    proc = ServiceProcess(
+        [
+            "-m",
+            "indexer",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--metrics-port",
+            "-1",
+            "--log-format",
+            "text",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+        ],
+        log_dir / f"{name}.log",
+    )
     target = f"127.0.0.1:{wait_for_port_file(port_file, proc, 60)}"
     wait_for_health(target, timeout=60, proc=proc)
     return proc, target
@@ -160,13 +224,17 @@ def test_two_shards_answer_like_one(tmp_path):
     x = rng.normal(size=(400, 6)).astype(np.float32)
     ids = [f"s{j}" for j in range(400)]
     labels = [f"l{j % 4}" for j in range(400)]
-    records = [indexer_pb2.Record(item=types_pb2.Item(id=i, label=lab), vector=v)
-               for i, lab, v in zip(ids, labels, x, strict=True)]
+    records = [
+        indexer_pb2.Record(item=types_pb2.Item(id=i, label=lab), vector=v)
+        for i, lab, v in zip(ids, labels, x, strict=True)
+    ]
     q = rng.normal(size=(10, 6)).astype(np.float32)
     flt = types_pb2.Filter(labels=["l1", "l2"])
-    with _serve(tmp_path / "one", log_dir=tmp_path) as (_p1, one), \
-            _serve(tmp_path / "s0", "--shard-id", "0", "--shard-count", "2", log_dir=tmp_path) as (_p2, s0), \
-            _serve(tmp_path / "s1", "--shard-id", "1", "--shard-count", "2", log_dir=tmp_path) as (_p3, s1):
+    with (
+        _serve(tmp_path / "one", log_dir=tmp_path) as (_p1, one),
+        _serve(tmp_path / "s0", "--shard-id", "0", "--shard-count", "2", log_dir=tmp_path) as (_p2, s0),
+        _serve(tmp_path / "s1", "--shard-id", "1", "--shard-count", "2", log_dir=tmp_path) as (_p3, s1),
+    ):
         answers = []
         for targets in ([one], [s0, s1]):
             with IndexerClient(targets) as client:
@@ -174,8 +242,12 @@ def test_two_shards_answer_like_one(tmp_path):
                 assert client.upsert(records, generation="g", batch_size=64) == 400
                 client.activate_generation("g")
                 active = client.active_generation()
-                answers.append([[h.id for h in r.hits] for r in client.knn(q, 10, generation=active.name).results])
-                answers.append([[h.id for h in r.hits] for r in client.knn(q, 10, generation="g", filter=flt).results])
+                answers.append(
+                    [[h.id for h in r.hits] for r in client.knn(q, 10, generation=active.name).results]
+                )
+                answers.append(
+                    [[h.id for h in r.hits] for r in client.knn(q, 10, generation="g", filter=flt).results]
+                )
                 assert sum(s.item_count for s in client.stats()) == 400
                 assert [r.item.id for r in client.get(ids[:20])] == ids[:20]
                 assert client.delete(ids[:10]) == 10

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import run as harness
 
-GOOD = '''
+GOOD = """
 def run(quick, workdir):
     assert not (workdir / "touched").exists(), "the workdir is fresh on every run"
     (workdir / "touched").write_text("yes")
@@ -21,7 +21,7 @@ def run(quick, workdir):
              "ratio": 1.2, "goal": "<= 1.1x", "higher_is_better": False},
             {"name": "recall", "value": 0.97, "unit": "", "baseline_name": "exact", "baseline": 1.0,
              "ratio": 0.97, "goal": "close to exact", "higher_is_better": True, "quick": quick}]
-'''
+"""
 CRASHES = "def run(quick, workdir):\n    raise RuntimeError('index exploded')\n"
 HANGS = "import time\n\ndef run(quick, workdir):\n    time.sleep(60)\n"
 MALFORMED = "def run(quick, workdir):\n    return [{'name': 'x', 'value': 'fast'}]\n"
@@ -39,15 +39,28 @@ def bench_dir(tmp_path: Path) -> Path:
 
 def test_discover_finds_bench_files_only_and_filters(bench_dir):
     assert [p.stem for p in harness.discover(bench_dir)] == [
-        "bench_crashes", "bench_good", "bench_hangs", "bench_malformed"
+        "bench_crashes",
+        "bench_good",
+        "bench_hangs",
+        "bench_malformed",
     ]
-    assert [p.stem for p in harness.discover(bench_dir, ["good", "bench_hangs"])] == ["bench_good", "bench_hangs"]
+    assert [p.stem for p in harness.discover(bench_dir, ["good", "bench_hangs"])] == [
+        "bench_good",
+        "bench_hangs",
+    ]
 
 
 @pytest.mark.parametrize(
     ("goal", "value", "ratio", "expected"),
-    [("ratio >= 1.5", 1, 2.0, True), ("ratio >= 1.5", 1, 1.4, False), (">= 0.9", 0.95, 0, True),
-     ("< 50", 60, 0, False), ("<= 1.1x", 0, 1.2, False), ("≥ 2×", 0, 3, True), ("as fast as possible", 1, 1, None)],
+    [
+        ("ratio >= 1.5", 1, 2.0, True),
+        ("ratio >= 1.5", 1, 1.4, False),
+        (">= 0.9", 0.95, 0, True),
+        ("< 50", 60, 0, False),
+        ("<= 1.1x", 0, 1.2, False),
+        ("≥ 2×", 0, 3, True),
+        ("as fast as possible", 1, 1, None),
+    ],
 )
 def test_goal_met(goal, value, ratio, expected):
     assert harness.goal_met({"goal": goal, "value": value, "ratio": ratio, "unit": ""}) is expected
@@ -66,8 +79,9 @@ def test_passed_field_overrides_goal():
 @pytest.mark.slow
 def test_one_failing_benchmark_does_not_stop_the_others(bench_dir, tmp_path):
     out = tmp_path / "out"
-    results, report = harness.run_all(harness.discover(bench_dir), quick=True, out_dir=out, budget=8,
-                                      echo=lambda _: None)
+    results, report = harness.run_all(
+        harness.discover(bench_dir), quick=True, out_dir=out, budget=8, echo=lambda _: None
+    )
     by_name = {r.name: r for r in results}
     assert by_name["good"].status == "ok"
     assert by_name["crashes"].status == "failed" and "index exploded" in by_name["crashes"].error
@@ -91,7 +105,16 @@ def test_one_failing_benchmark_does_not_stop_the_others(bench_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_exit_code_and_only(bench_dir, tmp_path):
-    command = [sys.executable, "-m", "benchmarks", "--quick", "--dir", str(bench_dir), "--out", str(tmp_path / "o")]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--quick",
+        "--dir",
+        str(bench_dir),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     for _ in range(2):  # twice: the second run gets a fresh workdir too
         ok = subprocess.run([*command, "--only", "good"], capture_output=True, text=True, timeout=120)
         assert ok.returncode == 0, ok.stdout + ok.stderr

@@ -36,7 +36,9 @@ def fake_fashion_mnist(tmp_path, monkeypatch):
 
 
 def test_read_idx_offsets(fake_fashion_mnist):
-    images, labels = data.read_idx(fake_fashion_mnist / data.FILES["test"][0], fake_fashion_mnist / data.FILES["test"][1])
+    images, labels = data.read_idx(
+        fake_fashion_mnist / data.FILES["test"][0], fake_fashion_mnist / data.FILES["test"][1]
+    )
     assert images.shape == (30, 28, 28) and labels.tolist() == [i % 3 for i in range(30)]
     assert images[1].min() >= 80 and images[0].max() < 20
 
@@ -52,7 +54,11 @@ def test_fashion_mnist_catalogue_is_balanced_readable_and_reused(fake_fashion_mn
     out = tmp_path / "demo"
     messages = []
     prepared = data.prepare_demo_data(out, train_per_class=5, test_per_class=2, log=messages.append)
-    assert prepared.classes == ("dress", "t-shirt", "trouser") or set(prepared.classes) == {"t-shirt", "trouser", "pullover"}
+    assert prepared.classes == ("dress", "t-shirt", "trouser") or set(prepared.classes) == {
+        "t-shirt",
+        "trouser",
+        "pullover",
+    }
     assert (prepared.train_count, prepared.test_count) == (15, 6)
     train = read_catalogue(prepared.train_dir)
     assert len(train) == 15 and {e.label for e in train} == set(prepared.classes)
@@ -67,8 +73,14 @@ def test_no_source_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "a")
     monkeypatch.setattr(data, "KERAS_DIR", tmp_path / "b")
     with pytest.raises(NotReady, match="DATA=<folder"):
-        data.prepare_demo_data(tmp_path / "out", train_per_class=1, test_per_class=1,
-                               install_package=False, allow_download=False, log=lambda _: None)
+        data.prepare_demo_data(
+            tmp_path / "out",
+            train_per_class=1,
+            test_per_class=1,
+            install_package=False,
+            allow_download=False,
+            log=lambda _: None,
+        )
 
 
 def make_folder(root, classes, per_class):
@@ -85,7 +97,9 @@ def test_user_catalogue_without_split(tmp_path):
     assert (prepared.train_count, prepared.test_count) == (9, 6)
     train = {e.path for e in read_catalogue(prepared.train_dir)}
     test = {e.path for e in read_catalogue(prepared.test_dir)}
-    assert not {p.rsplit("/", 1)[-1] + p.split("/")[-2] for p in train} & {p.rsplit("/", 1)[-1] + p.split("/")[-2] for p in test}
+    assert not {p.rsplit("/", 1)[-1] + p.split("/")[-2] for p in train} & {
+        p.rsplit("/", 1)[-1] + p.split("/")[-2] for p in test
+    }
 
 
 def test_user_catalogue_with_split(tmp_path):

@@ -22,7 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 def run_demo(root: Path, data_args: list[str], *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "quickstart", "demo", "--quick", "--root", str(root), *data_args, *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -32,7 +36,10 @@ def assert_nothing_left(root: Path, pids: list[int]) -> None:
         time.sleep(0.2)
     assert processes_mentioning(str(root)) == []
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+        )
     assert list((root / "stack" / "run").glob("*.json")) == []
 
 
@@ -85,7 +92,9 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path, demo_data_args):
         record = root / "stack" / "run" / "serving.json"
         while not record.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert record.exists(), proc.stdout.read() if proc.poll() is not None else "no service started in time"
+        assert record.exists(), (
+            proc.stdout.read() if proc.poll() is not None else "no service started in time"
+        )
         pids = [json.loads(p.read_text())["pid"] for p in (root / "stack" / "run").glob("*.json")]
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=120)

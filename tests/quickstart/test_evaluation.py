@@ -14,7 +14,9 @@ def clustered(n, classes, dim, seed, spread=0.9):
     centres = rng.normal(size=(classes, dim))
     labels = np.arange(n) % classes
     x = centres[labels] + spread * rng.normal(size=(n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.array([f"c{c}" for c in labels])
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.array(
+        [f"c{c}" for c in labels]
+    )
 
 
 @pytest.fixture
@@ -28,8 +30,10 @@ def space():
 def exact_hits(queries, gallery, ids, g_labels, depth):
     scores = queries @ gallery.T
     top = tm.top_k_indices(scores, depth)
-    return [ev.RankedHits([ids[j] for j in row], g_labels[row].tolist(), scores[i, row].tolist())
-            for i, row in enumerate(top)]
+    return [
+        ev.RankedHits([ids[j] for j in row], g_labels[row].tolist(), scores[i, row].tolist())
+        for i, row in enumerate(top)
+    ]
 
 
 def test_search_depth_covers_the_largest_class():

@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def quickstart(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quickstart", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "quickstart", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_up_is_idempotent_and_down_stops_everything(tmp_path):
@@ -28,8 +29,15 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
     export_tiny_model(models, name="demo", version=1)
     catalogue = generated_catalogue(tmp_path / "catalogue", classes=3, train=4, test=1) / "train"
     ports = {"--serving-port": free_port(), "--indexer-port": free_port(), "--gateway-port": free_port()}
-    flags = ["--root", str(root), "--models", str(models), "--catalogue", str(catalogue),
-             *[str(x) for pair in ports.items() for x in pair]]
+    flags = [
+        "--root",
+        str(root),
+        "--models",
+        str(models),
+        "--catalogue",
+        str(catalogue),
+        *[str(x) for pair in ports.items() for x in pair],
+    ]
     try:
         first = quickstart("up", *flags)
         assert first.returncode == 0, first.stdout + first.stderr
@@ -44,7 +52,9 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
         assert second.stdout.count("already running") == 3 and " started: pid" not in second.stdout
         assert "indexing" not in second.stdout
         assert sorted(json.loads(p.read_text())["pid"] for p in (root / "run").glob("*.json")) == pids
-        assert len(processes_mentioning(str(root))) == 2  # serving and indexer name the root; the gateway its ports
+        assert (
+            len(processes_mentioning(str(root))) == 2
+        )  # serving and indexer name the root; the gateway its ports
 
         status = quickstart("status", "--root", str(root))
         assert status.returncode == 0 and status.stdout.count("SERVING") == 3, status.stdout
@@ -60,7 +70,14 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
 
 
 def test_up_without_a_model_says_what_to_do(tmp_path):
-    result = quickstart("up", "--root", str(tmp_path / "stack"), "--models", str(tmp_path / "empty"),
-                        "--model-name", "no-such-model")
+    result = quickstart(
+        "up",
+        "--root",
+        str(tmp_path / "stack"),
+        "--models",
+        str(tmp_path / "empty"),
+        "--model-name",
+        "no-such-model",
+    )
     assert result.returncode == 1
     assert "no model to serve" in result.stderr and "make demo" in result.stderr

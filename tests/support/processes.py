@@ -107,7 +107,9 @@ def wait_for_health(
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and not proc.alive():
-                raise RuntimeError(f"{proc.args} exited with {proc.proc.returncode}:\n{proc.log_text()[-4000:]}")
+                raise RuntimeError(
+                    f"{proc.args} exited with {proc.proc.returncode}:\n{proc.log_text()[-4000:]}"
+                )
             try:
                 answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:

@@ -10,7 +10,12 @@ CLASS_NAMES = ("tote", "clutch", "satchel", "backpack")
 
 
 def write_original_dataset(
-    data_dir: Path, *, dataset_dir: str = "BAGS", per_class_train: int = 4, per_class_test: int = 3, size: int = 40
+    data_dir: Path,
+    *,
+    dataset_dir: str = "BAGS",
+    per_class_train: int = 4,
+    per_class_test: int = 3,
+    size: int = 40,
 ) -> Path:
     """<data_dir>/datasets/<dataset_dir>/ with images/, bags_train.csv, bags_test.csv, bags_labels.csv."""
     base = data_dir / "datasets" / dataset_dir
@@ -28,7 +33,9 @@ def write_original_dataset(
                 rows[split].append(f"{pid},{rel}")
     for split, lines in rows.items():
         (base / f"bags_{split}.csv").write_text("\n".join(lines) + "\n")
-    (base / "bags_labels.csv").write_text("\n".join(f"{pid},{n}" for pid, n in enumerate(CLASS_NAMES, 1)) + "\n")
+    (base / "bags_labels.csv").write_text(
+        "\n".join(f"{pid},{n}" for pid, n in enumerate(CLASS_NAMES, 1)) + "\n"
+    )
     return base
 
 

@@ -95,7 +95,20 @@ def test_original_workflow_end_to_end(tmp_path, capsys):
         (["embed", "-c", CONFIG, "--data-dir", "{tmp}"], "image folder"),
         (["test", "-c", CONFIG, "--data-dir", "{tmp}"], "embed"),
         (["evaluation", "-c", CONFIG, "--data-dir", "{tmp}"], "embed"),
-        (["export", "-c", CONFIG, "--data-dir", "{tmp}", "--model-repo", "{tmp}/m", "--set", "model.name=small_cnn"], "no checkpoint"),
+        (
+            [
+                "export",
+                "-c",
+                CONFIG,
+                "--data-dir",
+                "{tmp}",
+                "--model-repo",
+                "{tmp}/m",
+                "--set",
+                "model.name=small_cnn",
+            ],
+            "no checkpoint",
+        ),
     ],
 )
 def test_bad_input_gives_a_clear_message_and_nonzero_exit(tmp_path, capsys, argv, message):

@@ -46,7 +46,10 @@ def test_every_shipped_config_loads(path):
     if "angular" in path.name:
         assert config.model.fit.loss == "angular_loss"
         assert path.stem.endswith(f"alpha_{config.model.fit.alpha}")
-        assert config.run_name == f"{dataset}_resnet_v1_50_direct_normalize_adam_angular_loss_alpha_{config.model.fit.alpha}"
+        assert (
+            config.run_name
+            == f"{dataset}_resnet_v1_50_direct_normalize_adam_angular_loss_alpha_{config.model.fit.alpha}"
+        )
     else:
         assert config.model.fit.loss == "semi_hard_triplet"
         assert path.stem.endswith(f"m_{config.model.fit.margin}")
@@ -60,7 +63,13 @@ def test_a_shipped_config_is_found_by_name():
 def test_overrides_use_dotted_paths_and_json_values():
     config = load_config(
         shipped_configs()[0],
-        ["model.fit.epochs=20", "model.batch.P=8", "model.name=small_cnn", "model.weights=null", "model.crop=null"],
+        [
+            "model.fit.epochs=20",
+            "model.batch.P=8",
+            "model.name=small_cnn",
+            "model.weights=null",
+            "model.crop=null",
+        ],
     )
     assert config.model.fit.epochs == 20 and config.model.batch.P == 8
     assert config.model.name == "small_cnn" and config.model.weights is None
@@ -79,7 +88,7 @@ def test_overrides_do_not_mutate_the_input():
         ("model.fit.epochs=-1", "model.fit.epochs"),
         ("model.batch.P=1", "model.batch.P"),
         ("model.batch.K=3", "model.batch.K"),  # angular loss needs pairs
-        ("model.batch.K=\"two\"", "model.batch.K"),
+        ('model.batch.K="two"', "model.batch.K"),
         ("model.fit.loss=hinge", "model.fit.loss"),
         ("model.fit.metric=manhattan", "model.fit.metric"),
         ("model.name=vgg", "model.name"),

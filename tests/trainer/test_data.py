@@ -36,7 +36,14 @@ def test_folder_per_class_and_manifest(tmp_path):
             folder.mkdir(parents=True)
             for i in range(2):
                 (folder / f"{i}.png").write_bytes(make_image(i, label=len(label)))
-                rows.append({"id": f"{split}-{label}-{i}", "path": f"clothes/{split}/{label}/{i}.png", "label": label, "split": split})
+                rows.append(
+                    {
+                        "id": f"{split}-{label}-{i}",
+                        "path": f"clothes/{split}/{label}/{i}.png",
+                        "label": label,
+                        "split": split,
+                    }
+                )
     folders = load_splits("clothes", DataDirs(tmp_path))
     assert folders["train"].class_names == ["hat", "shoes"] and len(folders["test"]) == 4
     manifest = tmp_path / "datasets" / "items.jsonl"

@@ -39,7 +39,9 @@ def _images(count: int) -> list[bytes]:
 
 
 def _in_process(keras_model, config, images):
-    pixels = tf.stack([preprocess_image_bytes(tf.constant(b), config.model.input, config.model.resize) for b in images])
+    pixels = tf.stack(
+        [preprocess_image_bytes(tf.constant(b), config.model.input, config.model.resize) for b in images]
+    )
     return tf.math.l2_normalize(keras_model(pixels, training=False), axis=1).numpy(), pixels
 
 
@@ -91,7 +93,10 @@ def test_warmup_requests_parse_and_run(exported):
         assert out.shape == (len(images), 16)
 
 
-@pytest.mark.parametrize("bad, expected", [(b"", "image_bytes\\[2\\] is empty"), (b"not an image at all", "image_bytes\\[2\\] is not a JPEG")])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [(b"", "image_bytes\\[2\\] is empty"), (b"not an image at all", "image_bytes\\[2\\] is not a JPEG")],
+)
 def test_a_corrupt_image_in_a_batch_is_named_by_its_index(exported, bad, expected):
     _, _, path = exported
     loaded = tf.saved_model.load(str(path))

@@ -25,7 +25,18 @@ def _encoded(fmt: str, mode: str = "RGB", size=(45, 37)) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("fmt, mode", [("PNG", "RGB"), ("JPEG", "RGB"), ("PNG", "L"), ("PNG", "RGBA"), ("GIF", "P"), ("BMP", "RGB"), ("WEBP", "RGB")])
+@pytest.mark.parametrize(
+    "fmt, mode",
+    [
+        ("PNG", "RGB"),
+        ("JPEG", "RGB"),
+        ("PNG", "L"),
+        ("PNG", "RGBA"),
+        ("GIF", "P"),
+        ("BMP", "RGB"),
+        ("WEBP", "RGB"),
+    ],
+)
 def test_output_shape_type_and_range(fmt, mode):
     out = preprocess_image_bytes(tf.constant(_encoded(fmt, mode)), INPUT, RESIZE)
     assert out.shape == (24, 20, 3) and out.dtype == tf.float32
@@ -46,7 +57,9 @@ def test_deterministic_and_identical_eagerly_and_in_tf_data(tmp_path):
         path = tmp_path / f"{i}.png"
         path.write_bytes(make_image(i, size=40, label=i))
         paths.append(str(path))
-    eager = np.stack([preprocess_image_bytes(tf.constant(open(p, "rb").read()), INPUT, RESIZE).numpy() for p in paths])
+    eager = np.stack(
+        [preprocess_image_bytes(tf.constant(open(p, "rb").read()), INPUT, RESIZE).numpy() for p in paths]
+    )
 
     class Model:
         input, resize = INPUT, RESIZE
@@ -66,12 +79,7 @@ def test_augmentation_is_a_seeded_random_crop_and_flip():
     assert a.shape == (24, 20, 3)
     np.testing.assert_array_equal(a.numpy(), b.numpy())
     resized = tf.image.resize(tf.cast(tf.io.decode_png(data, channels=3), tf.float32), (32, 28)).numpy()
-    windows = {
-        (top, left, flip)
-        for top in range(9)
-        for left in range(9)
-        for flip in (False, True)
-    }
+    windows = {(top, left, flip) for top in range(9) for left in range(9) for flip in (False, True)}
     outs = [augment_image_bytes(data, INPUT, RESIZE, seed=tf.constant([s, 0])).numpy() for s in range(12)]
     found = set()
     for out in outs:

@@ -20,10 +20,17 @@ CONFIG = "bags_resnet_v1_50_normalize_adam_triplet_semihard_loss_m_0.2"
 def test_learning_rate_is_constant_then_decays_linearly_from_the_start_iteration():
     schedule = DelayedLinearDecay(0.01, decay_start=100, total_steps=300)
     values = [float(schedule(s)) for s in (0, 50, 100, 200, 300, 400)]
-    np.testing.assert_allclose(values, [0.01, 0.01, 0.01, (0.01 + END_LEARNING_RATE) / 2, END_LEARNING_RATE, END_LEARNING_RATE], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        values,
+        [0.01, 0.01, 0.01, (0.01 + END_LEARNING_RATE) / 2, END_LEARNING_RATE, END_LEARNING_RATE],
+        rtol=1e-5,
+        atol=1e-9,
+    )
     assert learning_rate(load_config(CONFIG)) == 0.0003  # decay_start_iteration -1: no decay
     decayed = learning_rate(load_config(CONFIG, ["model.fit.decay_start_iteration=10"]))
-    assert isinstance(decayed, DelayedLinearDecay) and decayed.decay_start == 10 and decayed.total_steps == 2000
+    assert (
+        isinstance(decayed, DelayedLinearDecay) and decayed.decay_start == 10 and decayed.total_steps == 2000
+    )
 
 
 @pytest.fixture()
@@ -34,7 +41,9 @@ def data(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_finishes_the_step_saves_and_stops(data):
-    config = load_config(CONFIG, [*TINY_OVERRIDES, "model.fit.epochs=50", "eval_frequency=2", "checkpoint_frequency=0"])
+    config = load_config(
+        CONFIG, [*TINY_OVERRIDES, "model.fit.epochs=50", "eval_frequency=2", "checkpoint_frequency=0"]
+    )
     calls = []
 
     def interrupt(step, metrics):
@@ -73,7 +82,11 @@ def test_frozen_batchnorm_keeps_its_statistics_during_a_train_step():
     config = load_config(CONFIG, TINY_OVERRIDES)
     model = build_model(config, weights=None)
     assert freeze_batchnorm(model) > 0
-    norms = [layer for layer in model.get_layer("backbone").layers if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = [
+        layer
+        for layer in model.get_layer("backbone").layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     assert norms
     before = [layer.moving_mean.numpy().copy() for layer in norms]
     kernel = model.get_layer("embedding_dense").kernel.numpy().copy()
