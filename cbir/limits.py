@@ -1,0 +1,91 @@
+"""Request limits and the validators that enforce them, shared by every service that checks them.
+
+Each check raises :class:`cbir.errors.InvalidInput` with a message naming the field (``where``) and
+the limit, so the same mistake reads the same whichever service caught it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+from cbir.errors import InvalidInput
+
+MAX_ID_BYTES = 256
+MAX_URI_BYTES = 2048
+MAX_LABEL_BYTES = 256
+MAX_ATTRIBUTES = 64
+MAX_KEY_BYTES = 128
+MAX_VALUE_BYTES = 1024
+MAX_DIMENSION = 4096
+MAX_EF = 100_000
+MAX_FILTER_LABELS = 1024
+MAX_FILTER_ATTRIBUTES = 64
+MAX_FILTER_VALUES = 1024
+
+
+def check_id(item_id: str, where: str) -> None:
+    """1..MAX_ID_BYTES bytes of UTF-8 without control characters."""
+    size = len(item_id.encode("utf-8"))
+    if not 1 <= size <= MAX_ID_BYTES:
+        raise InvalidInput(f"{where}: id must be 1..{MAX_ID_BYTES} bytes of UTF-8, got {size} bytes")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in item_id):
+        raise InvalidInput(f"{where}: id {item_id[:64]!r} contains control characters")
+
+
+def check_text(text: str, limit: int, where: str) -> None:
+    size = len(text.encode("utf-8"))
+    if size > limit:
+        raise InvalidInput(f"{where} is {size} bytes, at most {limit} allowed")
+
+
+def check_item_fields(item_id: str, uri: str, label: str, attributes: Mapping[str, str], where: str) -> None:
+    """The fields of one catalogue item."""
+    check_id(item_id, where)
+    check_text(uri, MAX_URI_BYTES, f"{where}: uri")
+    check_text(label, MAX_LABEL_BYTES, f"{where}: label")
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise InvalidInput(f"{where}: at most {MAX_ATTRIBUTES} attributes, got {len(attributes)}")
+    for key, value in attributes.items():
+        if not key:
+            raise InvalidInput(f"{where}: attribute keys must not be empty")
+        check_text(key, MAX_KEY_BYTES, f"{where}: attribute key {key[:40]!r}")
+        check_text(value, MAX_VALUE_BYTES, f"{where}: attribute {key[:40]!r} value")
+
+
+def check_filter(labels: Sequence[str], attributes: Iterable[tuple[str, Sequence[str]]]) -> None:
+    """A filter: labels (any of) and attribute conditions (each: a key and the values it may have)."""
+    if len(labels) > MAX_FILTER_LABELS:
+        raise InvalidInput(f"filter has {len(labels)} labels, more than {MAX_FILTER_LABELS}")
+    conditions = list(attributes)
+    if len(conditions) > MAX_FILTER_ATTRIBUTES:
+        raise InvalidInput(
+            f"filter has {len(conditions)} attribute conditions, more than {MAX_FILTER_ATTRIBUTES}"
+        )
+    for j, (key, values) in enumerate(conditions):
+        if not key:
+            raise InvalidInput(f"filter.attributes[{j}].key must not be empty")
+        if not values:
+            raise InvalidInput(f"filter.attributes[{j}] ({key!r}) needs at least one value")
+        if len(values) > MAX_FILTER_VALUES:
+            raise InvalidInput(f"filter.attributes[{j}] has more than {MAX_FILTER_VALUES} values")
+
+
+def check_k(k: int, max_k: int) -> None:
+    if not 1 <= k <= max_k:
+        raise InvalidInput(f"k must be 1..{max_k}, got {k}")
+
+
+def check_ef(ef: int) -> None:
+    if not 0 <= ef <= MAX_EF:
+        raise InvalidInput(f"ef must be 0..{MAX_EF} (0: the generation's default), got {ef}")
+
+
+def check_min_score(min_score: float | None) -> None:
+    if min_score is not None and not math.isfinite(min_score):
+        raise InvalidInput(f"min_score must be a finite number, got {min_score}")
+
+
+def check_batch(n: int, limit: int, what: str) -> None:
+    if n > limit:
+        raise InvalidInput(f"at most {limit} {what} per message (--max-batch), got {n}")
