@@ -8,6 +8,11 @@ hnswlib's rules this module enforces (../shared/reference/serving-hnsw-k8s.md):
   (``replace_deleted=True``);
 - capacity is fixed until ``resize_index``; fewer than k results raise, so callers fall back to
   :class:`ExactIndex`.
+
+A graph is a self-contained view for its readers: besides the vectors it holds, per label, the
+:class:`~indexer.store.ItemRow` (id, uri, label, attributes) it was last written with. Filters are
+evaluated and hits are built from those rows under the same read lock as the search, so an answer never
+mixes two states of an item (see "Concurrency" in indexer/README.md).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-# types_pb2.Metric values -> hnswlib space names.
-SPACES = {1: "cosine", 2: "l2", 3: "ip"}
+from cbir.metric import Metric, normalise
+from indexer.store import ItemRow
+
 SNAPSHOT_FORMAT = "cbir.hnsw-snapshot.v1"
 
 
@@ -69,35 +75,20 @@ class RWLock:
                 self._cond.notify_all()
 
 
-def distances_to_scores(metric: int, distances: np.ndarray) -> np.ndarray:
-    """hnswlib distances -> scores (higher is more similar), per types.proto's Metric."""
-    if metric == 2:
-        return 1.0 / (1.0 + distances)
-    return 1.0 - distances
-
-
 class ExactIndex:
     """Brute-force k-NN over a matrix, with hnswlib's distance definitions. The reference for tests."""
 
     def __init__(self, metric: int, ids: Sequence[str], vectors: np.ndarray):
-        self.metric = metric
+        self.metric = Metric(metric)
         self.ids = list(ids)
         self.vectors = np.asarray(vectors, dtype=np.float32)
         if self.vectors.ndim != 2:
             self.vectors = self.vectors.reshape(len(self.ids), -1)
-        if metric == 1:
-            self.vectors = _normalise(self.vectors)
+        if self.metric is Metric.COSINE:
+            self.vectors = normalise(self.vectors)
 
     def distances(self, queries: np.ndarray) -> np.ndarray:
-        q = np.asarray(queries, dtype=np.float32)
-        if self.metric == 1:
-            return 1.0 - _normalise(q) @ self.vectors.T
-        if self.metric == 3:
-            return 1.0 - q @ self.vectors.T
-        sq = (
-            (q * q).sum(1)[:, None] + (self.vectors * self.vectors).sum(1)[None, :] - 2.0 * q @ self.vectors.T
-        )
-        return np.maximum(sq, 0.0)
+        return self.metric.distances(queries, self.vectors)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         """Ids and distances of the k nearest (fewer if fewer items), nearest first."""
@@ -117,11 +108,6 @@ class ExactIndex:
         return [[self.ids[j] for j in r] for r in best], d[rows, best]
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms == 0, 1.0, norms)
-
-
 @dataclass(frozen=True)
 class GraphParams:
     metric: int
@@ -132,15 +118,12 @@ class GraphParams:
 
 
 class HnswGraph:
-    """The HNSW graph of one generation: item ids <-> hnswlib labels, guarded by a RW lock.
-
-    ``applied_seq`` is the store sequence number up to which the graph is known to be complete.
-    """
+    """The HNSW graph of one generation: item rows <-> hnswlib labels, guarded by a RW lock."""
 
     def __init__(self, params: GraphParams, capacity: int = 1024):
         self.params = params
         self.lock = RWLock()
-        self.index = hnswlib.Index(space=SPACES[params.metric], dim=params.dimension)
+        self.index = hnswlib.Index(space=Metric(params.metric).space, dim=params.dimension)
         self.index.init_index(
             max_elements=max(capacity, 16),
             M=params.m,
@@ -149,11 +132,16 @@ class HnswGraph:
         )
         self.index.set_ef(params.ef_search)
         self.label_of: dict[str, int] = {}
-        # Labels are dense (0, 1, 2, ...), so label -> id is a list (None once deleted): 8 bytes an
-        # item instead of a dict entry.
-        self.id_of: list[str | None] = []
+        # Labels are dense (0, 1, 2, ...), so label -> row is a list (None once deleted). The rows are
+        # the catalogue's own objects: a graph adds a reference per item, not a copy.
+        self.rows: list[ItemRow | None] = []
         self.next_label = 0
+        # The store sequence number up to which the graph reflects the store, and the last one that
+        # changed its vectors or membership (what a snapshot holds). The writer sets both under the
+        # write lock with the changes they cover (applied_seq alone may move without the lock: a write
+        # that does not touch this graph).
         self.applied_seq = 0
+        self.changed_seq = 0
 
     # ------------------------------------------------------------------ reads (hold lock.read())
 
@@ -167,6 +155,14 @@ class HnswGraph:
     @property
     def capacity(self) -> int:
         return self.index.max_elements
+
+    def id_at(self, label: int) -> str | None:
+        row = self.rows[label]
+        return None if row is None else row.id
+
+    def row_of(self, item_id: str) -> ItemRow | None:
+        label = self.label_of.get(item_id)
+        return None if label is None else self.rows[label]
 
     def memory_bytes(self) -> int:
         """Estimate from hnswlib's layout: level-0 block per slot, upper levels for ~1/ln(M) of them."""
@@ -206,55 +202,75 @@ class HnswGraph:
 
     # ------------------------------------------------------------------ writes (hold lock.write())
 
-    def put(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        """Adds new ids (into deleted slots when there are some) and updates existing ones in place."""
+    def reserve(self, new_items: int) -> None:
+        """Grows the capacity so that ``new_items`` more ids fit (deleted slots are reused first)."""
+        needed = len(self.label_of) + new_items
+        if needed > self.index.max_elements:
+            # Grow by half: amortised like doubling, with less slack memory in a big index.
+            self.index.resize_index(max(needed, self.index.max_elements * 3 // 2))
+
+    def put(self, ids: Sequence[str], vectors: np.ndarray, rows: Sequence[ItemRow] | None = None) -> None:
+        """Adds new ids (into deleted slots when there are some) and updates existing ones in place.
+
+        ``rows`` are the items' rows, aligned with ``ids`` (default: rows with the id only).
+        """
         vectors = np.asarray(vectors, dtype=np.float32)
+        rows = list(rows) if rows is not None else [ItemRow(i) for i in ids]
         new_rows = [j for j, i in enumerate(ids) if i not in self.label_of]
         old_rows = [j for j, i in enumerate(ids) if i in self.label_of]
         if old_rows:
-            self.index.add_items(vectors[old_rows], [self.label_of[ids[j]] for j in old_rows])
+            labels = [self.label_of[ids[j]] for j in old_rows]
+            self.index.add_items(vectors[old_rows], labels)
+            for j, label in zip(old_rows, labels, strict=True):
+                self.rows[label] = rows[j]
         if new_rows:
-            needed = self.index.element_count + len(new_rows)
-            if needed > self.index.max_elements:
-                # Grow by half: amortised like doubling, with less slack memory in a big index.
-                self.index.resize_index(max(needed, self.index.max_elements * 3 // 2))
+            self.reserve(len(new_rows))
             labels = list(range(self.next_label, self.next_label + len(new_rows)))
             self.next_label += len(new_rows)
             self.index.add_items(vectors[new_rows], labels, replace_deleted=True)
             for j, label in zip(new_rows, labels, strict=True):
                 self.label_of[ids[j]] = label
-            self.id_of.extend(ids[j] for j in new_rows)
+            self.rows.extend(rows[j] for j in new_rows)
+
+    def set_rows(self, rows: Sequence[ItemRow]) -> None:
+        """New metadata for items the graph holds (their vectors unchanged); other rows are ignored."""
+        for row in rows:
+            label = self.label_of.get(row.id)
+            if label is not None:
+                self.rows[label] = row
 
     def remove(self, ids: Sequence[str]) -> None:
         for item_id in ids:
             label = self.label_of.pop(item_id, None)
             if label is not None:
-                self.id_of[label] = None
+                self.rows[label] = None
                 self.index.mark_deleted(label)
 
-    # ------------------------------------------------------------------ snapshots (hold lock.read())
+    # ------------------------------------------------------------------ snapshots
 
-    def save(self, directory: Path) -> None:
-        """Writes graph + label map, then the manifest with their checksums (last, atomically)."""
+    def save(self, directory: Path) -> int:
+        """Writes graph + label map, then the manifest with their checksums (last, atomically).
+
+        Takes the read lock itself, only while the files are written (queries go on; writers wait);
+        fsync and checksums run after it is released. The caller must not hold the lock. Returns the
+        ``applied_seq`` the snapshot contains.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         graph_path, labels_path, manifest_path = _paths(directory)
-        self.index.save_index(str(graph_path) + ".tmp")
-        ids = list(self.label_of)
-        np.savez(
-            str(labels_path) + ".tmp.npz",
-            ids=np.array(ids, dtype=object).astype(str) if ids else np.zeros(0, "U1"),
-            labels=np.array([self.label_of[i] for i in ids], dtype=np.int64),
-        )
-        for tmp, final in (
-            (str(graph_path) + ".tmp", graph_path),
-            (str(labels_path) + ".tmp.npz", labels_path),
-        ):
+        graph_tmp, labels_tmp = str(graph_path) + ".tmp", str(labels_path) + ".tmp.npz"
+        with self.lock.read():
+            self.index.save_index(graph_tmp)
+            ids = list(self.label_of)
+            labels = np.array([self.label_of[i] for i in ids], dtype=np.int64)
+            seq, next_label = self.applied_seq, self.next_label
+        np.savez(labels_tmp, ids=np.array(ids, dtype=str) if ids else np.zeros(0, "U1"), labels=labels)
+        for tmp, final in ((graph_tmp, graph_path), (labels_tmp, labels_path)):
             _fsync(tmp)
             os.replace(tmp, final)
         manifest = {
             "format": SNAPSHOT_FORMAT,
-            "applied_seq": self.applied_seq,
-            "next_label": self.next_label,
+            "applied_seq": seq,
+            "next_label": next_label,
             "params": self.params.__dict__,
             "count": len(ids),
             "graph_sha256": _sha256(graph_path),
@@ -265,10 +281,18 @@ class HnswGraph:
             json.dump(manifest, fh)
         _fsync(tmp)
         os.replace(tmp, manifest_path)
+        _fsync_directory(directory)
+        return seq
 
     @classmethod
-    def load(cls, directory: Path, params: GraphParams) -> HnswGraph:
-        """Loads a snapshot; raises SnapshotError if missing, corrupt or made with other parameters."""
+    def load(
+        cls, directory: Path, params: GraphParams, row_of: Callable[[str], ItemRow | None] | None = None
+    ) -> HnswGraph:
+        """Loads a snapshot; raises SnapshotError if missing, corrupt or made with other parameters.
+
+        ``row_of`` gives each id's current row (default: rows with the id only); an id it does not know
+        (deleted since the snapshot) gets an id-only row until the replay of the change log removes it.
+        """
         graph_path, labels_path, manifest_path = _paths(directory)
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -283,7 +307,7 @@ class HnswGraph:
         graph.params = params
         graph.lock = RWLock()
         try:
-            graph.index = hnswlib.Index(space=SPACES[params.metric], dim=params.dimension)
+            graph.index = hnswlib.Index(space=Metric(params.metric).space, dim=params.dimension)
             graph.index.load_index(str(graph_path), allow_replace_deleted=True)
             with np.load(labels_path) as data:
                 ids = [str(i) for i in data["ids"]]
@@ -295,11 +319,28 @@ class HnswGraph:
         graph.index.set_ef(params.ef_search)
         graph.label_of = dict(zip(ids, labels, strict=True))
         graph.next_label = int(manifest["next_label"])
-        graph.id_of = [None] * graph.next_label
+        graph.rows = [None] * graph.next_label
+        lookup = row_of or (lambda _i: None)
         for i, label in zip(ids, labels, strict=True):
-            graph.id_of[label] = i
-        graph.applied_seq = int(manifest["applied_seq"])
+            graph.rows[label] = lookup(i) or ItemRow(i)
+        graph.applied_seq = graph.changed_seq = int(manifest["applied_seq"])
         return graph
+
+    @staticmethod
+    def advance_snapshot(directory: Path, seq: int) -> int:
+        """Moves an intact snapshot's sequence forward to ``seq`` (the graph did not change since it
+        was saved, so the same files are complete up to ``seq``). Returns ``seq``."""
+        manifest_path = _paths(directory)[2]
+        manifest = json.loads(manifest_path.read_text())
+        if seq > manifest["applied_seq"]:
+            manifest["applied_seq"] = seq
+            tmp = str(manifest_path) + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(manifest, fh)
+            _fsync(tmp)
+            os.replace(tmp, manifest_path)
+            _fsync_directory(directory)
+        return seq
 
 
 class SnapshotError(Exception):
@@ -321,6 +362,15 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The renames above are durable only once the directory entry is on disk.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync(path: str) -> None:

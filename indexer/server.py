@@ -225,6 +225,9 @@ def serve(options: ServerOptions, core: IndexerCore) -> RunningServer:
     prometheus_client.REGISTRY.register(collector)
     running.on_stop.append(lambda: prometheus_client.REGISTRY.unregister(collector))
 
+    # Memory that no longer agrees with the store is never served from (IndexerCore._fatal).
+    core.on_fatal.append(lambda _reason: running.set_serving(False))
+
     def load() -> None:
         try:
             core.load()

@@ -105,7 +105,12 @@ class WrittenItem:
 
 
 class ItemStore:
-    """SQLite-backed store. Writes are serialised by the caller (the core's write lock)."""
+    """SQLite-backed store.
+
+    Thread-safe: write transactions run on one connection and are serialised by the store's own lock,
+    so no caller can interleave two transactions on it; every thread reads through its own connection
+    (WAL: readers see the last commit and never block the writer).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -133,7 +138,8 @@ class ItemStore:
         return conn
 
     def close(self) -> None:
-        self._writer.close()
+        with self._lock:  # never under a transaction of another thread
+            self._writer.close()
 
     # ------------------------------------------------------------------ reads
 
@@ -150,15 +156,7 @@ class ItemStore:
             yield ItemRow(row[0], row[1], row[2], json.loads(row[3]), row[4])
 
     def get_items(self, ids: Sequence[str]) -> dict[str, ItemRow]:
-        found: dict[str, ItemRow] = {}
-        conn = self._reader()
-        for chunk in _chunks(list(ids), 500):
-            marks = ",".join("?" * len(chunk))
-            for row in conn.execute(
-                f"SELECT id, uri, label, attributes, revision FROM items WHERE id IN ({marks})", chunk
-            ):
-                found[row[0]] = ItemRow(row[0], row[1], row[2], json.loads(row[3]), row[4])
-        return found
+        return _items_in(self._reader(), ids)
 
     def get_vectors(self, generation: str, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, int]]:
         found: dict[str, tuple[np.ndarray, int]] = {}
@@ -202,7 +200,8 @@ class ItemStore:
         return seq, rows()
 
     def changed_since(self, generation: str, seq: int) -> tuple[int, list[str]]:
-        """Ids whose vector in ``generation`` (or whose existence) changed after ``seq``; and the last seq."""
+        """Ids whose vector in ``generation`` (or whose existence) changed after ``seq``; and the last
+        seq, read in one transaction."""
         conn = self._reader()
         conn.execute("BEGIN")
         try:
@@ -217,6 +216,11 @@ class ItemStore:
         finally:
             conn.execute("COMMIT")
         return last, ids
+
+    def pruned_through(self) -> int:
+        """Change-log rows up to this sequence number have been pruned (0: none)."""
+        value = self.get_meta("pruned_through")
+        return int(value) if value else 0
 
     def generations(self) -> list[GenerationRow]:
         rows = (
@@ -299,7 +303,7 @@ class ItemStore:
     # ------------------------------------------------------------------ writes
 
     def _transaction(self):
-        return _Transaction(self._writer)
+        return _Transaction(self._writer, self._lock)
 
     def upsert(
         self,
@@ -315,9 +319,9 @@ class ItemStore:
         generations' vectors of it become pending). Otherwise the vector is stamped with the
         item's current revision, so reindexing an unchanged item leaves other generations current.
         """
-        existing = self.get_items([item.id for item, _ in records]) if records else {}
         written: list[WrittenItem] = []
         with self._transaction() as conn:
+            existing = _items_in(conn, [item.id for item, _ in records])
             for item, vector in records:
                 cur = conn.execute(
                     "INSERT INTO changes (generation, id) VALUES (?, ?)", (generation, item.id)
@@ -396,24 +400,59 @@ class ItemStore:
             conn.execute("DELETE FROM generations WHERE name = ?", (name,))
 
     def prune_changes(self, up_to: int) -> None:
-        """Forgets change-log rows every snapshot already contains."""
+        """Forgets change-log rows up to ``up_to``; remembers how far, so that a snapshot older than
+        that is rebuilt from the vectors instead of replayed from a log that no longer has its rows."""
         with self._transaction() as conn:
             conn.execute("DELETE FROM changes WHERE seq <= ?", (up_to,))
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('pruned_through', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                (str(up_to),),
+            )
 
 
 class _Transaction:
-    def __init__(self, conn: sqlite3.Connection):
+    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error) on the writer connection, holding the lock."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock):
         self.conn = conn
+        self.lock = lock
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.lock.acquire()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
         return self.conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
+        try:
+            if exc_type is None:
+                try:
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    # A failed COMMIT leaves the transaction open (e.g. SQLITE_BUSY): undo it, so the
+                    # write is either whole or absent and the connection is usable again.
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
+            elif self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        finally:
+            self.lock.release()
+
+
+def _items_in(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, ItemRow]:
+    found: dict[str, ItemRow] = {}
+    for chunk in _chunks(list(ids), 500):
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(
+            f"SELECT id, uri, label, attributes, revision FROM items WHERE id IN ({marks})", chunk
+        ):
+            found[row[0]] = ItemRow(row[0], row[1], row[2], json.loads(row[3]), row[4])
+    return found
 
 
 def _chunks(values: list, size: int) -> Iterable[list]:

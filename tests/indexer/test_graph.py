@@ -55,7 +55,7 @@ def test_updates_in_place_reuses_deleted_slots_and_grows():
     g.put(["new1", "new2"], np.zeros((2, 4), np.float32))  # take over the two deleted slots
     assert g.index.element_count == 40 and g.deleted_slots == 0
     labels, _ = g.search(np.zeros((1, 4), np.float32), 2)
-    assert {g.id_of[int(label)] for label in labels[0]} == {"new1", "new2"}
+    assert {g.id_at(int(label)) for label in labels[0]} == {"new1", "new2"}
     assert "i1" not in g.label_of and "i2" not in g.label_of
 
 
