@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/cbir/v1/*.proto)
 GEN    := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
-.PHONY: install protos test test-fast lint format clean demo up down status bench bench-quick images help
+.PHONY: install protos test test-fast test-stateful lint format clean demo up down status bench bench-quick images help
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -37,6 +37,9 @@ test: install ## run the whole test suite
 
 test-fast: install ## run the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-stateful: install ## the indexer's randomized state-machine test with a long budget (~10 min)
+	CBIR_STATEFUL_EXAMPLES=$${CBIR_STATEFUL_EXAMPLES:-1500} $(PY) -m pytest tests/indexer/test_core_stateful.py $(PYTEST_ARGS)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .
