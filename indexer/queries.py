@@ -21,6 +21,7 @@ from indexer.catalogue import Catalogue, ItemFilter
 from indexer.graph import ExactIndex, HnswGraph
 from indexer.store import ItemRow
 
+
 @dataclass(slots=True)
 class Hit:
     item: ItemRow
