@@ -39,15 +39,17 @@ def describe(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc))
 
 
-def cannot_listen(host: str, port: int, reason: str, flags: str) -> FailedPrecondition:
+def cannot_listen(host: str, port: int, reason: str, flags: str, hint: str = "") -> FailedPrecondition:
     """The one message for an address a service cannot listen on; ``flags`` says how to change it."""
-    return FailedPrecondition(f"cannot listen on {host}:{port}: {reason} ({flags})")
+    return FailedPrecondition(
+        f"cannot listen on {host}:{port}: {reason} ({flags})" + (f"; {hint}" if hint else "")
+    )
 
 
-def ensure_can_listen(host: str, port: int, flags: str) -> None:
+def ensure_can_listen(host: str, port: int, flags: str, hint: str = "") -> None:
     """Raises :func:`cannot_listen` when ``host:port`` cannot be bound (port 0: when ``host`` cannot)."""
     if port < 0:
         return
     problem = bind_problem(host, port)
     if problem is not None:
-        raise cannot_listen(host, port, problem, flags)
+        raise cannot_listen(host, port, problem, flags, hint)
