@@ -174,16 +174,25 @@ def _new_request_id(metadata: Iterable[tuple[str, Any]] | None) -> str:
     return uuid.uuid4().hex[:16]
 
 
-def request_parser(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
-    """Bytes -> request message, raising :class:`InvalidInput` that names the message type.
+class _Undecodable:
+    """What the request deserializer returns for bytes it cannot parse; the call then fails with ``error``."""
 
-    grpcio answers a failing request deserializer with INTERNAL ("Exception deserializing request!")
-    before any interceptor runs; parsing here instead makes an undecodable message (bad UTF-8 in a
-    string field, truncated or garbage bytes) the client mistake it is. The parse is the same work
-    grpcio would have done, on the same thread.
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidInput):
+        self.error = error
+
+
+def tolerant_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` returning an :class:`_Undecodable` (naming the message type) instead of raising.
+
+    grpcio answers a raising request deserializer with INTERNAL ("Exception deserializing request!")
+    and a logged traceback before any interceptor runs; with this one the undecodable message (bad
+    UTF-8 in a string field, truncated or garbage bytes) reaches the interceptor, which raises it as
+    the client mistake it is. The parse stays where grpcio does it: no extra work, no extra copy.
     """
     if deserializer is None:
-        return lambda raw: raw
+        return None
     message_class = getattr(deserializer, "__self__", None)
     descriptor = getattr(message_class, "DESCRIPTOR", None)
     name = descriptor.full_name if descriptor is not None else "request message"
@@ -193,34 +202,34 @@ def request_parser(deserializer: Callable[[bytes], Any] | None) -> Callable[[byt
             return deserializer(raw)
         except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the bytes were bad
             reason = str(exc).rpartition("': ")[2] or type(exc).__name__
-            raise InvalidInput(f"request is not a valid {name} ({len(raw)} bytes): {reason}") from None
+            return _Undecodable(InvalidInput(f"request is not a valid {name} ({len(raw)} bytes): {reason}"))
 
     return parse
 
 
-def _parse_each(parse: Callable[[bytes], Any], raw_messages: Iterable[bytes]) -> Iterator[Any]:
-    """A request stream parsed message by message, as the servicer iterates it."""
-    for raw in raw_messages:
-        yield parse(raw)
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise request.error
+    return request
 
 
-def _with_raw_requests(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMethodHandler:
-    """``handler`` with its behaviour replaced by ``wrap(behaviour)``, receiving undecoded bytes."""
+def _decoded_each(requests: Iterable[Any]) -> Iterator[Any]:
+    """A request stream checked message by message, as the servicer iterates it."""
+    for request in requests:
+        yield _decoded(request)
+
+
+def _rebuilt(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour replaced by ``wrap(behaviour)`` and a tolerant deserializer."""
+    deserializer = tolerant_deserializer(handler.request_deserializer)
+    serializer = handler.response_serializer
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            wrap(handler.unary_unary), None, handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), deserializer, serializer)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            wrap(handler.stream_unary), None, handler.response_serializer
-        )
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), deserializer, serializer)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            wrap(handler.unary_stream), None, handler.response_serializer
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        wrap(handler.stream_stream), None, handler.response_serializer
-    )
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), deserializer, serializer)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), deserializer, serializer)
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
@@ -243,29 +252,28 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             return None
         method = handler_call_details.method
         short = method.rsplit("/", 1)[-1]
-        parse = request_parser(handler.request_deserializer)
         request_streaming, response_streaming = handler.request_streaming, handler.response_streaming
 
-        def decode(raw: Any) -> Any:
-            return _parse_each(parse, raw) if request_streaming else parse(raw)
+        def decode(request: Any) -> Any:
+            return _decoded_each(request) if request_streaming else _decoded(request)
 
         if method.startswith(("/grpc.health.", "/grpc.reflection.")):
 
             def unobserved(behavior: Callable) -> Callable:
-                def run_unobserved(raw: Any, context: grpc.ServicerContext) -> Any:
+                def run_unobserved(request: Any, context: grpc.ServicerContext) -> Any:
                     try:
-                        answer = behavior(decode(raw), context)
+                        answer = behavior(decode(request), context)
                     except InvalidInput as exc:
                         context.abort(exc.code, exc.message)
                     return self._abort_undecodable(answer, context) if response_streaming else answer
 
                 return run_unobserved
 
-            return _with_raw_requests(handler, unobserved)
+            return _rebuilt(handler, unobserved)
         metadata = handler_call_details.invocation_metadata
 
         def observed(behavior: Callable) -> Callable:
-            def run(raw: Any, context: grpc.ServicerContext) -> Any:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
                 request_id = _new_request_id(metadata)
                 token = request_id_var.set(request_id)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
@@ -275,8 +283,10 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 try:
                     if response_streaming:
                         # Server-streaming: errors surface while iterating, so wrap the generator.
-                        return self._stream(behavior(decode(raw), context), context, short, started, token)
-                    return behavior(decode(raw), context)
+                        return self._stream(
+                            behavior(decode(request), context), context, short, started, token
+                        )
+                    return behavior(decode(request), context)
                 except Exception as exc:  # noqa: BLE001 - this is the single mapping point
                     code = self._abort(exc, context, short)
                 finally:
@@ -285,7 +295,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
             return run
 
-        return _with_raw_requests(handler, observed)
+        return _rebuilt(handler, observed)
 
     @staticmethod
     def _abort_undecodable(answers: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:

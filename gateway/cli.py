@@ -11,6 +11,7 @@ from pathlib import Path
 from cbir import defaults
 from cbir.config import env_flag
 from cbir.errors import CbirError, InvalidInput
+from cbir.memory import return_large_frees_to_the_os
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
 from gateway.images import PILLOW_BOMB_LIMIT, ImageLimits
@@ -246,6 +247,9 @@ def _serve(args) -> int:
     from gateway.light_imports import use_tensorflow_protos_only
 
     use_tensorflow_protos_only()
+    # Image decodes free tens of MB at a time on many threads: without this glibc keeps them per
+    # thread, and RSS grows past --max-decode-bytes-in-flight (gateway/README.md, Memory).
+    return_large_frees_to_the_os()
     from gateway.server import GatewayConfig, build_gateway
 
     indexers = (

@@ -74,8 +74,8 @@ class ImageLimits:
 
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
-    # Shared by all concurrent requests; a decode whose estimate exceeds it runs alone. 400 MiB admits
-    # one maximum-size WebP (the costliest format) or a dozen 24 Mpx progressive JPEGs at once.
+    # Shared by all concurrent requests; a decode whose estimate exceeds it is refused. 400 MiB admits
+    # one maximum-size WebP (the costliest format, 393 MiB) or five 24 Mpx progressive JPEGs at once.
     max_decode_bytes_in_flight: int = 400 * MIB
 
 
@@ -96,8 +96,8 @@ class PreparedImage:
 class DecodeBudget:
     """Bytes that image decodes may hold at once, handed out first come, first served.
 
-    A reservation larger than the whole budget waits until nothing else is reserved and then runs
-    alone, so peak decode memory is at most ``max(capacity, the largest single decode)``.
+    A decode whose estimate exceeds the whole budget is refused, so peak decode memory never
+    exceeds ``capacity``.
     """
 
     def __init__(self, capacity: int):
@@ -114,8 +114,14 @@ class DecodeBudget:
 
     @contextmanager
     def reserve(self, nbytes: int, timeout: float | None = None) -> Iterator[None]:
-        """Holds ``nbytes`` (at most the capacity) for the block; ResourceExhausted after ``timeout``."""
-        share = max(0, min(int(nbytes), self.capacity))
+        """Holds ``nbytes`` for the block; ResourceExhausted if it exceeds the budget or ``timeout`` passes."""
+        share = max(0, math.ceil(nbytes))
+        if share > self.capacity:
+            raise ResourceExhausted(
+                f"decoding this image takes an estimated {_size(share)}, more than the gateway's "
+                f"budget of {_size(self.capacity)} for decodes (--max-decode-bytes-in-flight); "
+                "send fewer pixels (or a JPEG or PNG, which cost less to check)"
+            )
         if share == 0:
             yield
             return
@@ -133,8 +139,8 @@ class DecodeBudget:
             self._changed.notify_all()
         if not admitted:
             raise ResourceExhausted(
-                f"the gateway is busy decoding other large images ({self._reserved} of {self.capacity} "
-                "bytes in use, --max-decode-bytes-in-flight); retry, or send a smaller image"
+                f"the gateway is busy decoding other large images ({_size(self._reserved)} of "
+                f"{_size(self.capacity)} in use, --max-decode-bytes-in-flight); retry, or send a smaller image"
             )
         try:
             yield
@@ -143,6 +149,10 @@ class DecodeBudget:
                 self._reserved -= share
                 metrics.DECODE_BYTES_IN_FLIGHT.set(self._reserved)
                 self._changed.notify_all()
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / MIB:.0f} MiB" if nbytes >= 10 * MIB else f"{nbytes} bytes"
 
 
 def prepare_image(

@@ -286,11 +286,17 @@ def test_reservations_never_exceed_the_budget_and_are_served_in_order():
     assert reserved[:2] == [70, 50] and max(reserved) <= budget.capacity
 
 
-def test_a_reservation_larger_than_the_budget_runs_alone():
+def test_a_reservation_larger_than_the_whole_budget_is_refused_at_once():
     budget = DecodeBudget(100)
-    with budget.reserve(1000, timeout=1):
+    with pytest.raises(
+        ResourceExhausted,
+        match=r"estimated 101 bytes, more than the gateway's budget of 100 bytes .*--max-decode-bytes",
+    ):
+        with budget.reserve(101, timeout=None):  # no timeout: it must not wait for what cannot come
+            pass
+    with budget.reserve(100, timeout=1):
         assert budget.reserved == 100
-        with pytest.raises(ResourceExhausted, match="--max-decode-bytes-in-flight"):
+        with pytest.raises(ResourceExhausted, match="busy decoding"):
             with budget.reserve(1, timeout=0.05):
                 pass
     assert budget.reserved == 0
@@ -298,11 +304,14 @@ def test_a_reservation_larger_than_the_budget_runs_alone():
 
 def test_a_decode_that_cannot_get_its_share_in_time_is_resource_exhausted():
     webp = bad.encode(bad.photo(64), "WEBP")
-    budget = DecodeBudget(1000)  # far less than a 64x64 WebP's estimate: it must run alone
+    cost = decode_cost(Image.open(io.BytesIO(webp)))
+    budget = DecodeBudget(cost)
     with budget.reserve(1, timeout=1):
         with pytest.raises(ResourceExhausted, match="busy decoding other large images"):
             prepare_image(webp, LIMITS, budget, timeout=0.05)
     assert prepare_image(webp, LIMITS, budget, timeout=1).format == "WEBP"
+    with pytest.raises(ResourceExhausted, match="--max-decode-bytes-in-flight"):
+        prepare_image(webp, LIMITS, DecodeBudget(cost - 1), timeout=1)
     assert budget.reserved == 0
 
 
