@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from cbir.errors import FailedPrecondition
 from cbir.ports import DEFAULT_HOST, bind_problem, ensure_can_listen
 from cbir.server import ServerOptions, add_common_flags, start_server
 from tests.support.processes import REPO, free_port
@@ -42,7 +43,9 @@ def test_bind_problem_says_why():
         assert bind_problem("127.0.0.1", port) == "address already in use"
     assert bind_problem("127.0.0.1", free_port()) is None
     assert "cannot resolve" in bind_problem("no-such-host.invalid", 0)
-    with pytest.raises(Exception, match=r"^cannot listen on 127.0.0.1:\d+: address already in use \(--x\)$"):
+    with pytest.raises(
+        FailedPrecondition, match=r"^cannot listen on 127.0.0.1:\d+: address already in use \(--x\)$"
+    ):
         with held_port() as port:
             ensure_can_listen("127.0.0.1", port, "--x")
 
@@ -56,7 +59,7 @@ def test_start_server_on_a_taken_port_is_one_error_naming_the_flag(which):
         )
         variable = "CBIR_T_" + which.upper().replace("-", "_")
         with pytest.raises(
-            Exception,
+            FailedPrecondition,
             match=rf"^cannot listen on 127.0.0.1:{port}: address already in use \(--{which} / {variable}\)$",
         ):
             start_server(options, [], [])
@@ -109,3 +112,21 @@ def test_a_service_on_a_taken_port_exits_with_one_line_naming_port_and_flag(
     assert result.returncode == 2, result.stderr[-3000:]
     assert expected in result.stderr.splitlines(), result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("which", ["port", "metrics-port"])
+def test_a_port_taken_after_the_check_is_the_same_error(monkeypatch, which):
+    # Between the check and the bind another process may take the port: then grpcio's own failure
+    # (add_insecure_port raises RuntimeError in grpcio 1.85, returned 0 in older ones) and the metrics
+    # server's OSError must give the same one-line error.
+    import cbir.server
+
+    monkeypatch.setattr(cbir.server, "ensure_can_listen", lambda *args, **kwargs: None)
+    with held_port() as port:
+        ports = {"port": 0, "metrics-port": 0, which: port}
+        options = ServerOptions("t", host="127.0.0.1", port=ports["port"], metrics_port=ports["metrics-port"])
+        with pytest.raises(
+            FailedPrecondition,
+            match=rf"^cannot listen on 127.0.0.1:{port}: address already in use \(--{which}\)$",
+        ):
+            start_server(options, [], [])
