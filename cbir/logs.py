@@ -101,3 +101,6 @@ def configure_logging(service: str, level: str = "info", fmt: str = "json") -> N
     # Third-party chatter that drowns service logs at INFO.
     for noisy in ("absl", "tensorflow", "h5py", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # Library warnings (e.g. Pillow's DecompressionBombWarning) become log records in the same format
+    # instead of bare lines on stderr.
+    logging.captureWarnings(True)

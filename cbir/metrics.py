@@ -45,7 +45,7 @@ GRPC_IN_FLIGHT = prometheus_client.Gauge(
 )
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0") -> int:
+def start_metrics_server(port: int, host: str) -> int:
     """Serves /metrics on ``port`` (0 picks a free one); returns the bound port, or -1 if disabled.
 
     A negative port disables the endpoint.

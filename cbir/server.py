@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +26,9 @@ from grpc_reflection.v1alpha import reflection
 from cbir import metrics
 from cbir.config import env_flag
 from cbir.defaults import MAX_MESSAGE_BYTES
-from cbir.errors import PASS_THROUGH_CODES, CbirError
+from cbir.errors import PASS_THROUGH_CODES, CbirError, InvalidInput
 from cbir.logs import configure_logging, request_id_var
+from cbir.ports import DEFAULT_HOST, bind_problem, cannot_listen, describe, ensure_can_listen
 from cbir.tls import ServerTLS, server_tls_from_flags
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,19 @@ REQUEST_ID_HEADER = "x-request-id"
 def add_common_flags(
     parser: argparse.ArgumentParser, *, env_prefix: str, port: int, metrics_port: int
 ) -> None:
-    """Flags every service has; each also reads ``<env_prefix>_<NAME>`` from the environment."""
+    """Flags every service has; each also reads ``<env_prefix>_<NAME>`` from the environment.
+
+    The prefix is recorded in the parsed arguments, so an error about a flag can name its variable.
+    """
     p = env_prefix
-    env_flag(parser, "--host", env=f"{p}_HOST", default="0.0.0.0", help="Address to listen on.")
+    parser.set_defaults(env_prefix=p)
+    env_flag(
+        parser,
+        "--host",
+        env=f"{p}_HOST",
+        default=DEFAULT_HOST,
+        help="Address to listen on (gRPC and metrics); 0.0.0.0 for every interface.",
+    )
     env_flag(
         parser, "--port", env=f"{p}_PORT", default=port, type=int, help="gRPC port (0 picks a free one)."
     )
@@ -120,7 +131,7 @@ class ServerOptions:
     """Resolved common flags."""
 
     service_name: str
-    host: str = "0.0.0.0"
+    host: str = DEFAULT_HOST
     port: int = 0
     metrics_port: int = -1
     max_message_bytes: int = MAX_MESSAGE_BYTES
@@ -128,6 +139,13 @@ class ServerOptions:
     tls: ServerTLS | None = None
     grace_seconds: float = 10.0
     port_file: str | None = None
+    # Prefix of the services' environment variables (CBIR_INDEXER), named in errors about a flag.
+    env_prefix: str = ""
+
+    def flag(self, name: str) -> str:
+        """How a user sets common flag ``name`` ("metrics-port"): "--metrics-port / CBIR_X_METRICS_PORT"."""
+        variable = f" / {self.env_prefix}_{name.upper().replace('-', '_')}" if self.env_prefix else ""
+        return f"--{name}{variable}"
 
     @classmethod
     def from_args(cls, service_name: str, args: argparse.Namespace) -> ServerOptions:
@@ -142,6 +160,7 @@ class ServerOptions:
             tls=server_tls_from_flags(args.tls_cert, args.tls_key, args.tls_client_ca),
             grace_seconds=args.grace_seconds,
             port_file=args.port_file,
+            env_prefix=getattr(args, "env_prefix", ""),
         )
 
 
@@ -155,9 +174,69 @@ def _new_request_id(metadata: Iterable[tuple[str, Any]] | None) -> str:
     return uuid.uuid4().hex[:16]
 
 
-class ServiceInterceptor(grpc.ServerInterceptor):
-    """The one place where errors become statuses; also request ids, metrics and access logs.
+class _Undecodable:
+    """What the request deserializer returns for bytes it cannot parse; the call then fails with ``error``."""
 
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidInput):
+        self.error = error
+
+
+def tolerant_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` returning an :class:`_Undecodable` (naming the message type) instead of raising.
+
+    grpcio answers a raising request deserializer with INTERNAL ("Exception deserializing request!")
+    and a logged traceback before any interceptor runs; with this one the undecodable message (bad
+    UTF-8 in a string field, truncated or garbage bytes) reaches the interceptor, which raises it as
+    the client mistake it is. The parse stays where grpcio does it: no extra work, no extra copy.
+    """
+    if deserializer is None:
+        return None
+    message_class = getattr(deserializer, "__self__", None)
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    name = descriptor.full_name if descriptor is not None else "request message"
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the bytes were bad
+            reason = str(exc).rpartition("': ")[2] or type(exc).__name__
+            return _Undecodable(InvalidInput(f"request is not a valid {name} ({len(raw)} bytes): {reason}"))
+
+    return parse
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise request.error
+    return request
+
+
+def _decoded_each(requests: Iterable[Any]) -> Iterator[Any]:
+    """A request stream checked message by message, as the servicer iterates it."""
+    for request in requests:
+        yield _decoded(request)
+
+
+def _rebuilt(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour replaced by ``wrap(behaviour)`` and a tolerant deserializer."""
+    deserializer = tolerant_deserializer(handler.request_deserializer)
+    serializer = handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), deserializer, serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), deserializer, serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), deserializer, serializer)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), deserializer, serializer)
+
+
+class ServiceInterceptor(grpc.ServerInterceptor):
+    """The one place where errors become statuses; also request decoding, ids, metrics and access logs.
+
+    - An undecodable request message -> INVALID_ARGUMENT naming the message type (also for health
+      and reflection, which are otherwise left unobserved: probes would drown the metrics).
     - :class:`CbirError` -> its status code and message.
     - ``grpc.RpcError`` from a dependency with a pass-through code (UNAVAILABLE, DEADLINE_EXCEEDED,
       ...) -> the same code, with the dependency's message.
@@ -173,48 +252,58 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             return None
         method = handler_call_details.method
         short = method.rsplit("/", 1)[-1]
-        if method.startswith("/grpc.health.") or method.startswith("/grpc.reflection."):
-            return handler
+        request_streaming, response_streaming = handler.request_streaming, handler.response_streaming
+
+        def decode(request: Any) -> Any:
+            return _decoded_each(request) if request_streaming else _decoded(request)
+
+        if method.startswith(("/grpc.health.", "/grpc.reflection.")):
+
+            def unobserved(behavior: Callable) -> Callable:
+                def run_unobserved(request: Any, context: grpc.ServicerContext) -> Any:
+                    try:
+                        answer = behavior(decode(request), context)
+                    except InvalidInput as exc:
+                        context.abort(exc.code, exc.message)
+                    return self._abort_undecodable(answer, context) if response_streaming else answer
+
+                return run_unobserved
+
+            return _rebuilt(handler, unobserved)
         metadata = handler_call_details.invocation_metadata
 
-        def run(behavior: Callable, request_or_iterator: Any, context: grpc.ServicerContext, streaming: bool):
-            request_id = _new_request_id(metadata)
-            token = request_id_var.set(request_id)
-            context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            metrics.GRPC_IN_FLIGHT.labels(self.service_name).inc()
-            try:
-                if streaming:
-                    # Server-streaming: errors surface while iterating, so wrap the generator.
-                    return self._stream(
-                        behavior(request_or_iterator, context), context, short, started, token
-                    )
-                return behavior(request_or_iterator, context)
-            except Exception as exc:  # noqa: BLE001 - this is the single mapping point
-                code = self._abort(exc, context, short)
-            finally:
-                if not streaming:
-                    self._finish(context, short, started, code, token)
+        def observed(behavior: Callable) -> Callable:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                request_id = _new_request_id(metadata)
+                token = request_id_var.set(request_id)
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+                started = time.perf_counter()
+                code = grpc.StatusCode.OK
+                metrics.GRPC_IN_FLIGHT.labels(self.service_name).inc()
+                try:
+                    if response_streaming:
+                        # Server-streaming: errors surface while iterating, so wrap the generator.
+                        return self._stream(
+                            behavior(decode(request), context), context, short, started, token
+                        )
+                    return behavior(decode(request), context)
+                except Exception as exc:  # noqa: BLE001 - this is the single mapping point
+                    code = self._abort(exc, context, short)
+                finally:
+                    if not response_streaming:
+                        self._finish(context, short, started, code, token)
 
-        def wrap(behavior, streaming):
-            return lambda req, ctx: run(behavior, req, ctx, streaming)
+            return run
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap(handler.stream_unary, False), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            wrap(handler.stream_stream, True), handler.request_deserializer, handler.response_serializer
-        )
+        return _rebuilt(handler, observed)
+
+    @staticmethod
+    def _abort_undecodable(answers: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        # A bidirectional stream (reflection) reads its requests while producing answers.
+        try:
+            yield from answers
+        except InvalidInput as exc:
+            context.abort(exc.code, exc.message)
 
     def _stream(self, iterator, context, short, started, token):
         code = grpc.StatusCode.OK
@@ -311,6 +400,10 @@ def start_server(
     that loads something first flips it with ``set_serving`` when ready).
     """
     service_names = tuple(service_names)
+    # Checked before anything starts, so a taken port is one line naming the flag to change, not
+    # grpc's C-core log line and a traceback (add_insecure_port raises or returns 0 by version).
+    ensure_can_listen(options.host, options.port, options.flag("port"))
+    ensure_can_listen(options.host, options.metrics_port, options.flag("metrics-port"))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix=options.service_name),
         interceptors=[ServiceInterceptor(options.service_name), *extra_interceptors],
@@ -328,13 +421,24 @@ def start_server(
         (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{options.host}:{options.port}"
-    if options.tls is not None:
-        port = server.add_secure_port(address, options.tls.credentials())
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if options.tls is not None:
+            port = server.add_secure_port(address, options.tls.credentials())
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address} (port in use?)")
-    metrics_port = metrics.start_metrics_server(options.metrics_port, options.host)
+        # Taken between the check and the bind.
+        reason = bind_problem(options.host, options.port) or "the port cannot be bound"
+        raise cannot_listen(options.host, options.port, reason, options.flag("port"))
+    try:
+        metrics_port = metrics.start_metrics_server(options.metrics_port, options.host)
+    except OSError as exc:
+        server.stop(None)
+        raise cannot_listen(
+            options.host, options.metrics_port, describe(exc), options.flag("metrics-port")
+        ) from None
     server.start()
     running = RunningServer(server, port, metrics_port, health_servicer, service_names, options.grace_seconds)
     running.set_serving(serving)

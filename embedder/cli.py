@@ -17,6 +17,7 @@ from pathlib import Path
 from cbir.config import _parse_bool, env_flag
 from cbir.defaults import SERVING_GRPC_PORT
 from cbir.errors import CbirError, InvalidInput
+from cbir.ports import ensure_can_listen
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 
 ENV_PREFIX = "CBIR_EMBEDDER"
@@ -223,9 +224,18 @@ def _serve(args: argparse.Namespace) -> int:
         enable_model_warmup=args.enable_model_warmup,
         allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
     )
+    rest_flag = f"--rest_api_port / {ENV_PREFIX}_REST_API_PORT"
+    if args.rest_api_port:
+        ensure_can_listen(options.host, args.rest_api_port, rest_flag)
     running, manager = start_model_server(options, settings)
     if args.rest_api_port:
-        rest, rest_port = start_rest_server(RestApi(manager, monitoring), options.host, args.rest_api_port)
+        try:
+            rest, rest_port = start_rest_server(
+                RestApi(manager, monitoring), options.host, args.rest_api_port, flag=rest_flag
+            )
+        except CbirError:
+            running.stop(0)
+            raise
         running.on_stop.append(rest.shutdown)
         log.info("REST API listening", extra={"rest_api_port": rest_port})
     log.info(

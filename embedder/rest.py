@@ -25,10 +25,12 @@ from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2
 
 from cbir.errors import CbirError, InvalidInput, Unimplemented
+from cbir.ports import cannot_listen, describe
 from embedder.model_config import MonitoringConfig
 from embedder.model_manager import ModelManager, ModelRef
 
 log = logging.getLogger(__name__)
+
 
 _MODEL_PATH = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)"
@@ -129,8 +131,7 @@ class RestApi:
         try:
             return 200, "application/json", json.dumps(self._route(method, path, body)).encode()
         except CbirError as exc:
-            status = _HTTP_STATUS.get(exc.code, HTTPStatus.INTERNAL_SERVER_ERROR)
-            return int(status), "application/json", json.dumps({"error": exc.message}).encode()
+            return _error(_HTTP_STATUS.get(exc.code, HTTPStatus.INTERNAL_SERVER_ERROR), exc.message)
 
     def _route(self, method: str, path: str, body: bytes) -> Any:
         match = _MODEL_PATH.match(path)
@@ -176,6 +177,8 @@ class RestApi:
             request = json.loads(body or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidInput(f"JSON Parse error: {exc}") from None
+        except RecursionError:
+            raise InvalidInput("JSON Parse error: the document is nested too deeply") from None
         if not isinstance(request, dict):
             raise InvalidInput("JSON request must be an object")
         signature_name = request.get("signature_name", "") or ""
@@ -207,20 +210,51 @@ class _HttpNotFound(CbirError):
     code = grpc.StatusCode.NOT_FOUND
 
 
-def start_rest_server(api: RestApi, host: str, port: int) -> tuple[ThreadingHTTPServer, int]:
-    """Serves ``api`` on ``host:port`` in a background thread; returns the server and bound port."""
+def _error(status: HTTPStatus, message: str) -> tuple[int, str, bytes]:
+    return int(status), "application/json", json.dumps({"error": message}).encode()
+
+
+def _content_length(header: str | None) -> int | None:
+    """The request body's length; None when the header is not a non-negative integer."""
+    if header is None or not header.strip():
+        return 0
+    try:
+        length = int(header)
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+def start_rest_server(
+    api: RestApi, host: str, port: int, *, flag: str = "--rest_api_port"
+) -> tuple[ThreadingHTTPServer, int]:
+    """Serves ``api`` on ``host:port`` in a background thread; returns the server and bound port.
+
+    ``flag`` names the setting of the port in the error raised when it cannot be bound.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def _serve(self, method: str) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = _content_length(self.headers.get("Content-Length"))
+            if length is None:
+                # The body's end is unknown, so the connection cannot be reused for another request.
+                self.close_connection = True
+                status, content_type, payload = _error(
+                    HTTPStatus.BAD_REQUEST, "Content-Length must be a non-negative integer"
+                )
+                self._reply(status, content_type, payload)
+                return
             body = self.rfile.read(length) if length else b""
             try:
                 status, content_type, payload = api.handle(method, self.path.split("?", 1)[0], body)
             except Exception:  # noqa: BLE001 - one bad request must not kill the handler thread
                 log.exception("REST request failed", extra={"path": self.path})
                 status, content_type, payload = 500, "application/json", b'{"error": "internal error"}'
+            self._reply(status, content_type, payload)
+
+        def _reply(self, status: int, content_type: str, payload: bytes) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
@@ -236,7 +270,10 @@ def start_rest_server(api: RestApi, host: str, port: int) -> tuple[ThreadingHTTP
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.debug("rest " + format % args)
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        raise cannot_listen(host, port, describe(exc), flag) from None
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="rest-api", daemon=True)
     thread.start()

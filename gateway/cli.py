@@ -11,9 +11,10 @@ from pathlib import Path
 from cbir import defaults
 from cbir.config import env_flag
 from cbir.errors import CbirError, InvalidInput
+from cbir.memory import return_large_frees_to_the_os
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
-from gateway.images import ImageLimits
+from gateway.images import PILLOW_BOMB_LIMIT, ImageLimits
 from gateway.search import SearchLimits
 
 ENV = "CBIR_GATEWAY"
@@ -138,7 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
         env=f"{ENV}_MAX_IMAGE_PIXELS",
         default=ImageLimits.max_pixels,
         type=int,
-        help="Largest width*height, read from the image header before decoding (RESOURCE_EXHAUSTED above).",
+        help="Largest width*height, read from the image header before decoding (RESOURCE_EXHAUSTED above); "
+        f"at most {PILLOW_BOMB_LIMIT} (Pillow's decompression-bomb limit).",
+    )
+    env_flag(
+        serve,
+        "--max-decode-bytes-in-flight",
+        env=f"{ENV}_MAX_DECODE_BYTES_IN_FLIGHT",
+        default=ImageLimits.max_decode_bytes_in_flight,
+        type=int,
+        help="Memory that query-image decodes of all requests may hold at once (estimated per format); "
+        "more waits its turn, RESOURCE_EXHAUSTED when the deadline comes first. See gateway/README.md, Memory.",
     )
     env_flag(
         serve,
@@ -236,6 +247,9 @@ def _serve(args) -> int:
     from gateway.light_imports import use_tensorflow_protos_only
 
     use_tensorflow_protos_only()
+    # Image decodes free tens of MB at a time on many threads: without this glibc keeps them per
+    # thread, and RSS grows past --max-decode-bytes-in-flight (gateway/README.md, Memory).
+    return_large_frees_to_the_os()
     from gateway.server import GatewayConfig, build_gateway
 
     indexers = (
@@ -243,13 +257,23 @@ def _serve(args) -> int:
         or _targets(os.environ.get(f"{ENV}_INDEXER"))
         or [f"localhost:{defaults.INDEXER_PORT}"]
     )
-    for name in ("max_k", "max_batch", "max_image_bytes", "max_image_pixels"):
+    for name in ("max_k", "max_batch", "max_image_bytes", "max_image_pixels", "max_decode_bytes_in_flight"):
         if getattr(args, name) < 1:
             raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_image_pixels > PILLOW_BOMB_LIMIT:
+        # Pillow's guard would reject such images before the gateway's own check could admit them.
+        raise InvalidInput(
+            f"--max-image-pixels must be at most {PILLOW_BOMB_LIMIT} (Pillow's decompression-bomb "
+            f"limit), got {args.max_image_pixels}"
+        )
     limits = SearchLimits(
         max_k=args.max_k,
         max_batch=args.max_batch,
-        images=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels),
+        images=ImageLimits(
+            max_bytes=args.max_image_bytes,
+            max_pixels=args.max_image_pixels,
+            max_decode_bytes_in_flight=args.max_decode_bytes_in_flight,
+        ),
         generation_retries=max(0, args.generation_retries),
         generation_ttl=max(0.0, args.generation_ttl),
         dependency_timeout=args.dependency_timeout,

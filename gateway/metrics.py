@@ -39,6 +39,10 @@ DEPENDENCY_UP = prometheus_client.Gauge(
     "1 when the last health probe reached the dependency (serving, indexer shard N), else 0.",
     ["dependency"],
 )
+DECODE_BYTES_IN_FLIGHT = prometheus_client.Gauge(
+    "cbir_gateway_decode_bytes_in_flight",
+    "Estimated bytes held by query-image decodes now (bounded by --max-decode-bytes-in-flight).",
+)
 SERVING = prometheus_client.Gauge(
     "cbir_gateway_serving", "1 when the gateway reports SERVING on its health service."
 )

@@ -37,7 +37,7 @@ from cbir.errors import (
 from cbir.v1 import indexer_pb2, types_pb2
 from gateway import metrics
 from gateway.coalesce import Coalescer
-from gateway.images import ImageLimits, prepare_image
+from gateway.images import DecodeBudget, ImageLimits, prepare_image
 
 MAX_ITEM_ID_BYTES = 256
 MAX_EF = 100_000
@@ -200,6 +200,8 @@ class SearchCore:
         self._clock = clock
         self._lock = threading.Lock()
         self._cached: tuple[float, indexer_pb2.Generation] | None = None
+        # Shared by every request, so concurrent large decodes cannot together exceed it.
+        self._decode_budget = DecodeBudget(limits.images.max_decode_bytes_in_flight)
         self._coalescer = (
             Coalescer(
                 self._run_renumbered,
@@ -217,7 +219,7 @@ class SearchCore:
         return Deadline(seconds, self.limits.dependency_timeout, self._clock)
 
     def search(self, query: Query, deadline: Deadline) -> SearchResult:
-        prepared = self._validate(query, 0, "")
+        prepared = self._validate(query, 0, "", deadline)
         if self._coalescer is not None and prepared.image is not None:
             return self._coalescer.submit(prepared, deadline)
         return self._run([prepared], deadline)[0]
@@ -232,7 +234,7 @@ class SearchCore:
                 f"BatchSearch has {len(queries)} queries, more than the gateway's limit of "
                 f"{self.limits.max_batch} (--max-batch); split it"
             )
-        prepared = [self._validate(q, i, f"queries[{i}]: ") for i, q in enumerate(queries)]
+        prepared = [self._validate(q, i, f"queries[{i}]: ", deadline) for i, q in enumerate(queries)]
         results = self._run(prepared, deadline)
         return results, results[0].generation
 
@@ -259,16 +261,16 @@ class SearchCore:
 
     # ----------------------------------------------------------------------------- validation
 
-    def _validate(self, query: Query, index: int, where: str) -> _Prepared:
+    def _validate(self, query: Query, index: int, where: str, deadline: Deadline) -> _Prepared:
         try:
-            return self._validate_one(query, index)
+            return self._validate_one(query, index, deadline)
         except CbirError as exc:
             if not where:
                 raise
             # Same status, message naming the offending query of the batch.
             raise type(exc)(where + exc.message) from None
 
-    def _validate_one(self, query: Query, index: int) -> _Prepared:
+    def _validate_one(self, query: Query, index: int, deadline: Deadline) -> _Prepared:
         limits = self.limits
         k = query.k or min(limits.default_k, limits.max_k)
         if not 1 <= k <= limits.max_k:
@@ -285,7 +287,12 @@ class SearchCore:
         image = None
         if query.image is not None:
             with metrics.stage("decode"):
-                prepared = prepare_image(query.image, limits.images)
+                prepared = prepare_image(
+                    query.image,
+                    limits.images,
+                    self._decode_budget,
+                    timeout=deadline.timeout("decoding the query image"),
+                )
             if prepared.reencoded:
                 metrics.REENCODED_IMAGES.labels(prepared.reason.split(":")[0]).inc()
             image = prepared.data

@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from cbir import defaults
 from cbir.errors import CbirError
+from quickstart.services import StackPorts
 
 REPO = Path(__file__).resolve().parents[1]
 STACK_ROOT = REPO / "var" / "stack"
@@ -77,9 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Catalogue to index when the indexer has no active generation "
         "(default: the demo's catalogue, if `make demo` ran).",
     )
-    up.add_argument("--serving-port", type=int, default=defaults.SERVING_GRPC_PORT)
-    up.add_argument("--indexer-port", type=int, default=defaults.INDEXER_PORT)
-    up.add_argument("--gateway-port", type=int, default=defaults.GATEWAY_PORT)
+    defaults_ports = StackPorts.defaults()
+    for name, what in (
+        ("serving", "the model server's gRPC"),
+        ("indexer", "the indexer's gRPC"),
+        ("indexer_metrics", "the indexer's /metrics (-1: off)"),
+        ("gateway", "the gateway's gRPC"),
+        ("gateway_metrics", "the gateway's /metrics (-1: off)"),
+    ):
+        up.add_argument(
+            StackPorts.option(name),
+            dest=f"{name}_port",
+            type=int,
+            default=getattr(defaults_ports, name),
+            help=f"Port of {what} on 127.0.0.1 (default: %(default)s).",
+        )
     up.add_argument("--timeout", type=float, default=180.0, help="Seconds to wait for each service's health.")
 
     down = sub.add_parser("down", help="Stop the services started by `up`.")

@@ -52,12 +52,15 @@ def up(args) -> int:
         args.serving_port,
         args.indexer_port,
         args.gateway_port,
-        services.StackPorts.defaults().indexer_metrics,
-        services.StackPorts.defaults().gateway_metrics,
+        args.indexer_metrics_port,
+        args.gateway_metrics_port,
     )
     stack = Stack(root)
     print(f"local stack in {root} (model {args.model_name} from {models}, latest version {version})")
     serving, indexer, gateway = services.stack_specs(root, models, args.model_name, ports)
+    for spec in (serving, indexer, gateway):
+        # Before anything starts: a taken port must not leave half a stack running.
+        stack.check_ports(spec)
     for spec in (serving, indexer):
         services.start_service(stack, spec, timeout=args.timeout)
     indexer_target = indexer.target

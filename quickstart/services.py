@@ -24,12 +24,23 @@ ORDER = (SERVING, INDEXER, GATEWAY)
 
 @dataclass(frozen=True)
 class StackPorts:
+    """The ports of the stack; each field is set by the ``quickstart up`` option of :meth:`option`."""
+
     serving: int
     indexer: int
     gateway: int
     # -1 disables a metrics endpoint; 0 picks a free port.
     indexer_metrics: int = -1
     gateway_metrics: int = -1
+
+    @staticmethod
+    def option(name: str) -> str:
+        """The ``quickstart up`` option setting port ``name``: indexer_metrics -> --indexer-metrics-port."""
+        return f"--{name.replace('_', '-')}-port"
+
+    def listens(self, *names: str) -> tuple[tuple[int, str], ...]:
+        """``(port, "--x-port of quickstart up")`` for the named ports, as ServiceSpec.listens wants."""
+        return tuple((getattr(self, n), f"{self.option(n)} of `python -m quickstart up`") for n in names)
 
     @classmethod
     def defaults(cls) -> StackPorts:
@@ -80,6 +91,7 @@ def stack_specs(
             "--log-format=text",
         ),
         ports.serving,
+        listens=ports.listens("serving"),
     )
     indexer = ServiceSpec(
         INDEXER,
@@ -98,6 +110,7 @@ def stack_specs(
             "text",
         ),
         ports.indexer,
+        listens=ports.listens("indexer", "indexer_metrics"),
     )
     gateway = ServiceSpec(
         GATEWAY,
@@ -122,6 +135,7 @@ def stack_specs(
             "0.2",
         ),
         ports.gateway,
+        listens=ports.listens("gateway", "gateway_metrics"),
     )
     return [serving, indexer, gateway]
 

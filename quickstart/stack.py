@@ -24,14 +24,21 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cbir.errors import FailedPrecondition, NotReady
+from cbir.errors import NotReady
+from cbir.ports import ensure_can_listen
 
 REPO = Path(__file__).resolve().parents[1]
+# Every service of the stack listens here (the stack's services are local by design).
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """How to start one service: ``python -m <module> <args...>``; it listens on ``port``."""
+    """How to start one service: ``python -m <module> <args...>``; it serves gRPC on ``port``.
+
+    ``listens`` names every port it binds (gRPC, metrics, ...) with the option that sets it, so a
+    taken one is reported before the service starts; by default only ``port``.
+    """
 
     name: str
     module: str
@@ -39,10 +46,14 @@ class ServiceSpec:
     port: int
     health_service: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    listens: tuple[tuple[int, str], ...] = ()
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{LOOPBACK}:{self.port}"
+
+    def ports(self) -> tuple[tuple[int, str], ...]:
+        return self.listens or ((self.port, f"the {self.name} port"),)
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ class ServiceRecord:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{LOOPBACK}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -78,12 +89,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -174,6 +179,20 @@ class Stack:
 
     # ------------------------------------------------------------------ start
 
+    def check_ports(self, spec: ServiceSpec) -> None:
+        """Raises FailedPrecondition naming the option when a port of ``spec`` is taken, unless
+        ``spec`` itself already runs (then they are its own)."""
+        if self.running(spec.name) is not None:
+            return
+        for port, option in spec.ports():
+            ensure_can_listen(
+                LOOPBACK,
+                port,
+                option,
+                hint=f"a process this stack did not start holds it (see `ss -ltnp | grep :{port}`); "
+                "stop it or choose another port",
+            )
+
     def start(
         self, spec: ServiceSpec, *, timeout: float = 120.0, require_serving: bool = True
     ) -> tuple[ServiceRecord, bool]:
@@ -186,11 +205,7 @@ class Stack:
         if existing is not None:
             wait_healthy(existing, timeout=timeout, require_serving=require_serving)
             return existing, False
-        if port_in_use(spec.port):
-            raise FailedPrecondition(
-                f"port {spec.port} for {spec.name} is taken by a process this stack did not start "
-                f"(see `ss -ltnp | grep {spec.port}`); stop it or choose another port"
-            )
+        self.check_ports(spec)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{spec.name}.log"

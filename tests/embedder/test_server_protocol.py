@@ -354,3 +354,33 @@ def test_reload_config_moves_labels_and_versions(server):
     bad.config.model_config_list.config.add(name="x")
     error = rpc_error(server["models"].HandleReloadConfigRequest, bad)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "base_path" in error.details()
+
+
+@pytest.mark.parametrize(
+    "headers, body",
+    [
+        ("Content-Length: abc\r\n", b""),
+        ("Content-Length: -5\r\n", b""),
+        ("Content-Length: 4\r\n", b"\xff\xfe{["),  # not UTF-8
+        ("Content-Length: 8\r\n", b'{"inst":'),  # truncated JSON
+        ("Content-Length: 3000\r\n", b"[" * 1500 + b"]" * 1500),  # nested too deeply
+    ],
+    ids=["not-a-number", "negative", "bad-utf8", "truncated-json", "deep-nesting"],
+)
+def test_rest_rejects_malformed_requests_with_400_and_no_traceback(server, headers, body):
+    import socket
+
+    host, port = server["rest"].removeprefix("http://").split(":")
+    before = len(server["proc"].log_text())
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(
+            f"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n".encode()
+            + body
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"400", answer[:300]
+    assert b'"error"' in rest
+    assert "Traceback" not in server["proc"].log_text()[before:]

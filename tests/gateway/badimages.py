@@ -90,3 +90,61 @@ def valid_variants() -> dict[str, bytes]:
         "tiny_1x1": encode(photo(1), "PNG"),
         "wide_300x3": encode(Image.new("RGB", (300, 3), (200, 10, 10)), "PNG"),
     }
+
+
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # samples per pixel -> PNG colour type (grey, grey+alpha, RGB, RGBA)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_from_array(pixels: np.ndarray, *, interlace: bool = False, idat_size: int = 1 << 16) -> bytes:
+    """A PNG written by hand (filter 0 rows) from uint8/uint16 [H, W] or [H, W, C]; Pillow cannot
+    write interlaced PNGs, so the Adam7 case is only reachable this way."""
+    array = pixels if pixels.ndim == 3 else pixels[:, :, None]
+    height, width, samples = array.shape
+    depth = 16 if array.dtype == np.uint16 else 8
+    big_endian = array.astype(">u2") if depth == 16 else array
+    header = struct.pack(">IIBBBBB", width, height, depth, _COLOUR_TYPES[samples], 0, 0, int(interlace))
+    passes = [(0, 0, 1, 1)] if not interlace else ADAM7
+    raw = bytearray()
+    for x0, y0, dx, dy in passes:
+        sub = big_endian[y0::dy, x0::dx]
+        if sub.size == 0:
+            continue
+        for row in sub:
+            raw += b"\0" + row.tobytes()
+    compressed = zlib.compress(bytes(raw), 9)
+    idats = b"".join(
+        _png_chunk(b"IDAT", compressed[i : i + idat_size]) for i in range(0, len(compressed), idat_size)
+    )
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + idats + _png_chunk(b"IEND", b"")
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A valid RGB PNG of ``width`` x ``height`` that compresses to almost nothing (written row by row,
+    so a maximum-pixel image never exists in memory here either)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    compressor = zlib.compressobj(9)
+    row = b"\0" + bytes([90, 140, 200]) * width
+    compressed = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", compressed)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def png_with_raw_rows(width: int, height: int, raw: bytes) -> bytes:
+    """An 8-bit greyscale PNG whose inflated image data is exactly ``raw`` (valid CRCs and zlib):
+    for data a decoder must refuse although every checksum holds (bad filter bytes, too few bytes)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(raw))
+        + _png_chunk(b"IEND", b"")
+    )

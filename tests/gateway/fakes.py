@@ -47,6 +47,11 @@ class FakeEmbedder:
         self.down = False
         self.reject: set[bytes] = set()  # images "the model graph" refuses (Pillow accepted them)
         self.delay = 0.0
+        # Set when a call starts; while ``gate`` is set to an unset Event, calls wait for it (tests
+        # order threads by these instead of by sleeping).
+        self.entered = threading.Event()
+        self.gate: threading.Event | None = None
+        self.entered_with = 0  # images of the call that set ``entered`` last
 
     def embed(self, images, *, version=None, version_label=None, timeout=None):
         if self.down:
@@ -59,6 +64,10 @@ class FakeEmbedder:
         for index, image in enumerate(images):
             if image in self.reject:
                 raise InvalidInput(f"image {index}: the model cannot decode it")
+        self.entered_with = len(images)
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
         if self.delay:
             time.sleep(self.delay)
         self.calls.append((len(images), version))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,9 +103,16 @@ def metrics_port_of(proc: ServiceProcess, timeout: float = 10.0) -> int:
 
 
 def build_generation(
-    serving: str, indexers: Sequence[str], catalogue: Catalogue, version: int, name: str, indexer_tls=None
+    serving: str,
+    indexers: Sequence[str],
+    catalogue: Catalogue,
+    version: int,
+    name: str,
+    indexer_tls=None,
+    before_activation: Callable[[], None] | None = None,
 ) -> indexer_pb2.Generation:
-    """Embeds the catalogue with model ``version`` and activates it as generation ``name``."""
+    """Embeds the catalogue with model ``version`` and activates it as generation ``name``
+    (``before_activation`` runs once the generation is complete but still inactive)."""
     from embedder.client import EmbedderClient
     from indexer.client import IndexerClient
 
@@ -129,6 +136,8 @@ def build_generation(
             ),
             generation=name,
         )
+        if before_activation is not None:
+            before_activation()
         index.activate_generation(name)
         return index.active_generation()
 

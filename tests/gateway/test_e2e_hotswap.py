@@ -64,14 +64,34 @@ def test_hot_swap_under_concurrent_searches(e2e):
     threads = [threading.Thread(target=searcher, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
+
+    def wait_until(condition, what: str) -> None:
+        # Phases are ordered by answers received, not by sleeping: a busy machine only makes it slower.
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline and not failures, f"waiting for {what}: {failures[:3]}"
+            stop.wait(0.05)
+
     try:
-        time.sleep(1.0)
+        wait_until(lambda: len(answers) >= 8, "searches before the swap")
         export_tiny_model(e2e.model_repo, s.MODEL, version=new_version, dim=s.DIM, seed=new_version)
         s.wait_for_model_version(e2e.serving, new_version)
         swapped_at = len(answers)
-        s.build_generation(e2e.serving, [e2e.indexer], e2e.catalogue, new_version, new_generation)
+        s.build_generation(
+            e2e.serving,
+            [e2e.indexer],
+            e2e.catalogue,
+            new_version,
+            new_generation,
+            before_activation=lambda: wait_until(
+                lambda: len(answers) >= swapped_at + 8, "searches while the new generation is inactive"
+            ),
+        )
         activated_at = len(answers)
-        time.sleep(1.5)
+        wait_until(
+            lambda: sum(a[0] == new_generation for a in answers[activated_at:]) >= 8,
+            "searches in the new generation",
+        )
     finally:
         stop.set()
         for thread in threads:

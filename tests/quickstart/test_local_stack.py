@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,11 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
     models = tmp_path / "models"
     export_tiny_model(models, name="demo", version=1)
     catalogue = generated_catalogue(tmp_path / "catalogue", classes=3, train=4, test=1) / "train"
-    ports = {"--serving-port": free_port(), "--indexer-port": free_port(), "--gateway-port": free_port()}
+    # Every port the stack binds, metrics included, is a free one: the defaults may be taken.
+    ports = {
+        f"--{name}-port": free_port()
+        for name in ("serving", "indexer", "indexer-metrics", "gateway", "gateway-metrics")
+    }
     flags = [
         "--root",
         str(root),
@@ -81,3 +86,31 @@ def test_up_without_a_model_says_what_to_do(tmp_path):
     )
     assert result.returncode == 1
     assert "no model to serve" in result.stderr and "make demo" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--indexer-metrics-port", "--gateway-port"])
+def test_up_with_a_taken_port_names_it_and_starts_nothing(tmp_path, option):
+    root = tmp_path / "stack"
+    (tmp_path / "models" / "demo" / "1").mkdir(parents=True)  # checked before any model is loaded
+    ports = {
+        f"--{name}-port": free_port()
+        for name in ("serving", "indexer", "indexer-metrics", "gateway", "gateway-metrics")
+    }
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[option]))
+        holder.listen()
+        result = quickstart(
+            "up",
+            "--root",
+            str(root),
+            "--models",
+            str(tmp_path / "models"),
+            *[str(x) for pair in ports.items() for x in pair],
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.startswith(
+        f"error: cannot listen on 127.0.0.1:{ports[option]}: address already in use "
+        f"({option} of `python -m quickstart up`); "
+    ), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not list((root / "run").glob("*.json")) and processes_mentioning(str(root)) == []

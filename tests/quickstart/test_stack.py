@@ -71,7 +71,11 @@ def test_port_taken_by_a_stranger_is_a_clear_error(tmp_path):
     stranger = Stack(tmp_path / "other")
     try:
         stranger.start(spec("stranger", port), timeout=60)
-        with pytest.raises(FailedPrecondition, match=f"port {port}"):
+        # The message says which port, why, and what sets it (the spec's default: "the svc port").
+        with pytest.raises(
+            FailedPrecondition,
+            match=f"^cannot listen on 127.0.0.1:{port}: address already in use \\(the svc port\\); ",
+        ):
             Stack(tmp_path / "mine").start(spec("svc", port), timeout=60)
     finally:
         stranger.stop_all()

@@ -17,6 +17,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
+# A service started without a metrics flag would bind its default port (9091/9092), which any other
+# process on the machine may hold: tests get a free one instead (a flag still wins over these).
+NO_FIXED_PORTS = {"CBIR_GATEWAY_METRICS_PORT": "0", "CBIR_INDEXER_METRICS_PORT": "0"}
 
 
 def free_port() -> int:
@@ -33,7 +36,7 @@ class ServiceProcess:
         self.args = list(args)
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        full_env = {**os.environ, **NO_FIXED_PORTS, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, *self.args],
