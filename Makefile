@@ -28,9 +28,14 @@ cbir/v1/__init__.py: $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	echo '"""Generated from protos/cbir/v1 by make protos; do not edit."""' > $@
 
-install: $(STAMP) cbir/v1/__init__.py ## create .venv with the pinned packages and generate the gRPC stubs
+# The same protos with their comments, for the gateway's OpenAPI document (gateway/openapi.py).
+cbir/v1/descriptors.binpb: $(PROTOS) $(STAMP)
+	mkdir -p cbir/v1
+	$(PY) -m grpc_tools.protoc -Iprotos --include_source_info --descriptor_set_out=$@ $(PROTOS)
 
-protos: cbir/v1/__init__.py ## (re)generate the Python stubs from protos/
+install: $(STAMP) cbir/v1/__init__.py cbir/v1/descriptors.binpb ## create .venv with the pinned packages and generate the gRPC stubs
+
+protos: cbir/v1/__init__.py cbir/v1/descriptors.binpb ## (re)generate the Python stubs from protos/
 
 test: install ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
