@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/cbir/v1/*.proto)
 GEN    := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
-.PHONY: install protos test test-fast test-stateful lint format clean demo up down status bench bench-quick images help
+.PHONY: install protos test browser test-fast test-stateful lint format clean demo up down status bench bench-quick images help
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -37,8 +37,22 @@ install: $(STAMP) cbir/v1/__init__.py cbir/v1/descriptors.binpb ## create .venv 
 
 protos: cbir/v1/__init__.py cbir/v1/descriptors.binpb ## (re)generate the Python stubs from protos/
 
-test: install ## run the whole test suite
+test: install browser ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The search page's browser test drives Debian's headless Chromium (tests/support/browser.py). As root
+# with apt it is installed here (instant once present); otherwise that test is skipped and says why.
+BROWSER_PACKAGES := chromium chromium-driver
+browser: ## install headless Chromium + chromedriver for the browser test (as root, with apt)
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing $(BROWSER_PACKAGES) with apt for the browser test (log: var/apt-browser.log)"; \
+	  mkdir -p var; \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y $(BROWSER_PACKAGES) \
+	    || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(BROWSER_PACKAGES); }; } \
+	    >var/apt-browser.log 2>&1 \
+	    || echo "warning: apt could not install $(BROWSER_PACKAGES) (see var/apt-browser.log); the browser test will be skipped"; \
+	else echo "note: $(BROWSER_PACKAGES) are not installed and this is not root with apt: the browser test will be skipped"; fi
 
 test-fast: install ## run the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -4,7 +4,9 @@ errors with their statuses and gRPC's messages, API keys, uploads, TLS, metrics,
 from __future__ import annotations
 
 import base64
+import signal
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -484,3 +486,36 @@ def test_concurrent_http_and_grpc_clients_get_the_same_answers(e2e, stub):
     for thread in threads:
         thread.join(120)
     assert not failures, failures[:3]
+
+
+# ------------------------------------------------------------------ dependencies down, shutdown
+
+
+def test_unavailable_dependencies_are_503_and_not_ready(unavailable_gateway):
+    base = unavailable_gateway.http_url
+    ready = requests.get(base + "/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.json() == {"status": "NOT_SERVING"}
+    assert requests.get(base + "/healthz", timeout=30).status_code == 200
+    answer = requests.post(base + "/v1/search", json={"itemId": "item-001"}, timeout=30)
+    assert_status(answer, 503, grpc.StatusCode.UNAVAILABLE)
+    with unavailable_gateway.channel() as channel, pytest.raises(grpc.RpcError) as info:
+        unavailable_gateway.stub(channel).Search(search_pb2.SearchRequest(item_id="item-001"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The same message (up to the connection error's wording, which the channel words per attempt).
+    assert answer.json()["message"].split(":")[:2] == info.value.details().split(":")[:2]
+    assert_status(requests.get(base + "/v1/items:sample", timeout=30), 503, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_sigterm_stops_http_and_grpc_promptly(e2e):
+    gateway = s.start_gateway(
+        e2e.workdir / "logs", "stopping", e2e.serving, [e2e.indexer], "--grace-seconds", "5"
+    )
+    with requests.Session() as session:
+        assert session.get(f"{gateway.http_url}/healthz", timeout=30).status_code == 200  # keep-alive open
+        started = time.monotonic()
+        gateway.proc.proc.send_signal(signal.SIGTERM)
+        assert gateway.proc.proc.wait(20) == 0
+        assert time.monotonic() - started < 15
+        with pytest.raises(requests.exceptions.ConnectionError):
+            session.get(f"{gateway.http_url}/healthz", timeout=5)
+    gateway.proc.stop()
