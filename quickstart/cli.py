@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--serving-port", type=int, default=defaults.SERVING_GRPC_PORT)
     up.add_argument("--indexer-port", type=int, default=defaults.INDEXER_PORT)
     up.add_argument("--gateway-port", type=int, default=defaults.GATEWAY_PORT)
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=defaults.GATEWAY_HTTP_PORT,
+        help="The gateway's HTTP/JSON API and search page (-1: off).",
+    )
     up.add_argument("--timeout", type=float, default=180.0, help="Seconds to wait for each service's health.")
 
     down = sub.add_parser("down", help="Stop the services started by `up`.")
