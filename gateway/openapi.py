@@ -9,6 +9,7 @@ info by ``make protos``); the routes are gateway/http_api.py's route table.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -248,7 +249,7 @@ def document(
     for method in SEARCH_SERVICE.methods:
         roots += [method.input_type, method.output_type]
     for http_method, path, operation in operations:
-        operation = dict(operation)
+        operation = copy.deepcopy(operation)  # the callers' route table stays as it is
         protected = operation.pop("x-auth", False)
         responses = operation.setdefault("responses", {})
         if protected and auth:

@@ -172,3 +172,44 @@ def test_a_taken_port_is_a_usage_error():
         taken.listen()
         with pytest.raises(errors.InvalidInput, match="cannot listen for HTTP on 127.0.0.1:.*--http-port"):
             listen("127.0.0.1", taken.getsockname()[1])
+
+
+def test_openapi_document_follows_the_key_setting_and_validates():
+    from openapi_spec_validator import validate
+
+    from gateway.http_api import ROUTES
+
+    bare = HttpApi.__new__(HttpApi)
+    documents = {}
+    for keys in (object(), None, object()):
+        bare._keys = keys
+        documents[keys is None] = bare.openapi()
+        validate(documents[keys is None])
+    open_doc, keyed = documents[True], documents[False]
+    assert "securitySchemes" not in open_doc["components"]
+    upload = open_doc["paths"]["/v1/search:upload"]["post"]
+    assert "401" not in upload["responses"] and "security" not in upload
+    assert "401" in keyed["paths"]["/v1/search:upload"]["post"]["responses"]
+    assert {(m.upper(), p) for p, ops in open_doc["paths"].items() for m in ops} == {
+        (r.method, r.path) for r in ROUTES
+    }
+    search = open_doc["components"]["schemas"]["cbir.v1.SearchRequest"]["properties"]
+    assert search["image"]["format"] == "byte" and search["filter"]["allOf"] == [
+        {"$ref": "#/components/schemas/cbir.v1.Filter"}
+    ]
+    info = open_doc["components"]["schemas"]["cbir.v1.ServingInfo"]["properties"]
+    assert info["itemCount"]["type"] == "string"  # int64 in the proto3 JSON mapping
+    metric = open_doc["components"]["schemas"]["cbir.v1.Metric"]
+    assert metric["enum"][:2] == ["METRIC_UNSPECIFIED", "METRIC_COSINE"] and "Cosine" in metric["description"]
+
+
+def test_the_document_lists_exactly_the_served_routes():
+    bare = HttpApi.__new__(HttpApi)
+    bare._keys, bare._max_body = None, 1024
+    served = {
+        (route.method, route.resource.canonical.replace("{id:.+}", "{id}"))
+        for route in bare.application().router.routes()
+        if route.method != "HEAD"
+    }
+    documented = {(m.upper(), p) for p, ops in bare.openapi()["paths"].items() for m in ops}
+    assert served == documented
