@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/cbir/v1/*.proto)
 GEN    := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
-.PHONY: install protos test test-fast test-stateful lint format clean demo up down status bench bench-quick images help
+.PHONY: install protos test browser test-fast test-stateful lint format clean demo up down status bench bench-quick images help
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -28,12 +28,31 @@ cbir/v1/__init__.py: $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	echo '"""Generated from protos/cbir/v1 by make protos; do not edit."""' > $@
 
-install: $(STAMP) cbir/v1/__init__.py ## create .venv with the pinned packages and generate the gRPC stubs
+# The same protos with their comments, for the gateway's OpenAPI document (gateway/openapi.py).
+cbir/v1/descriptors.binpb: $(PROTOS) $(STAMP)
+	mkdir -p cbir/v1
+	$(PY) -m grpc_tools.protoc -Iprotos --include_source_info --descriptor_set_out=$@ $(PROTOS)
 
-protos: cbir/v1/__init__.py ## (re)generate the Python stubs from protos/
+install: $(STAMP) cbir/v1/__init__.py cbir/v1/descriptors.binpb ## create .venv with the pinned packages and generate the gRPC stubs
 
-test: install ## run the whole test suite
+protos: cbir/v1/__init__.py cbir/v1/descriptors.binpb ## (re)generate the Python stubs from protos/
+
+test: install browser ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The search page's browser test drives Debian's headless Chromium (tests/support/browser.py). As root
+# with apt it is installed here (instant once present); otherwise that test is skipped and says why.
+BROWSER_PACKAGES := chromium chromium-driver
+browser: ## install headless Chromium + chromedriver for the browser test (as root, with apt)
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing $(BROWSER_PACKAGES) with apt for the browser test (log: var/apt-browser.log)"; \
+	  mkdir -p var; \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y $(BROWSER_PACKAGES) \
+	    || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(BROWSER_PACKAGES); }; } \
+	    >var/apt-browser.log 2>&1 \
+	    || echo "warning: apt could not install $(BROWSER_PACKAGES) (see var/apt-browser.log); the browser test will be skipped"; \
+	else echo "note: $(BROWSER_PACKAGES) are not installed and this is not root with apt: the browser test will be skipped"; fi
 
 test-fast: install ## run the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

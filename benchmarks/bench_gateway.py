@@ -236,6 +236,8 @@ def run(quick: bool, workdir: Path) -> list[dict]:
                 indexer,
                 "--metrics-port",
                 "-1",
+                "--http-port",
+                "-1",
                 "--max-workers",
                 "48",
                 "--probe-period",

@@ -95,3 +95,18 @@ PASS_THROUGH_CODES = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status code and message a failed call answers with, for every transport (gRPC, HTTP).
+
+    A :class:`CbirError` answers with its own code and message; a ``grpc.RpcError`` of a dependency
+    with a code in :data:`PASS_THROUGH_CODES` with that code. None means a bug: the caller answers
+    INTERNAL with a generic message and logs the traceback.
+    """
+    if isinstance(exc, CbirError):
+        return exc.code, exc.message
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") and exc.code() in PASS_THROUGH_CODES:
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        return exc.code(), f"dependency failed: {details}"
+    return None

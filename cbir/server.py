@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from cbir import metrics
 from cbir.config import env_flag
 from cbir.defaults import MAX_MESSAGE_BYTES
-from cbir.errors import PASS_THROUGH_CODES, CbirError, InvalidInput
+from cbir.errors import CbirError, InvalidInput, status_of
 from cbir.logs import configure_logging, request_id_var
 from cbir.ports import DEFAULT_HOST, bind_problem, cannot_listen, describe, ensure_can_listen
 from cbir.tls import ServerTLS, server_tls_from_flags
@@ -167,7 +167,8 @@ class ServerOptions:
 # --------------------------------------------------------------------------- interceptor
 
 
-def _new_request_id(metadata: Iterable[tuple[str, Any]] | None) -> str:
+def request_id_from(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    """The caller's ``x-request-id`` (1-128 characters) or a new id; metadata keys are lower case."""
     for key, value in metadata or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
             return value
@@ -274,7 +275,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
         def observed(behavior: Callable) -> Callable:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
-                request_id = _new_request_id(metadata)
+                request_id = request_id_from(metadata)
                 token = request_id_var.set(request_id)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
                 started = time.perf_counter()
@@ -315,15 +316,16 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             self._finish(context, short, started, code, token)
 
     def _abort(self, exc: Exception, context: grpc.ServicerContext, short: str) -> grpc.StatusCode:
-        if isinstance(exc, CbirError):
-            log.info("request failed", extra={"method": short, "code": exc.code.name, "error": exc.message})
-            context.abort(exc.code, exc.message)
-        if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") and exc.code() in PASS_THROUGH_CODES:
-            details = exc.details() if hasattr(exc, "details") else str(exc)
-            log.warning(
-                "dependency failed", extra={"method": short, "code": exc.code().name, "error": details}
+        status = status_of(exc)
+        if status is not None:
+            code, message = status
+            ours = isinstance(exc, CbirError)
+            log.log(
+                logging.INFO if ours else logging.WARNING,
+                "request failed" if ours else "dependency failed",
+                extra={"method": short, "code": code.name, "error": message},
             )
-            context.abort(exc.code(), f"dependency failed: {details}")
+            context.abort(code, message)
         if context.code() not in (None, grpc.StatusCode.OK):
             # The servicer already aborted the call itself: keep its status.
             raise exc
@@ -443,9 +445,7 @@ def start_server(
     running = RunningServer(server, port, metrics_port, health_servicer, service_names, options.grace_seconds)
     running.set_serving(serving)
     if options.port_file:
-        with open(options.port_file + ".tmp", "w") as fh:
-            fh.write(str(port))
-        os.replace(options.port_file + ".tmp", options.port_file)
+        write_port_file(options.port_file, port)
     log.info(
         "server started",
         extra={
@@ -456,6 +456,13 @@ def start_server(
         },
     )
     return running
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Writes the bound port atomically (a reader never sees a half-written number)."""
+    with open(path + ".tmp", "w") as fh:
+        fh.write(str(port))
+    os.replace(path + ".tmp", path)
 
 
 def serve_until_signalled(running: RunningServer) -> int:

@@ -208,6 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="File of accepted API keys, one per line (KEY or KEY:search+info). With it or "
         f"{ENV}_API_KEYS set, SearchService calls need 'authorization: Bearer KEY' or 'x-api-key: KEY'.",
     )
+    env_flag(
+        serve,
+        "--http-port",
+        env=f"{ENV}_HTTP_PORT",
+        default=defaults.GATEWAY_HTTP_PORT,
+        type=int,
+        help="Port of the HTTP/JSON API and the search page at / (0 picks a free one, -1 disables); same "
+        "host, TLS files, API keys and limits as the gRPC port.",
+    )
+    env_flag(
+        serve,
+        "--http-port-file",
+        env=f"{ENV}_HTTP_PORT_FILE",
+        default=None,
+        help="Write the bound HTTP port here once serving (useful with --http-port 0).",
+    )
+    env_flag(
+        serve,
+        "--catalogue-root",
+        env=f"{ENV}_CATALOGUE_ROOT",
+        default=None,
+        help="Folder of the catalogue images: GET /v1/items/{id}/image serves an item's file only when it "
+        "lies under it (symlinks resolved). Without it only http(s) uris are served, as redirects.",
+    )
     _add_client_tls_flags(serve, "serving", "Serving")
     _add_client_tls_flags(serve, "indexer", "the indexer shards")
 
@@ -250,7 +274,7 @@ def _serve(args) -> int:
     # Image decodes free tens of MB at a time on many threads: without this glibc keeps them per
     # thread, and RSS grows past --max-decode-bytes-in-flight (gateway/README.md, Memory).
     return_large_frees_to_the_os()
-    from gateway.server import GatewayConfig, build_gateway
+    from gateway.server import GatewayConfig, HttpOptions, build_gateway
 
     indexers = (
         _targets(args.indexer)
@@ -266,6 +290,12 @@ def _serve(args) -> int:
             f"--max-image-pixels must be at most {PILLOW_BOMB_LIMIT} (Pillow's decompression-bomb "
             f"limit), got {args.max_image_pixels}"
         )
+    if args.http_port < -1 or args.http_port > 65535:
+        raise InvalidInput(
+            f"--http-port must be a port number, 0 (a free port) or -1 (off), got {args.http_port}"
+        )
+    if args.catalogue_root and not Path(args.catalogue_root).is_dir():
+        raise InvalidInput(f"--catalogue-root {args.catalogue_root!r} is not a folder")
     limits = SearchLimits(
         max_k=args.max_k,
         max_batch=args.max_batch,
@@ -291,6 +321,9 @@ def _serve(args) -> int:
         probe_period=args.probe_period,
         probe_timeout=args.probe_timeout,
         max_message_bytes=args.max_message_bytes,
+        http=HttpOptions(
+            port=args.http_port, port_file=args.http_port_file, catalogue_root=args.catalogue_root or None
+        ),
     )
     options = ServerOptions.from_args("gateway", args)
     running = build_gateway(options, config)

@@ -1,6 +1,7 @@
 """Gateway-specific Prometheus metrics: per-stage latency, generation retries, dependency health.
 
-Requests by method and status (and total latency) come from the shared interceptor (cbir.metrics).
+gRPC requests by method and status (and total latency) come from the shared interceptor (cbir.metrics);
+HTTP requests by route and status from the HTTP API's middleware (gateway/http_api.py).
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ DECODE_BYTES_IN_FLIGHT = prometheus_client.Gauge(
 )
 SERVING = prometheus_client.Gauge(
     "cbir_gateway_serving", "1 when the gateway reports SERVING on its health service."
+)
+HTTP_REQUESTS = prometheus_client.Counter(
+    "cbir_http_requests_total",
+    "HTTP requests handled, by route (the path template) and HTTP status.",
+    ["service", "route", "method", "status"],
+)
+HTTP_LATENCY = prometheus_client.Histogram(
+    "cbir_http_request_seconds",
+    "Time to handle an HTTP request, by route.",
+    ["service", "route"],
+    buckets=LATENCY_BUCKETS,
 )
 
 

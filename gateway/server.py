@@ -8,13 +8,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from grpc_health.v1 import health_pb2
+
+from cbir import defaults
 from cbir.logs import request_id_var
 from cbir.server import RunningServer, ServerOptions, start_server
 from cbir.tls import ClientTLS
-from cbir.v1 import search_pb2, search_pb2_grpc
+from cbir.v1 import search_pb2, search_pb2_grpc, types_pb2
 from gateway.auth import ApiKeyInterceptor, ApiKeys
 from gateway.health import DependencyProber
-from gateway.search import Query, SearchCore, SearchLimits, SearchResult
+from gateway.search import Query, SearchCore, SearchLimits, SearchResult, ServingInfo
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,29 @@ def to_response(result: SearchResult, request_id: str) -> search_pb2.SearchRespo
     return search_pb2.SearchResponse(hits=result.hits, generation=result.generation, request_id=request_id)
 
 
+def to_batch_response(
+    results: list[SearchResult], generation: types_pb2.GenerationRef, request_id: str
+) -> search_pb2.BatchSearchResponse:
+    return search_pb2.BatchSearchResponse(
+        responses=[to_response(r, request_id) for r in results], generation=generation, request_id=request_id
+    )
+
+
+def to_serving_info(info: ServingInfo) -> search_pb2.ServingInfo:
+    return search_pb2.ServingInfo(
+        generation=info.generation,
+        item_count=info.item_count,
+        dimension=info.dimension,
+        shard_count=info.shard_count,
+        available_model_versions=info.available_model_versions,
+    )
+
+
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
-    """Converts requests for :class:`SearchCore`; errors are mapped by the shared interceptor."""
+    """Converts requests for :class:`SearchCore`; errors are mapped by the shared interceptor.
+
+    The HTTP/JSON API (gateway/http_api.py) uses the same conversions over the same core.
+    """
 
     def __init__(self, core: SearchCore):
         self.core = core
@@ -50,22 +74,24 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def BatchSearch(self, request, context):
         queries = [to_query(q) for q in request.queries]
         results, generation = self.core.batch_search(queries, self.core.deadline(context.time_remaining()))
-        request_id = request_id_var.get()
-        return search_pb2.BatchSearchResponse(
-            responses=[to_response(r, request_id) for r in results],
-            generation=generation,
-            request_id=request_id,
-        )
+        return to_batch_response(results, generation, request_id_var.get())
 
     def GetServingInfo(self, request, context):
-        info = self.core.serving_info(self.core.deadline(context.time_remaining()))
-        return search_pb2.ServingInfo(
-            generation=info.generation,
-            item_count=info.item_count,
-            dimension=info.dimension,
-            shard_count=info.shard_count,
-            available_model_versions=info.available_model_versions,
-        )
+        return to_serving_info(self.core.serving_info(self.core.deadline(context.time_remaining())))
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """The HTTP port (gateway/http_api.py): ``port`` 0 picks a free port, -1 turns HTTP off."""
+
+    port: int = defaults.GATEWAY_HTTP_PORT
+    port_file: str | None = None
+    # Folder whose files the item image route may serve (None: only http(s) uris, as redirects).
+    catalogue_root: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.port >= 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +109,7 @@ class GatewayConfig:
     probe_period: float = 2.0
     probe_timeout: float = 2.0
     max_message_bytes: int = 64 * 1024 * 1024
+    http: HttpOptions = HttpOptions(port=-1)
 
 
 def _embedder_factory(config: GatewayConfig) -> tuple[Callable[[str], object], Callable[[], None]]:
@@ -137,6 +164,13 @@ def build_gateway(options: ServerOptions, config: GatewayConfig) -> RunningServe
         serving=False,
         extra_interceptors=[ApiKeyInterceptor(keys)] if keys else [],
     )
+    if config.http.enabled:
+        try:
+            http = _start_http(options, config, core, indexer, keys, running)
+        except BaseException:
+            running.stop(0)
+            raise
+        running.on_stop.append(http.stop)
     prober = DependencyProber(
         core,
         embedder_for,
@@ -145,7 +179,9 @@ def build_gateway(options: ServerOptions, config: GatewayConfig) -> RunningServe
         period=config.probe_period,
         timeout=config.probe_timeout,
     )
-    running.on_stop.extend([indexer.close, close_embedders, prober.stop])
+    # Cleanups run in reverse: the prober and the HTTP server stop before the clients close.
+    running.on_stop[:0] = [indexer.close, close_embedders]
+    running.on_stop.append(prober.stop)
     prober.start()
     log.info(
         "gateway configured",
@@ -158,3 +194,47 @@ def build_gateway(options: ServerOptions, config: GatewayConfig) -> RunningServe
         },
     )
     return running
+
+
+def _grpc_serving(running: RunningServer) -> bool:
+    """The gRPC health state of the whole server (what Kubernetes' gRPC probe sees)."""
+    answer = running.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+    return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _start_http(options: ServerOptions, config: GatewayConfig, core, indexer, keys, running: RunningServer):
+    """The HTTP/JSON API and search page over the same core, keys, TLS and limits as the gRPC port."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cbir.server import write_port_file
+    from gateway.http_api import HttpApi
+    from gateway.http_server import HttpServer, listen, server_ssl_context
+    from gateway.items import CatalogueItems
+
+    ssl_context = server_ssl_context(options.tls) if options.tls is not None else None
+    sock = listen(options.host, config.http.port)
+    executor = ThreadPoolExecutor(options.max_workers, thread_name_prefix="gateway-http")
+    api = HttpApi(
+        core,
+        CatalogueItems(indexer, config.http.catalogue_root),
+        keys=keys,
+        ready=lambda: _grpc_serving(running),
+        executor=executor,
+        max_body_bytes=config.max_message_bytes,
+        service_name=options.service_name,
+    )
+    server = HttpServer(
+        api.application(), sock, executor, ssl_context=ssl_context, shutdown_seconds=options.grace_seconds
+    )
+    server.start()
+    if config.http.port_file:
+        write_port_file(config.http.port_file, server.port)
+    log.info(
+        "http server started",
+        extra={
+            "http_port": server.port,
+            "tls": ssl_context is not None,
+            "catalogue_root": config.http.catalogue_root,
+        },
+    )
+    return server

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("indexer_metrics", "the indexer's /metrics (-1: off)"),
         ("gateway", "the gateway's gRPC"),
         ("gateway_metrics", "the gateway's /metrics (-1: off)"),
+        ("gateway_http", "the gateway's HTTP/JSON API and search page (-1: off)"),
     ):
         up.add_argument(
             StackPorts.option(name),

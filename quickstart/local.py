@@ -54,10 +54,14 @@ def up(args) -> int:
         args.gateway_port,
         args.indexer_metrics_port,
         args.gateway_metrics_port,
+        args.gateway_http_port,
     )
     stack = Stack(root)
     print(f"local stack in {root} (model {args.model_name} from {models}, latest version {version})")
-    serving, indexer, gateway = services.stack_specs(root, models, args.model_name, ports)
+    catalogue = args.catalogue or (DEMO_CATALOGUE if DEMO_CATALOGUE.is_dir() else None)
+    serving, indexer, gateway = services.stack_specs(
+        root, models, args.model_name, ports, catalogue_root=catalogue
+    )
     for spec in (serving, indexer, gateway):
         # Before anything starts: a taken port must not leave half a stack running.
         stack.check_ports(spec)
@@ -65,7 +69,6 @@ def up(args) -> int:
         services.start_service(stack, spec, timeout=args.timeout)
     indexer_target = indexer.target
     generation = services.active_generation(indexer_target)
-    catalogue = args.catalogue or (DEMO_CATALOGUE if DEMO_CATALOGUE.is_dir() else None)
     if generation is None and catalogue is not None:
         print(f"no active generation: indexing {catalogue} with {args.model_name} version {version} ...")
         services.wait_for_model_version(f"127.0.0.1:{ports.serving}", args.model_name, version)
@@ -94,7 +97,9 @@ def up(args) -> int:
     # The gateway is NOT_SERVING until a generation is active: then "up" is all we can wait for.
     services.start_service(stack, gateway, timeout=args.timeout, require_serving=generation is not None)
     _print_status(stack)
-    print(f"\nsearch:  .venv/bin/python -m gateway search --target 127.0.0.1:{ports.gateway} --image <file>")
+    if ports.gateway_http >= 0:
+        print(f"\nsearch page: http://127.0.0.1:{ports.gateway_http}/   (HTTP/JSON API: /openapi.json)")
+    print(f"search:  .venv/bin/python -m gateway search --target 127.0.0.1:{ports.gateway} --image <file>")
     print("stop:    make down")
     return 0
 

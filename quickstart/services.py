@@ -29,9 +29,10 @@ class StackPorts:
     serving: int
     indexer: int
     gateway: int
-    # -1 disables a metrics endpoint; 0 picks a free port.
+    # -1 disables a metrics endpoint (or the gateway's HTTP port); 0 picks a free port.
     indexer_metrics: int = -1
     gateway_metrics: int = -1
+    gateway_http: int = -1
 
     @staticmethod
     def option(name: str) -> str:
@@ -50,6 +51,7 @@ class StackPorts:
             defaults.GATEWAY_PORT,
             defaults.INDEXER_METRICS_PORT,
             defaults.GATEWAY_METRICS_PORT,
+            defaults.GATEWAY_HTTP_PORT,
         )
 
     @classmethod
@@ -74,9 +76,16 @@ def write_model_config(path: Path, model_repo: Path, model_name: str, num_versio
 
 
 def stack_specs(
-    root: Path, model_repo: Path, model_name: str, ports: StackPorts, *, poll_seconds: float = 1.0
+    root: Path,
+    model_repo: Path,
+    model_name: str,
+    ports: StackPorts,
+    *,
+    poll_seconds: float = 1.0,
+    catalogue_root: Path | None = None,
 ) -> list[ServiceSpec]:
-    """The three services in start order; their state lives under ``root``."""
+    """The three services in start order; their state lives under ``root``. The gateway's search page
+    shows catalogue images from ``catalogue_root`` (when given)."""
     config = write_model_config(root / "serving" / "models.config", model_repo, model_name)
     serving = ServiceSpec(
         SERVING,
@@ -133,9 +142,12 @@ def stack_specs(
             "text",
             "--generation-ttl",
             "0.2",
+            "--http-port",
+            str(ports.gateway_http),
+            *(("--catalogue-root", str(catalogue_root.resolve())) if catalogue_root is not None else ()),
         ),
         ports.gateway,
-        listens=ports.listens("gateway", "gateway_metrics"),
+        listens=ports.listens("gateway", "gateway_metrics", "gateway_http"),
     )
     return [serving, indexer, gateway]
 

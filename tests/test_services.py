@@ -94,6 +94,8 @@ def test_every_service_is_healthy_and_reflected():
                 "127.0.0.1",
                 "--metrics-port",
                 "-1",
+                "--http-port",
+                "-1",
                 "--probe-period",
                 "0.2",
                 health_service="cbir.v1.SearchService",

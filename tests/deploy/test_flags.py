@@ -141,7 +141,8 @@ def test_manifest_ports_are_the_parsers_defaults(stacks, package, port, metrics_
             c = spec["containers"][0]
             if c.get("args", [None, None])[1:3] == [package, "serve"]:
                 ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-                assert ports == {"grpc": parsed.port, "metrics": parsed.metrics_port}, (
+                extra = {"http": parsed.http_port} if package == "gateway" else {}
+                assert ports == {"grpc": parsed.port, "metrics": parsed.metrics_port, **extra}, (
                     rendering.combination_id(*key)
                 )
 

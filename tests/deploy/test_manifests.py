@@ -285,6 +285,8 @@ SERVICE_PORTS = {
     "cbir-gateway": (defaults.GATEWAY_PORT, defaults.GATEWAY_METRICS_PORT),
     "cbir-indexer": (defaults.INDEXER_PORT, defaults.INDEXER_METRICS_PORT),
 }
+# Ports besides grpc and metrics.
+EXTRA_PORTS = {"cbir-gateway": {"http": defaults.GATEWAY_HTTP_PORT}, "cbir-indexer": {}}
 
 
 def test_ports_are_the_services_defaults(stacks):
@@ -295,8 +297,10 @@ def test_ports_are_the_services_defaults(stacks):
             ports = {p["name"]: p["containerPort"] for p in c["ports"]}
             if name in SERVICE_PORTS:
                 grpc_port, metrics_port = SERVICE_PORTS[name]
-                assert ports == {"grpc": grpc_port, "metrics": metrics_port}, name
+                assert ports == {"grpc": grpc_port, "metrics": metrics_port, **EXTRA_PORTS[name]}, name
                 assert int(_arg(c, "--port")) == grpc_port and int(_arg(c, "--metrics-port")) == metrics_port
+                if "http" in ports:
+                    assert int(_arg(c, "--http-port")) == ports["http"]
                 annotations = workload["spec"]["template"]["metadata"]["annotations"]
                 assert int(annotations["prometheus.io/port"]) == metrics_port
             elif name == "cbir-tf-serving":
@@ -320,6 +324,25 @@ def test_ports_are_the_services_defaults(stacks):
             named = {p["name"]: p["containerPort"] for p in pods[0]["containers"][0]["ports"]}
             for port in service["spec"]["ports"]:
                 assert named[port["targetPort"]] == port["port"], f"{service['metadata']['name']} {port}"
+
+
+def test_gateway_http_port_is_served_probed_and_reads_the_catalogue_read_only(stacks):
+    for (path, components), objects in stacks.items():
+        where = rendering.combination_id(path, components)
+        gateway = _container(objects, "Deployment", "cbir-gateway", "gateway")
+        probe = gateway["livenessProbe"]["httpGet"]
+        assert probe["path"] == "/healthz" and probe["port"] == "http", where
+        # With TLS the HTTP port speaks HTTPS (the gRPC port's certificate).
+        assert probe.get("scheme", "HTTP") == ("HTTPS" if "tls" in components else "HTTP"), where
+        service = find(objects, "Service", "cbir-gateway")
+        http = next(p for p in service["spec"]["ports"] if p["name"] == "http")
+        assert (http["port"], http["targetPort"]) == (defaults.GATEWAY_HTTP_PORT, "http"), where
+        root = _arg(gateway, "--catalogue-root")
+        mount = next(m for m in gateway["volumeMounts"] if m["mountPath"] == root)
+        assert mount["readOnly"] is True, where
+        volumes = find(objects, "Deployment", "cbir-gateway")["spec"]["template"]["spec"]["volumes"]
+        claim = next(v for v in volumes if v["name"] == mount["name"])["persistentVolumeClaim"]
+        assert claim == {"claimName": "cbir-data", "readOnly": True}, where
 
 
 def test_indexer_accepts_only_the_gateway_and_the_reindex_job(rendered):

@@ -76,6 +76,8 @@ def e2e():
             str(8 * 1024 * 1024),
             "--generation-ttl",
             "0.5",
+            "--catalogue-root",
+            str(catalogue.folder),
             env={"CBIR_GATEWAY_API_KEYS": f"{s.SEARCH_KEY},{s.INFO_KEY}:info"},
         )
         procs.append(gateway.proc)
@@ -83,3 +85,42 @@ def e2e():
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+@pytest.fixture(scope="session")
+def unavailable_gateway(e2e):
+    """A gateway whose indexer does not exist: NOT_SERVING, every search UNAVAILABLE (HTTP on a free port)."""
+    from tests.support.processes import free_port, wait_for_port_file
+
+    logs = e2e.workdir / "logs"
+    http_port_file = logs / "unavailable.http-port"
+    proc, target = s.start(
+        "gateway",
+        [
+            "--serving",
+            e2e.serving,
+            "--indexer",
+            f"127.0.0.1:{free_port()}",
+            "--host",
+            "127.0.0.1",
+            "--metrics-port",
+            "-1",
+            "--http-port",
+            "0",
+            "--http-port-file",
+            str(http_port_file),
+            "--probe-period",
+            "0.3",
+            "--probe-timeout",
+            "1",
+            "--dependency-timeout",
+            "2",
+        ],
+        logs,
+        "unavailable",
+        health=False,
+    )
+    try:
+        yield s.Gateway(proc, target, -1, None, wait_for_port_file(http_port_file, proc, 30))
+    finally:
+        proc.stop()

@@ -163,6 +163,13 @@ class Gateway:
     target: str
     metrics_port: int
     credentials: grpc.ChannelCredentials | None = None
+    # The HTTP/JSON port (always on, on a free port).
+    http_port: int = -1
+
+    @property
+    def http_url(self) -> str:
+        scheme = "https" if self.credentials is not None else "http"
+        return f"{scheme}://{'localhost' if self.credentials is not None else '127.0.0.1'}:{self.http_port}"
 
     def channel(self) -> grpc.Channel:
         if self.credentials is None:
@@ -184,6 +191,7 @@ def start_gateway(
     env: dict | None = None,
     credentials=None,
 ) -> Gateway:
+    http_port_file = log_dir / f"{name}-{time.monotonic_ns()}.http-port"
     args = [
         "--serving",
         serving,
@@ -193,6 +201,10 @@ def start_gateway(
         "127.0.0.1",
         "--metrics-port",
         "0",
+        "--http-port",
+        "0",
+        "--http-port-file",
+        str(http_port_file),
         "--probe-period",
         "0.3",
         "--probe-timeout",
@@ -200,7 +212,8 @@ def start_gateway(
         *extra,
     ]
     proc, target = start("gateway", args, log_dir, name, env=env, credentials=credentials)
-    return Gateway(proc, target, metrics_port_of(proc), credentials)
+    http_port = wait_for_port_file(http_port_file, proc, 10)
+    return Gateway(proc, target, metrics_port_of(proc), credentials, http_port)
 
 
 def split_by_shard(ids: Sequence[str], shard_count: int) -> dict[int, list[str]]:

@@ -6,6 +6,8 @@ import json
 import socket
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,10 +31,10 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
     models = tmp_path / "models"
     export_tiny_model(models, name="demo", version=1)
     catalogue = generated_catalogue(tmp_path / "catalogue", classes=3, train=4, test=1) / "train"
-    # Every port the stack binds, metrics included, is a free one: the defaults may be taken.
+    # Every port the stack binds, metrics and HTTP included, is a free one: the defaults may be taken.
     ports = {
         f"--{name}-port": free_port()
-        for name in ("serving", "indexer", "indexer-metrics", "gateway", "gateway-metrics")
+        for name in ("serving", "indexer", "indexer-metrics", "gateway", "gateway-metrics", "gateway-http")
     }
     flags = [
         "--root",
@@ -51,6 +53,9 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
         pids = sorted(json.loads(p.read_text())["pid"] for p in (root / "run").glob("*.json"))
         assert len(pids) == 3
         assert health_of(f"127.0.0.1:{ports['--gateway-port']}") == "SERVING"
+        page = f"http://127.0.0.1:{ports['--gateway-http-port']}/"
+        assert f"search page: {page}" in first.stdout
+        _search_page_answers(page, catalogue)
 
         second = quickstart("up", *flags)
         assert second.returncode == 0, second.stdout + second.stderr
@@ -72,6 +77,21 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
         assert after.returncode == 0 and "nothing running" in after.stdout
     finally:
         quickstart("down", "--root", str(root))
+
+
+def _search_page_answers(page: str, catalogue: Path) -> None:
+    """The page is up, an upload finds the catalogue image itself, and its thumbnail is served."""
+    with urllib.request.urlopen(page, timeout=30) as answer:
+        assert b"<title>CBIR search</title>" in answer.read()
+    image = sorted(catalogue.rglob("*.png"))[0]
+    request = urllib.request.Request(
+        page + "v1/search:upload?k=3", data=image.read_bytes(), headers={"Content-Type": "image/png"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        top = json.loads(answer.read())["hits"][0]
+    assert Path(top["uri"]).resolve() == image.resolve()
+    with urllib.request.urlopen(page + f"v1/items/{urllib.parse.quote(top['id'], safe='')}/image") as answer:
+        assert answer.read() == image.read_bytes()
 
 
 def test_up_without_a_model_says_what_to_do(tmp_path):
