@@ -407,6 +407,12 @@ def run(args, make_client) -> int:
     )
     for item_id, why in report.failed[:20]:
         print(f"  failed {item_id}: {why}", file=sys.stderr)
+    if report.failed:
+        print(
+            f"not activating: {len(report.failed)} images failed; fix them and run again to resume "
+            f"(--generation {report.generation})",
+            file=sys.stderr,
+        )
     return 1 if report.failed else 0
 
 
@@ -475,10 +481,17 @@ class _Target:
     the same embedding space and dimension, so two spaces never meet in one generation.
     """
 
-    def __init__(self, client, options: ReindexOptions, existing: indexer_pb2.Generation | None):
+    def __init__(
+        self,
+        client,
+        options: ReindexOptions,
+        existing: indexer_pb2.Generation | None,
+        say: Callable[[str], None],
+    ):
         self.client = client
         self.options = options
         self.name = existing.name if existing is not None else None
+        self.say = say
 
     def __call__(self, dim: int, version: int) -> str:
         if self.name is None:
@@ -490,10 +503,10 @@ class _Target:
             space = types_pb2.EmbeddingSpace(model_name=o.model, model_version=version)
             try:
                 self.client.create_generation(name, space, METRIC_NAMES[o.metric], dim, params)
-                print(f"created generation {name} (model {o.model} version {version}, dim {dim})")
+                self.say(f"created generation {name} (model {o.model} version {version}, dim {dim})")
             except AlreadyExists:
                 self._join(self.client.get_generation(name), version, dim)
-                print(f"joined generation {name} (model {o.model} version {version}, dim {dim})")
+                self.say(f"joined generation {name} (model {o.model} version {version}, dim {dim})")
             self.name = name
         return self.name
 
@@ -512,8 +525,14 @@ class _Target:
             raise FailedPrecondition(f"generation {gen.name!r} is not building; choose another --generation")
 
 
-def reindex(items: list[ItemRow], options: ReindexOptions, client, embedder) -> ReindexReport:
-    """Embeds ``items`` (this worker's partition of them) into a generation; checks and activates it."""
+def reindex(
+    items: list[ItemRow], options: ReindexOptions, client, embedder, *, say: Callable[[str], None] = print
+) -> ReindexReport:
+    """Embeds ``items`` (this worker's partition of them) into a generation; checks and activates it.
+
+    ``client`` is an IndexerClient, ``embedder`` an EmbedderClient of ``options.model``; progress
+    lines go to ``say``.
+    """
     started = time.monotonic()
     part = options.partition
     if part is not None and options.model_version is None:
@@ -536,10 +555,10 @@ def reindex(items: list[ItemRow], options: ReindexOptions, client, embedder) -> 
         pipeline.version = int(existing.space.model_version)
         todo = _still_to_do(client, existing.name, mine)
         skipped = len(mine) - len(todo)
-        print(f"resuming generation {existing.name}: {skipped} items already current, {len(todo)} to embed")
+        say(f"resuming generation {existing.name}: {skipped} items already current, {len(todo)} to embed")
     elif options.model_version is not None:
         pipeline.version = options.model_version
-    target = _Target(client, options, existing)
+    target = _Target(client, options, existing, say)
     if target.name is None and part is not None:
         # Create (or join) the shared generation before streaming: a worker whose partition of the
         # catalogue is empty still drains its pending items into it.
@@ -561,20 +580,14 @@ def reindex(items: list[ItemRow], options: ReindexOptions, client, embedder) -> 
     if target.name is None:
         raise FailedPrecondition("no image could be embedded; nothing was written")
     name = target.name
-    pending_embedded = _drain_pending(client, pipeline, name, target, part)
-    complete = part is None or _complete(client, name, len(items))
+    pending_embedded = _drain_pending(client, pipeline, name, target, part, say)
+    complete = part is None or _complete(client, name, len(items), say)
     if complete:
-        _check(client, name, options.check_samples, options.allow_pending)
+        _check(client, name, options.check_samples, options.allow_pending, say)
     activated = False
     if options.activate and complete and not pipeline.failed:
         client.activate_generation(name, allow_pending=options.allow_pending)
         activated = True
-    elif pipeline.failed:
-        print(
-            f"not activating: {len(pipeline.failed)} images failed; fix them and run again to resume "
-            f"(--generation {name})",
-            file=sys.stderr,
-        )
     return ReindexReport(
         name,
         pipeline.version or 0,
@@ -593,6 +606,8 @@ def reindex(items: list[ItemRow], options: ReindexOptions, client, embedder) -> 
 
 def _still_to_do(client, generation: str, items: list[ItemRow]) -> list[ItemRow]:
     """Items without a current vector in the generation (missing, pending, or changed in the catalogue)."""
+    if not items:
+        return []
     have = {r.item.id: r.item for r in client.list_items(generation)}
     pending = {i.id for i in client.list_pending(generation)}
     todo = []
@@ -610,7 +625,13 @@ def _still_to_do(client, generation: str, items: list[ItemRow]) -> list[ItemRow]
 
 
 def _drain_pending(
-    client, pipeline: Pipeline, generation: str, target: _Target, part: Partition | None, rounds: int = 5
+    client,
+    pipeline: Pipeline,
+    generation: str,
+    target: _Target,
+    part: Partition | None,
+    say: Callable[[str], None],
+    rounds: int = 5,
 ) -> int:
     """Embeds items pending in the generation from their uri until none are left (or no progress).
 
@@ -626,12 +647,12 @@ def _drain_pending(
         ]
         if not pending:
             break
-        print(f"embedding {len(pending)} pending items of {generation}")
+        say(f"embedding {len(pending)} pending items of {generation}")
         done += pipeline.run(pending, target)
     return done
 
 
-def _complete(client, generation: str, catalogue_items: int) -> bool:
+def _complete(client, generation: str, catalogue_items: int, say: Callable[[str], None]) -> bool:
     """Whether every partition is in: a current vector for every catalogue item, on every shard."""
     gens = [client.get_generation(generation, shard=s) for s in range(client.shard_count)]
     vectors = sum(g.item_count for g in gens)
@@ -639,21 +660,23 @@ def _complete(client, generation: str, catalogue_items: int) -> bool:
     pending = sum(g.pending_count for g in gens)
     complete = pending == 0 and vectors == indexed and vectors >= catalogue_items
     if not complete:
-        print(
+        say(
             f"generation {generation}: {vectors} vectors for {max(indexed, catalogue_items)} items, "
             f"{pending} pending: waiting for the other partitions"
         )
     return complete
 
 
-def _check(client, generation: str, samples: int, allow_pending: bool = False) -> None:
+def _check(
+    client, generation: str, samples: int, allow_pending: bool = False, say: Callable[[str], None] = print
+) -> None:
     """Counts match across shards, nothing pending, and sampled items are their own nearest neighbour."""
     gens = [client.get_generation(generation, shard=s) for s in range(client.shard_count)]
     stats = client.stats()
     in_generation = sum(g.item_count for g in gens)
     catalogue = sum(s.item_count for s in stats)
     pending = sum(g.pending_count for g in gens)
-    print(f"check: {in_generation} vectors for {catalogue} catalogue items, {pending} pending")
+    say(f"check: {in_generation} vectors for {catalogue} catalogue items, {pending} pending")
     if (pending or in_generation != catalogue) and not allow_pending:
         raise FailedPrecondition(
             f"check failed: generation {generation} has {in_generation} vectors for {catalogue} "
