@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command in ("follow", "reindex"):
+            # They speak TF Serving's protocol but never run TensorFlow: load its protos only
+            # (seconds and hundreds of MB less at start-up; see the module).
+            from gateway.light_imports import use_tensorflow_protos_only
+
+            use_tensorflow_protos_only()
         if args.command == "follow":
             from indexer import follow
 

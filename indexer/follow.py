@@ -413,8 +413,10 @@ class RolloutController:
         self._drop_old_generations()
 
     def _drop_old_generations(self) -> None:
+        """Keeps the ``keep_generations`` newest old generations, rollback targets (RETIRED) first."""
         keep = self.options.keep_generations
-        old = [g for g in self.index.list_generations() if self._ours(g) and g.state in (RETIRED, REJECTED)]
+        ours = [g for g in self.index.list_generations() if self._ours(g)]  # newest first
+        old = [g for g in ours if g.state == RETIRED] + [g for g in ours if g.state == REJECTED]
         for generation in old[keep:]:
             self.index.drop_generation(generation.name)
             log.info(
