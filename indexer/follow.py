@@ -5,7 +5,9 @@ decision yet and is newer than the active generation's:
 
 1. reindexes the catalogue into the generation ``<model>-v<version>`` pinned to that version
    (indexer.reindex; an existing building generation of the version is resumed, so a controller
-   killed mid-way continues where it stopped and never builds two generations for one version);
+   killed mid-way continues where it stopped and never builds two generations for one version).
+   With ``--reindex-job`` the embedding is done by a Kubernetes Indexed Job of partition workers
+   (indexer.jobs) and the controller waits for it, then drains what is left;
 2. evaluates the candidate and the active generation the same way, through the real path
    (indexer.rollout: queries embedded by Serving with each generation's own version, neighbours
    from that generation);
@@ -41,6 +43,7 @@ from cbir.config import env_flag
 from cbir.defaults import ROLLOUT_METRICS_PORT, ROLLOUT_PORT
 from cbir.errors import CbirError, FailedPrecondition, InvalidInput, NotReady
 from cbir.v1 import indexer_pb2
+from indexer.jobs import KubernetesAPI, ReindexJobs
 from indexer.reindex import METRIC_NAMES, ReindexOptions, entry_items, reindex
 from indexer.rollout import EvalSet, QualityGate, compare, evaluate_generation, load_eval_set
 from indexer.store import ItemRow
@@ -109,6 +112,9 @@ class FollowOptions:
     poll_seconds: float = 5.0
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
+    # The suspended CronJob whose Indexed Jobs reindex in parallel; None: the controller embeds itself.
+    reindex_job: str | None = None
+    kubernetes: KubernetesAPI = field(default_factory=KubernetesAPI)
 
     def __post_init__(self) -> None:
         if self.keep_generations < 0:
@@ -140,8 +146,9 @@ def _verdict(decision: indexer_pb2.RolloutDecision) -> str:
 class RolloutController:
     """Follows one model's versions; every decision and all progress is kept in the indexer.
 
-    ``index`` is an IndexerClient, ``embedder`` an EmbedderClient of the model; ``set_healthy`` is
-    told whether the dependencies answered the last step.
+    ``index`` is an IndexerClient, ``embedder`` an EmbedderClient of the model, ``jobs`` the
+    Kubernetes Jobs that reindex (None: reindex in this process); ``set_healthy`` is told whether the
+    dependencies answered the last step.
     """
 
     def __init__(
@@ -151,11 +158,13 @@ class RolloutController:
         embedder,
         eval_set: EvalSet,
         *,
+        jobs: ReindexJobs | None = None,
         set_healthy: Callable[[bool], None] = lambda _healthy: None,
     ):
         self.options = options
         self.index = index
         self.embedder = embedder
+        self.jobs = jobs
         self.eval_set = eval_set
         self.set_healthy = set_healthy
         self.state = "starting"
@@ -310,6 +319,28 @@ class RolloutController:
             )
         return report
 
+    def _build_with_job(self, name: str, version: int):
+        """Starts (or finds) the Indexed Job of ``version``, waits for it, then drains what is left."""
+        job = self.jobs.name(version)
+        while True:
+            state = self.jobs.state(job)
+            if state == "succeeded":
+                break
+            if state == "failed":
+                self.jobs.delete(job)
+                raise FailedPrecondition(
+                    f"reindex Job {job} failed (its pods' logs say why); it is deleted and started again, "
+                    "and its workers resume"
+                )
+            if state == "missing":
+                self.jobs.start(version, name)
+            if self._stopped.wait(self.options.poll_seconds):
+                raise NotReady(
+                    f"stopping while reindex Job {job} runs; it goes on, and is picked up on restart"
+                )
+        # Writes made while the workers ran are pending in the generation; then the counts are checked.
+        return self._build(name, version, [])
+
     def _decide(self, version: int, generations, active) -> None:
         model = self.options.model
         existing = self._generation_for(version, generations)
@@ -325,7 +356,10 @@ class RolloutController:
         )
         seconds: dict[str, float] = {}
         with self._phase("reindexing", "reindex", seconds):
-            self._build(name, version, self._catalogue_items(active))
+            if self.jobs is not None:
+                self._build_with_job(name, version)
+            else:
+                self._build(name, version, self._catalogue_items(active))
         candidate = self.index.get_generation(name)
         with self._phase("evaluating", "evaluation", seconds):
             candidate_eval = self._evaluate(candidate)
@@ -596,6 +630,43 @@ def add_parser(sub, client_flags: Callable[[argparse.ArgumentParser], None]) -> 
         type=float,
         help="Longest retry delay.",
     )
+    env_flag(
+        p,
+        "--reindex-job",
+        env=f"{ENV}_REINDEX_JOB",
+        default=None,
+        help="Reindex through Kubernetes Indexed Jobs made from this suspended CronJob (its workers run "
+        "`indexer reindex --partition`); default: embed in this process.",
+    )
+    k = KubernetesAPI()
+    env_flag(
+        p,
+        "--kubernetes-api",
+        env=f"{ENV}_KUBERNETES_API",
+        default=k.url,
+        help="API server URL (default: the pod's).",
+    )
+    env_flag(
+        p,
+        "--kubernetes-token-file",
+        env=f"{ENV}_KUBERNETES_TOKEN_FILE",
+        default=k.token_file,
+        help="Bearer token file.",
+    )
+    env_flag(
+        p,
+        "--kubernetes-ca-file",
+        env=f"{ENV}_KUBERNETES_CA_FILE",
+        default=k.ca_file,
+        help="CA of the API server.",
+    )
+    env_flag(
+        p,
+        "--kubernetes-namespace",
+        env=f"{ENV}_KUBERNETES_NAMESPACE",
+        default=k.namespace,
+        help="Namespace of the Jobs (default: the pod's).",
+    )
     env_flag(p, "--metric", env=f"{ENV}_METRIC", default=_REINDEX.metric, choices=sorted(METRIC_NAMES))
     env_flag(
         p,
@@ -700,6 +771,13 @@ def options_from_args(args: argparse.Namespace) -> FollowOptions:
         poll_seconds=args.poll_seconds,
         backoff_initial=args.backoff_initial,
         backoff_max=args.backoff_max,
+        reindex_job=args.reindex_job or None,
+        kubernetes=KubernetesAPI(
+            args.kubernetes_api,
+            args.kubernetes_token_file,
+            args.kubernetes_ca_file,
+            args.kubernetes_namespace,
+        ),
     )
 
 
@@ -715,6 +793,7 @@ def run(args, make_client) -> int:
         eval_set = load_eval_set(
             e.path, layout=e.layout, dataset=e.dataset, split=e.split, max_queries=options.eval_max_queries
         )
+        jobs = ReindexJobs(options.kubernetes, options.reindex_job) if options.reindex_job else None
     except CbirError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
@@ -727,7 +806,9 @@ def run(args, make_client) -> int:
     index = make_client(args)
     embedder = open_embedder(options.reindex)
     running = start_server(server_options, [], [], serving=False)
-    controller = RolloutController(options, index, embedder, eval_set, set_healthy=running.set_serving)
+    controller = RolloutController(
+        options, index, embedder, eval_set, jobs=jobs, set_healthy=running.set_serving
+    )
     thread = threading.Thread(target=controller.run, name="rollout", daemon=True)
     running.on_stop.extend([index.close, embedder.close, controller.stop])
     thread.start()

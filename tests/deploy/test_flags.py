@@ -23,7 +23,11 @@ OUR_IMAGES = ("cbir/services", "cbir/trainer")
 VARIABLE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 ENV_IN_HELP = re.compile(r"\benv (CBIR_[A-Z0-9_]+)")
 # Downward-API values, as the kubelet would fill them in for the first pod.
-FIELD_VALUES = {"metadata.labels['apps.kubernetes.io/pod-index']": "0", "metadata.name": "cbir-indexer-0"}
+FIELD_VALUES = {
+    "metadata.labels['apps.kubernetes.io/pod-index']": "0",
+    "metadata.name": "cbir-indexer-0",
+    "metadata.annotations['batch.kubernetes.io/job-completion-index']": "0",
+}
 
 
 def _parser(package: str) -> argparse.ArgumentParser:
