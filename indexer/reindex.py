@@ -35,6 +35,7 @@ import numpy as np
 from cbir.defaults import SERVING_GRPC_PORT
 from cbir.errors import AlreadyExists, CbirError, FailedPrecondition, InvalidInput, NotFound, NotReady
 from cbir.logs import configure_cli_logging
+from cbir.metric import Metric
 from cbir.sharding import shard_of
 from cbir.v1 import indexer_pb2, types_pb2
 from indexer.core import check_item
@@ -42,11 +43,8 @@ from indexer.store import ItemRow
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = {
-    "cosine": types_pb2.METRIC_COSINE,
-    "l2": types_pb2.METRIC_L2,
-    "ip": types_pb2.METRIC_INNER_PRODUCT,
-}
+# --metric accepts a metric's own name and hnswlib's ("ip" is what earlier versions documented).
+METRIC_NAMES = {**{m.space: m for m in Metric}, **{m.cli_name: m for m in Metric}}
 
 
 @dataclass(frozen=True)
@@ -699,21 +697,14 @@ def _check(
         top = neighbours.hits[0] if neighbours.hits else None
         # A duplicate image may tie with the item itself; the score must still be the best possible.
         if top is None or (
-            top.id != record.item.id and top.score < _self_score(record, answer.generation.metric) - 1e-4
+            top.id != record.item.id
+            and top.score
+            < Metric(answer.generation.metric).self_score(np.asarray(record.vector, np.float32)) - 1e-4
         ):
             raise FailedPrecondition(
                 f"check failed: item {record.item.id!r} does not find itself first in "
                 f"{generation} (got {top.id if top else 'nothing'!r})"
             )
-
-
-def _self_score(record: indexer_pb2.Record, metric: int) -> float:
-    v = np.asarray(record.vector, np.float32)
-    if metric == types_pb2.METRIC_L2:
-        return 1.0
-    if metric == types_pb2.METRIC_INNER_PRODUCT:
-        return float(v @ v)
-    return 1.0
 
 
 def export(client, generation: str, output: Path) -> int:
