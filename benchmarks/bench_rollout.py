@@ -80,6 +80,12 @@ def run(quick: bool, workdir: Path) -> list[dict]:
     repo = workdir / "models"
     export_bench_model(repo, MODEL, 1)
     (workdir / "batching.txt").write_text(BATCHING)
+    # Two versions loaded, as in production: the active one must stay served to be compared with.
+    config = workdir / "models.config"
+    config.write_text(
+        f'model_config_list {{ config {{ name: "{MODEL}" base_path: "{repo / MODEL}" '
+        'model_platform: "tensorflow" model_version_policy { latest { num_versions: 2 } } } }\n'
+    )
     catalogue = workdir / "catalogue"
     jpegs = make_jpegs(n_images)
     for j, data in enumerate(jpegs):
@@ -92,10 +98,8 @@ def run(quick: bool, workdir: Path) -> list[dict]:
             running_service(
                 "embedder",
                 "serve",
-                "--model_name",
-                MODEL,
-                "--model_base_path",
-                str(repo / MODEL),
+                "--model_config_file",
+                str(config),
                 "--file_system_poll_wait_seconds",
                 "0.2",
                 "--enable_batching",
@@ -164,6 +168,8 @@ def run(quick: bool, workdir: Path) -> list[dict]:
         decision = _wait(lambda: _activated(client, 2), "version 2's rollout", 300, controller)
         decided = time.perf_counter() - available
         _log(f"version 2 rolled out in {decided:.1f} s")
+        if decision.active_model_version != 1 or not decision.active_metrics:
+            raise RuntimeError(f"version 2 was not compared with version 1: {decision.reason}")
 
         embedder.embed(jpegs[:BATCH], version=2)  # warm
         started = time.perf_counter()

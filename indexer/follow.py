@@ -786,7 +786,6 @@ def run(args, make_client) -> int:
     from cbir.server import ServerOptions, serve_until_signalled, start_server
     from indexer.reindex import open_embedder
 
-    server_options = ServerOptions.from_args("rollout", args)
     try:
         options = options_from_args(args)
         e = options.eval_set
@@ -797,6 +796,7 @@ def run(args, make_client) -> int:
     except CbirError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    server_options = ServerOptions.from_args("rollout", args)
     for item_id, why in eval_set.unreadable[:20]:
         log.warning("evaluation image left out", extra={"id": item_id, "reason": why})
     log.info(

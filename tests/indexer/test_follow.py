@@ -236,21 +236,40 @@ def test_follow_activates_a_better_version_and_rejects_a_broken_one(world, capsy
         assert 'cbir_rollout_active_model_version{model="tiny"} 2.0' in text
         assert re.search(r'cbir_rollout_phase_seconds_count\{phase="evaluation"\} 3\.0', text)
 
-    # `generations list` shows every decision with the figures of both generations.
-    code = main(["generations", "list", "--indexer", indexer])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "tiny-v3\trejected\ttiny:3" in out and "tiny-v2\tactive\ttiny:2" in out
-    assert re.search(
-        r"rollout rejected, decided .*recall@1 0\.\d+ vs [01]\.\d+, .*\(vs tiny-v2, version 2\)", out
-    )
-    assert re.search(r"rollout passed, activated .*\(vs tiny-v1, version 1\)", out)
-
-    # A restarted controller finds every version decided and decides nothing again.
+    # A restarted controller finds every version decided and decides nothing again. This one has no
+    # --catalogue: the active generation's items are what it reindexes.
     before = decisions(indexer)
-    with running_service("indexer", *args, log_dir=tmp, timeout=60) as (again, _target):
+    no_catalogue = [a for a in args if a not in ("--catalogue", str(catalogue))]
+    with running_service("indexer", *no_catalogue, log_dir=tmp, timeout=60) as (again, _target):
         wait_for(lambda: 'cbir_rollout_state{state="idle"} 1.0' in metrics_text(again), "an idle controller")
         time.sleep(1.0)  # a few more polls
         assert '"msg": "rollout decision"' not in again.log_text()
         assert '"msg": "rolling out a new model version"' not in again.log_text()
-    assert decisions(indexer) == before
+        assert decisions(indexer) == before
+
+        export_tiny_model(repo, s.MODEL, version=4, dim=s.DIM, seed=4)
+        fourth = wait_for(lambda: settled(indexer, 4), "version 4's decision", proc=again)
+        assert fourth.verdict == indexer_pb2.ROLLOUT_VERDICT_PASSED and fourth.active_generation == "tiny-v2"
+        assert fourth.evaluation_queries == N_ITEMS
+        with IndexerClient([indexer]) as client:
+            states = {g.name: g.state for g in client.list_generations()}
+            assert client.get_generation("tiny-v4").item_count == N_ITEMS
+        # --keep-generations 1: the newest retired one (the rollback target) stays; v1 and the
+        # rejected v3 were dropped, their decisions were not.
+        assert states == {
+            "tiny-v4": indexer_pb2.GENERATION_STATE_ACTIVE,
+            "tiny-v2": indexer_pb2.GENERATION_STATE_RETIRED,
+        }
+        assert sorted(decisions(indexer)) == [1, 2, 3, 4]
+
+    # `generations list` shows every decision with the figures of both generations.
+    code = main(["generations", "list", "--indexer", indexer])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "tiny-v4\tactive\ttiny:4" in out and "tiny-v2\tretired\ttiny:2" in out
+    assert re.search(r"rollout passed, activated .*\(vs tiny-v2, version 2\)", out)
+    dropped = out.split("rollout decisions about dropped generations:")[1]
+    assert re.search(
+        r"tiny-v3\ttiny:3\trejected, decided .*recall@1 0\.\d+ vs [01]\.\d+, .*\(vs tiny-v2", dropped
+    )
+    assert "tiny-v1\ttiny:1\tpassed, activated" in dropped and "floors only" in dropped

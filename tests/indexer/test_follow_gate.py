@@ -235,3 +235,31 @@ def test_bad_decisions_get_a_clear_status(indexer, change, code, words):
     assert info.value.code() == code and words in info.value.details()
     assert client.list_rollouts() == []
     assert client.get_generation("m-v1").state == indexer_pb2.GENERATION_STATE_ACTIVE
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--eval", "EVAL"], "--model is required"),
+        (["--model", "m"], "--eval is required"),
+        (["--model", "m", "--eval", "MISSING"], "does not exist"),
+        (["--model", "m", "--eval", "EVAL", "--tolerance", "2"], "tolerance must be in [0, 1]"),
+        (["--model", "m", "--eval", "EVAL", "--keep-generations", "-1"], "--keep-generations must be >= 0"),
+        (["--model", "m", "--eval", "EVAL", "--reindex-job", "t"], "not running in a pod"),
+    ],
+)
+def test_follow_mistakes_are_messages_not_tracebacks(tmp_path, capsys, monkeypatch, flags, words):
+    from indexer.cli import main
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.png").write_bytes(make_image(1, label=1))
+    flags = [
+        str(tmp_path) if f == "EVAL" else str(tmp_path / "missing") if f == "MISSING" else f for f in flags
+    ]
+    assert main(["follow", "--indexer", "127.0.0.1:1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and "Traceback" not in err
