@@ -239,7 +239,8 @@ def test_follow_activates_a_better_version_and_rejects_a_broken_one(world, capsy
     # A restarted controller finds every version decided and decides nothing again. This one has no
     # --catalogue: the active generation's items are what it reindexes.
     before = decisions(indexer)
-    no_catalogue = [a for a in args if a not in ("--catalogue", str(catalogue))]
+    at = args.index("--catalogue")
+    no_catalogue = args[:at] + args[at + 2 :]
     with running_service("indexer", *no_catalogue, log_dir=tmp, timeout=60) as (again, _target):
         wait_for(lambda: 'cbir_rollout_state{state="idle"} 1.0' in metrics_text(again), "an idle controller")
         time.sleep(1.0)  # a few more polls
