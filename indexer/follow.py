@@ -235,7 +235,13 @@ class RolloutController:
         self.set_healthy(True)  # Serving and the indexer answer
         active = next((g for g in generations if g.state == ACTIVE), None)
         ACTIVE_VERSION.labels(model).set(active.space.model_version if self._ours(active) else 0)
-        unfinished = [d for d in decisions.values() if d.verdict == PASSED and not d.HasField("activated_at")]
+        names = {g.name for g in generations}
+        unfinished = [
+            d
+            for d in decisions.values()
+            # (A candidate a person dropped meanwhile cannot be finished; its version stays decided.)
+            if d.verdict == PASSED and not d.HasField("activated_at") and d.generation in names
+        ]
         if unfinished:
             self._activate(max(unfinished, key=lambda d: d.model_version))
             return True
@@ -363,9 +369,16 @@ class RolloutController:
         candidate = self.index.get_generation(name)
         with self._phase("evaluating", "evaluation", seconds):
             candidate_eval = self._evaluate(candidate)
-            active_eval, note = self._evaluate_active(active)
+            active_eval, note = self._evaluate_active(active) if candidate_eval.relevance else (None, "")
+            if active_eval is not None and not set(active_eval.relevance) & set(candidate_eval.relevance):
+                active_eval, note = None, "no evaluation query was answered by both generations: floors only"
+        if candidate_eval.relevance:
             cand, act, queries = compare(candidate_eval, active_eval)
-        passed, reason = self.options.gate.judge(cand, act)
+            passed, reason = self.options.gate.judge(cand, act)
+        else:
+            first_id, why = candidate_eval.rejected[0]
+            cand, act, queries, passed = {}, None, 0, False
+            reason = f"Serving rejected every evaluation image with model version {version} (first: {first_id}: {why})"
         if note:
             reason = f"{reason}; {note}"
         decision = indexer_pb2.RolloutDecision(
