@@ -63,8 +63,13 @@ class SlowImage:
             try:
                 os.set_blocking(fd, True)
                 os.write(fd, self.data)
+            except BrokenPipeError:
+                pass  # the reader went away (its process was killed): serve the next one
             finally:
                 os.close(fd)
+            # Let the reader see the end of the file and close it before the FIFO is opened again:
+            # a reader still holding it would get the image twice.
+            time.sleep(0.2)
 
 
 class Restartable:
