@@ -21,12 +21,9 @@ def test_up_follow_rolls_out_a_new_version_and_down_stops_the_controller(tmp_pat
     models = tmp_path / "models"
     export_tiny_model(models, name="demo", version=1)
     data = generated_catalogue(tmp_path / "catalogue", classes=3, train=4, test=2)
-    ports = {
-        "--serving-port": free_port(),
-        "--indexer-port": free_port(),
-        "--gateway-port": free_port(),
-        "--rollout-port": free_port(),
-    }
+    # Every port the stack binds, metrics and HTTP included, is a free one: the defaults may be taken.
+    names = ("serving", "indexer", "indexer-metrics", "gateway", "gateway-metrics", "gateway-http", "rollout")
+    ports = {f"--{name}-port": free_port() for name in names}
     flags = ["--root", str(root), "--models", str(models), "--catalogue", str(data / "train"), "--follow"]
     flags += [str(x) for pair in ports.items() for x in pair]
     try:
