@@ -287,7 +287,7 @@ SERVICE_PORTS = {
     "cbir-rollout": (defaults.ROLLOUT_PORT, defaults.ROLLOUT_METRICS_PORT),
 }
 # Ports besides grpc and metrics.
-EXTRA_PORTS = {"cbir-gateway": {"http": defaults.GATEWAY_HTTP_PORT}, "cbir-indexer": {}}
+EXTRA_PORTS = {"cbir-gateway": {"http": defaults.GATEWAY_HTTP_PORT}, "cbir-indexer": {}, "cbir-rollout": {}}
 
 
 def test_ports_are_the_services_defaults(stacks):
