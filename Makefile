@@ -74,11 +74,13 @@ clean: ## remove the virtual environment, generated code and local state
 # Quickstart (python -m quickstart) and the benchmark report (python -m benchmarks); see quickstart/README.md.
 DATA ?=
 MODELS ?=
+FOLLOW ?=
+EVAL ?=
 demo: install ## train, export, serve, index, search, evaluate and hot-swap on localhost (DATA=<catalogue> optional)
 	$(PY) -m quickstart demo $(if $(DATA),--data $(DATA))
 
-up: install ## start the local stack (model server, indexer, gateway) in the background under var/stack
-	$(PY) -m quickstart up $(if $(MODELS),--models $(MODELS)) $(if $(DATA),--catalogue $(DATA))
+up: install ## start the local stack (model server, indexer, gateway; FOLLOW=1 adds the rollout controller) under var/stack
+	$(PY) -m quickstart up $(if $(MODELS),--models $(MODELS)) $(if $(DATA),--catalogue $(DATA)) $(if $(FOLLOW),--follow) $(if $(EVAL),--eval $(EVAL))
 
 down: install ## stop the local stack started by make up
 	$(PY) -m quickstart down

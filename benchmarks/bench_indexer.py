@@ -363,7 +363,7 @@ def _reindex_figures(workdir: Path, embedder, indexer_target: str) -> list[dict]
     from cbir.catalogue import read_catalogue
     from embedder.client import EmbedderClient
     from indexer.cli import build_parser, make_client
-    from indexer.reindex import entry_items, reindex
+    from indexer.reindex import entry_items, open_embedder, options_from_args, reindex
 
     _proc, _port_file, jpegs, serving = embedder
     batch = 32
@@ -395,7 +395,9 @@ def _reindex_figures(workdir: Path, embedder, indexer_target: str) -> list[dict]
         ]
     )
     items = entry_items(read_catalogue(args.catalogue))
-    report = reindex(items, args, make_client)
+    options = options_from_args(args)
+    with make_client(args) as index, open_embedder(options) as serving_client:
+        report = reindex(items, options, index, serving_client)
     _log("reindex measured")
     if report.failed or report.embedded != len(jpegs):
         raise RuntimeError(

@@ -9,5 +9,8 @@ GATEWAY_HTTP_PORT = 8080
 INDEXER_PORT = 50052
 GATEWAY_METRICS_PORT = 9091
 INDEXER_METRICS_PORT = 9092
+# The rollout controller (`python -m indexer follow`): health only, and its metrics.
+ROLLOUT_PORT = 50053
+ROLLOUT_METRICS_PORT = 9093
 # Largest gRPC message any service accepts or sends by default (a batch of encoded images).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024

@@ -48,6 +48,14 @@ class ModelVersionUnavailable(errors.NotReady):
     """The pinned model version (or label, or the model itself) is not being served right now."""
 
 
+class InvalidImage(errors.InvalidInput):
+    """Serving rejected one image of an embed() call; ``index`` is its position in that call."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
+
+
 @dataclass(frozen=True)
 class EmbedResult:
     """Embeddings of a batch, in request order, and the model version that computed them."""
@@ -335,10 +343,11 @@ class EmbedderClient:
             named = _BAD_ITEM.match(exc.message)
             if named:
                 # The server already said which image (the local model server does).
-                raise errors.InvalidInput(f"image {offset + int(named[1])} is invalid: {named[2]}") from exc
+                index = offset + int(named[1])
+                raise InvalidImage(f"image {index} is invalid: {named[2]}", index) from exc
             if len(images) > 1:
                 self._raise_for_bad_image(images, offset, info, version, label, deadline, exc)
-            raise errors.InvalidInput(f"image {offset} was rejected: {exc.message}") from exc
+            raise InvalidImage(f"image {offset} was rejected: {exc.message}", offset) from exc
         answered = int(response.model_spec.version.value)
         answered_info = self._signature(answered, None, deadline)
         if (answered_info.input_name, answered_info.output_name) != (info.input_name, info.output_name):
@@ -370,7 +379,9 @@ class EmbedderClient:
             except errors.InvalidInput as exc:
                 named = _BAD_ITEM.match(exc.message)
                 reason = named[2] if named else exc.message
-                raise errors.InvalidInput(f"image {offset + index} is invalid: {reason}") from batch_error
+                raise InvalidImage(
+                    f"image {offset + index} is invalid: {reason}", offset + index
+                ) from batch_error
         # Every image passes alone: the problem is the request itself, not one image.
         raise batch_error
 

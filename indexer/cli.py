@@ -1,4 +1,4 @@
-"""Command line of the indexer: `serve`, `reindex`, `stats`, `delete`, `generations`, `export`."""
+"""Command line of the indexer: `serve`, `reindex`, `follow`, `stats`, `delete`, `generations`, `export`."""
 
 from __future__ import annotations
 
@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         env_flag(p, "--tls-ca", env=f"{ENV}_TLS_CA", default=None, help="CA (PEM) to trust for TLS indexers.")
         env_flag(p, "--timeout", env=f"{ENV}_TIMEOUT", default=30.0, type=float, help="Seconds per RPC.")
 
-    from indexer import reindex
+    from indexer import follow, reindex
 
     reindex.add_parser(sub, client_flags)
+    follow.add_parser(sub, client_flags)
 
     stats = sub.add_parser("stats", help="Show each shard's counts, memory and generations (JSON).")
     client_flags(stats)
@@ -143,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command in ("follow", "reindex"):
+            # They speak TF Serving's protocol but never run TensorFlow: load its protos only
+            # (seconds and hundreds of MB less at start-up; see the module).
+            from gateway.light_imports import use_tensorflow_protos_only
+
+            use_tensorflow_protos_only()
+        if args.command == "follow":
+            from indexer import follow
+
+            return follow.run(args, make_client)
         if args.command != "reindex":
             configure_cli_logging("INFO", "%(message)s")
         if args.command == "reindex":
@@ -176,14 +187,23 @@ def _generations(client, args, parser) -> int:
     from cbir.v1 import indexer_pb2, types_pb2
 
     if args.action == "list":
-        active = {g.name for g in client.list_generations() if g.state == indexer_pb2.GENERATION_STATE_ACTIVE}
-        for g in client.list_generations():
+        generations = client.list_generations()
+        active = {g.name for g in generations if g.state == indexer_pb2.GENERATION_STATE_ACTIVE}
+        for g in generations:
             print(
                 f"{g.name}\t{indexer_pb2.GenerationState.Name(g.state).removeprefix('GENERATION_STATE_').lower()}"
                 f"\t{g.space.model_name}:{g.space.model_version}\t{types_pb2.Metric.Name(g.metric)}"
                 f"\tdim={g.dimension}\titems={g.item_count}\tpending={g.pending_count}"
                 + ("\t*" if g.name in active else "")
             )
+            if g.HasField("rollout"):
+                print(f"  rollout {_describe_rollout(g.rollout)}")
+        names = {g.name for g in generations}
+        dropped = [d for d in client.list_rollouts() if d.generation not in names]
+        if dropped:
+            print("rollout decisions about dropped generations:")
+            for d in dropped:
+                print(f"  {d.generation}\t{d.model_name}:{d.model_version}\t{_describe_rollout(d)}")
         return 0
     if not args.name:
         parser.error(f"generations {args.action} needs a generation name")
@@ -194,6 +214,31 @@ def _generations(client, args, parser) -> int:
         client.drop_generation(args.name)
         print(f"dropped {args.name}")
     return 0
+
+
+def _figure_order(pair: tuple[str, float]) -> tuple[str, int]:
+    """recall@1, recall@5, recall@10 in that order (not as strings sort)."""
+    name, _, depth = pair[0].partition("@")
+    return (name, int(depth) if depth.isdigit() else 0)
+
+
+def _describe_rollout(d) -> str:
+    """One line: verdict, when, both generations' figures, timings, reason."""
+    from cbir.v1 import indexer_pb2
+
+    verdict = indexer_pb2.RolloutVerdict.Name(d.verdict).removeprefix("ROLLOUT_VERDICT_").lower()
+    when = d.activated_at if d.HasField("activated_at") else d.decided_at
+    what = "activated" if d.HasField("activated_at") else "decided"
+    figures = ", ".join(
+        f"{name} {value:.3f}" + (f" vs {d.active_metrics[name]:.3f}" if name in d.active_metrics else "")
+        for name, value in sorted(d.candidate_metrics.items(), key=_figure_order)
+    )
+    against = f" (vs {d.active_generation}, version {d.active_model_version})" if d.active_generation else ""
+    return (
+        f"{verdict}, {what} {when.ToJsonString()}: {figures}{against} on {d.evaluation_queries} queries; "
+        f"reindex {d.reindex_seconds:.1f} s, evaluation {d.evaluation_seconds:.1f} s, "
+        f"activation {d.activation_seconds:.1f} s; {d.reason}"
+    )
 
 
 def _serve(args) -> int:

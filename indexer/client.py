@@ -312,17 +312,49 @@ class IndexerClient:
         return self._all("CreateGeneration", request, timeout)[0]
 
     def activate_generation(
-        self, name: str, *, allow_pending: bool = False, timeout: float | None = None
+        self,
+        name: str,
+        *,
+        allow_pending: bool = False,
+        expected_active: str = "",
+        timeout: float | None = None,
     ) -> indexer_pb2.Generation:
+        """Activates ``name`` on shards n-1..1, then 0. Safe to repeat after a failure part-way.
+
+        With ``expected_active``, each shard switches only from that generation (compare-and-swap,
+        ABORTED otherwise); a shard already on ``name`` (an earlier, interrupted attempt) is left as is.
+        """
+        answer = None
+        for shard in reversed(range(self.shard_count)):
+            request = indexer_pb2.ActivateGenerationRequest(
+                name=name, allow_pending=allow_pending, expected_active=expected_active
+            )
+            try:
+                answer = self._call(shard, "ActivateGeneration", request, timeout)
+            except errors.Aborted:
+                current = self.get_generation(name, shard=shard, timeout=timeout)
+                if current.state != indexer_pb2.GENERATION_STATE_ACTIVE:
+                    raise
+                answer = current
+        return answer
+
+    def record_rollout(
+        self, decision: indexer_pb2.RolloutDecision, timeout: float | None = None
+    ) -> indexer_pb2.RolloutDecision:
+        """Records a rollout decision on shards n-1..1, then 0 (shard 0, which lists them, last)."""
         answer = None
         for shard in reversed(range(self.shard_count)):
             answer = self._call(
-                shard,
-                "ActivateGeneration",
-                indexer_pb2.ActivateGenerationRequest(name=name, allow_pending=allow_pending),
-                timeout,
+                shard, "RecordRollout", indexer_pb2.RecordRolloutRequest(decision=decision), timeout
             )
         return answer
+
+    def list_rollouts(
+        self, model_name: str = "", timeout: float | None = None
+    ) -> list[indexer_pb2.RolloutDecision]:
+        """Shard 0's rollout decisions, newest model version first."""
+        request = indexer_pb2.ListRolloutsRequest(model_name=model_name)
+        return list(self._call(0, "ListRollouts", request, timeout).decisions)
 
     def drop_generation(self, name: str, timeout: float | None = None) -> None:
         self._all("DropGeneration", indexer_pb2.DropGenerationRequest(name=name), timeout)

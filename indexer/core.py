@@ -19,6 +19,7 @@ change-log pruning, compaction). This module owns the state they share and the r
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import threading
@@ -46,7 +47,18 @@ from indexer import maintenance
 from indexer.catalogue import Catalogue, ItemFilter
 from indexer.graph import GraphParams, HnswGraph, SnapshotError, remove_snapshot
 from indexer.queries import Hit, KnnQuery, as_queries, search
-from indexer.store import ACTIVE, BUILDING, RETIRED, GenerationRow, ItemRow, ItemStore
+from indexer.store import (
+    ACTIVE,
+    BUILDING,
+    REJECTED,
+    RETIRED,
+    VERDICT_PASSED,
+    VERDICT_REJECTED,
+    GenerationRow,
+    ItemRow,
+    ItemStore,
+    RolloutRow,
+)
 
 __all__ = ["GenerationInfo", "Hit", "IndexerConfig", "IndexerCore", "ItemFilter", "StatsInfo", "check_item"]
 
@@ -115,6 +127,7 @@ class GenerationInfo:
     deleted_slots: int
     pending_count: int
     memory_bytes: int
+    rollout: RolloutRow | None = None
 
 
 @dataclass(frozen=True)
@@ -480,8 +493,55 @@ class IndexerCore:
     def _info(self, gen: GenerationState) -> GenerationInfo:
         graph = gen.graph
         return GenerationInfo(
-            gen.row, len(graph), graph.deleted_slots, self._pending_count(gen.name), graph.memory_bytes()
+            gen.row,
+            len(graph),
+            graph.deleted_slots,
+            self._pending_count(gen.name),
+            graph.memory_bytes(),
+            self.store.rollout_of(gen.name),
         )
+
+    # ================================================================== rollout decisions
+
+    def record_rollout(self, row: RolloutRow) -> RolloutRow:
+        """Stores the decision about a model version; a REJECTED one also rejects its generation."""
+        self._check_ready()
+        if not row.model_name:
+            raise InvalidInput("decision.model_name is required")
+        if row.model_version < 1:
+            raise InvalidInput(f"decision.model_version must be >= 1, got {row.model_version}")
+        if row.verdict not in (VERDICT_PASSED, VERDICT_REJECTED):
+            raise InvalidInput("decision.verdict must be ROLLOUT_VERDICT_PASSED or ROLLOUT_VERDICT_REJECTED")
+        if not row.generation:
+            raise InvalidInput("decision.generation is required")
+        for which, figures in (
+            ("candidate_metrics", row.candidate_metrics),
+            ("active_metrics", row.active_metrics),
+        ):
+            for name, value in figures.items():
+                if not name or not math.isfinite(value):
+                    raise InvalidInput(
+                        f"decision.{which}: {name!r} = {value} (names non-empty, values finite)"
+                    )
+        with self._write_lock:
+            gen = self._resolve(row.generation)
+            reject = row.verdict == VERDICT_REJECTED
+            if reject and gen.name == self._active:
+                raise FailedPrecondition(
+                    f"generation {gen.name!r} is active; activate another one before rejecting it"
+                )
+            self.store.record_rollout(row, reject_generation=reject)
+            if reject:
+                gen.row = replace(gen.row, state=REJECTED)
+        log.info(
+            "rollout decision recorded",
+            extra={"generation": row.generation, "model_version": row.model_version, "verdict": row.verdict},
+        )
+        return row
+
+    def list_rollouts(self, model_name: str = "") -> list[RolloutRow]:
+        self._check_ready()
+        return self.store.rollouts(model_name)
 
     # ================================================================== writes
 

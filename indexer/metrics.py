@@ -34,7 +34,7 @@ class IndexCollector:
             "Estimated resident size of a generation's HNSW graph.",
             labels=["generation"],
         )
-        states = {1: "building", 2: "active", 3: "retired"}
+        states = {1: "building", 2: "active", 3: "retired", 4: "rejected"}
         for row, count, deleted_slots, memory_bytes in self.core.graph_figures():
             vectors.add_metric([row.name, states.get(row.state, "unknown")], count)
             deleted.add_metric([row.name], deleted_slots)

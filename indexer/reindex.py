@@ -11,37 +11,107 @@ Steps:
 5. drain ListPending (items changed by writes to the active generation during the build, or in the
    index but not in this catalogue): embed them from their uri and upsert them;
 6. check (no pending, counts match, sampled items find themselves first) and activate.
+
+With ``--partition i/n`` a run is one of n workers (a Kubernetes Indexed Job, or n local processes):
+it embeds only the items of its partition (and drains only their pending ones) into the generation
+all n share (``<model>-v<version>``, the version pinned up front), and the worker that finds every
+partition complete and the counts right checks and activates it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from cbir.errors import CbirError, FailedPrecondition, InvalidInput, NotFound
+from cbir.defaults import SERVING_GRPC_PORT
+from cbir.errors import AlreadyExists, CbirError, FailedPrecondition, InvalidInput, NotFound, NotReady
 from cbir.logs import configure_cli_logging
+from cbir.metric import Metric
+from cbir.sharding import shard_of
 from cbir.v1 import indexer_pb2, types_pb2
 from indexer.core import check_item
 from indexer.store import ItemRow
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = {
-    "cosine": types_pb2.METRIC_COSINE,
-    "l2": types_pb2.METRIC_L2,
-    "ip": types_pb2.METRIC_INNER_PRODUCT,
-}
+# --metric accepts a metric's own name and hnswlib's ("ip" is what earlier versions documented).
+METRIC_NAMES = {**{m.space: m for m in Metric}, **{m.cli_name: m for m in Metric}}
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Worker ``index`` of ``count``: the items whose id hashes to ``index`` (cbir.sharding.shard_of).
+
+    Stable: the same id falls in the same partition in every process and run, so n workers cover the
+    catalogue exactly once, and a retried worker redoes only its own items.
+    """
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Partition:
+        """``"i/n"`` with 0 <= i < n, e.g. ``"2/3"`` (on Kubernetes: ``$(JOB_COMPLETION_INDEX)/3``)."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+        if not match:
+            raise InvalidInput(f"--partition must be i/n (e.g. 0/3), got {text!r}")
+        index, count = int(match[1]), int(match[2])
+        if count < 1 or not 0 <= index < count:
+            raise InvalidInput(f"--partition {text}: need n >= 1 and 0 <= i < n")
+        return cls(index, count)
+
+    def owns(self, item_id: str) -> bool:
+        return shard_of(item_id, self.count) == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class ReindexOptions:
+    """What to embed with and how; the CLI builds it from its flags (whose defaults are these)."""
+
+    model: str
+    serving: str = f"127.0.0.1:{SERVING_GRPC_PORT}"
+    model_version: int | None = None
+    signature: str = "serving_default"
+    generation: str | None = None
+    resume: bool = False
+    metric: str = "cosine"
+    hnsw_m: int = 0
+    hnsw_ef_construction: int = 0
+    hnsw_ef_search: int = 0
+    batch_size: int = 32
+    readers: int = 4
+    prefetch: int = 4
+    serving_timeout: float = 60.0
+    check_samples: int = 20
+    activate: bool = True
+    allow_pending: bool = False
+    progress: bool = True
+    partition: Partition | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidInput("--batch-size must be >= 1")
+        if self.metric not in METRIC_NAMES:
+            raise InvalidInput(f"--metric must be one of {sorted(METRIC_NAMES)}, got {self.metric!r}")
+
+
+_DEFAULTS = ReindexOptions(model="")
 
 
 def add_parser(sub, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+    d = _DEFAULTS
     p = sub.add_parser(
         "reindex",
         help="Embed a catalogue through Serving into a new generation and activate it.",
@@ -55,42 +125,99 @@ def add_parser(sub, client_flags: Callable[[argparse.ArgumentParser], None]) -> 
         "--dataset", default=None, help="Dataset of the original layout (bags, bags_40, bags_40_v2, cub)."
     )
     p.add_argument("--split", default=None, help="Only this split (train/validation/test).")
-    p.add_argument(
-        "--serving", default="127.0.0.1:8500", help="TF Serving (or local model server) gRPC address."
-    )
+    p.add_argument("--serving", default=d.serving, help="TF Serving (or local model server) gRPC address.")
     p.add_argument(
         "--model", required=False, default=None, help="Served model name (required unless --dry-run)."
     )
     p.add_argument(
         "--model-version",
         type=int,
-        default=None,
+        default=d.model_version,
         help="Model version to use (default: the latest served; pinned for the whole run).",
     )
-    p.add_argument("--signature", default="serving_default", help="Serving signature taking encoded images.")
+    p.add_argument("--signature", default=d.signature, help="Serving signature taking encoded images.")
     p.add_argument(
         "--generation",
-        default=None,
-        help="Generation name (default <model>-v<version>-<UTC time>); an existing one is resumed.",
+        default=d.generation,
+        help="Generation name (default <model>-v<version>-<UTC time>, with --partition <model>-v<version>); "
+        "an existing one is resumed.",
     )
     p.add_argument(
         "--resume",
         action="store_true",
         help="Resume the newest building generation of this model version (or --generation).",
     )
-    p.add_argument("--metric", default="cosine", choices=sorted(METRIC_NAMES))
-    p.add_argument("--hnsw-m", type=int, default=0, help="HNSW M (0: the server default).")
-    p.add_argument("--hnsw-ef-construction", type=int, default=0)
-    p.add_argument("--hnsw-ef-search", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="Images per Predict call.")
-    p.add_argument("--readers", type=int, default=4, help="Threads reading image files ahead of Serving.")
-    p.add_argument("--prefetch", type=int, default=4, help="Batches read ahead of the one being embedded.")
-    p.add_argument("--serving-timeout", type=float, default=60.0, help="Seconds per Predict call.")
-    p.add_argument("--check-samples", type=int, default=20, help="Items queried to check the generation.")
+    p.add_argument(
+        "--partition",
+        default=None,
+        type=_partition_flag,
+        help="Embed only partition i of n (i/n, e.g. 0/3; on Kubernetes $(JOB_COMPLETION_INDEX)/n) into the "
+        "generation n workers share; the worker that completes it checks and activates it.",
+    )
+    p.add_argument("--metric", default=d.metric, choices=sorted(METRIC_NAMES))
+    p.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help="HNSW M (0: the server default).")
+    p.add_argument("--hnsw-ef-construction", type=int, default=d.hnsw_ef_construction)
+    p.add_argument("--hnsw-ef-search", type=int, default=d.hnsw_ef_search)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="Images per Predict call.")
+    p.add_argument(
+        "--readers", type=int, default=d.readers, help="Threads reading image files ahead of Serving."
+    )
+    p.add_argument(
+        "--prefetch", type=int, default=d.prefetch, help="Batches read ahead of the one being embedded."
+    )
+    p.add_argument(
+        "--serving-timeout", type=float, default=d.serving_timeout, help="Seconds per Predict call."
+    )
+    p.add_argument(
+        "--check-samples", type=int, default=d.check_samples, help="Items queried to check the generation."
+    )
     p.add_argument("--no-activate", action="store_true", help="Build and check, but do not activate.")
     p.add_argument("--allow-pending", action="store_true", help="Activate even if items stay pending.")
     p.add_argument("--dry-run", action="store_true", help="Read and validate the catalogue, write nothing.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+
+def _partition_flag(text: str) -> Partition:
+    try:
+        return Partition.parse(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def options_from_args(args: argparse.Namespace) -> ReindexOptions:
+    """The reindex flags as options (raises InvalidInput for a bad combination)."""
+    if not args.model:
+        raise InvalidInput("--model is required (the served model name)")
+    return ReindexOptions(
+        model=args.model,
+        serving=args.serving,
+        model_version=args.model_version,
+        signature=args.signature,
+        generation=args.generation,
+        resume=args.resume,
+        metric=args.metric,
+        hnsw_m=args.hnsw_m,
+        hnsw_ef_construction=args.hnsw_ef_construction,
+        hnsw_ef_search=args.hnsw_ef_search,
+        batch_size=args.batch_size,
+        readers=args.readers,
+        prefetch=args.prefetch,
+        serving_timeout=args.serving_timeout,
+        check_samples=args.check_samples,
+        activate=not args.no_activate,
+        allow_pending=args.allow_pending,
+        progress=not args.no_progress,
+        partition=args.partition,
+    )
+
+
+def open_embedder(options: ReindexOptions):
+    """The Serving client the options describe (model, address, signature, timeout)."""
+    from embedder.client import EmbedderClient
+
+    return EmbedderClient(
+        options.serving, options.model, signature_name=options.signature, timeout=options.serving_timeout
+    )
 
 
 @dataclass
@@ -105,6 +232,9 @@ class ReindexReport:
     seconds: float
     stream_seconds: float
     activated: bool
+    partition: Partition | None = None
+    # Every partition is in (always true without --partition), the counts agree and nothing is pending.
+    complete: bool = True
 
     @property
     def items_per_second(self) -> float:
@@ -143,54 +273,61 @@ def _record(item: ItemRow, vector: np.ndarray) -> indexer_pb2.Record:
     )
 
 
+def embed_keeping_good(
+    embedder, images: Sequence[bytes], *, version: int | None, timeout: float
+) -> tuple[list[int], np.ndarray, int | None, list[tuple[int, str]]]:
+    """Embeds ``images``, leaving out the ones Serving rejects instead of failing the batch.
+
+    Returns (positions embedded, their vectors, the model version that answered, (position, reason)
+    of each rejected image). EmbedderClient names the culprit of a rejected batch (InvalidImage);
+    it is dropped and the rest sent again.
+    """
+    from embedder.client import InvalidImage
+
+    positions = list(range(len(images)))
+    rejected: list[tuple[int, str]] = []
+    while positions:
+        try:
+            result = embedder.embed([images[j] for j in positions], version=version, timeout=timeout)
+        except InvalidImage as exc:
+            rejected.append((positions.pop(exc.index), exc.message))
+            continue
+        return positions, np.asarray(result.vectors, dtype=np.float32), int(result.model_version), rejected
+    return [], np.zeros((0, 0), np.float32), None, rejected
+
+
 class Pipeline:
     """Reads images ahead in a thread pool, embeds batch by batch at a pinned version, upserts behind."""
 
-    def __init__(
-        self, embedder, client, *, batch_size: int, readers: int, prefetch: int, timeout: float, progress=None
-    ):
+    def __init__(self, embedder, client, options: ReindexOptions, progress=None):
         self.embedder = embedder
         self.client = client
-        self.batch_size = batch_size
-        self.readers = max(1, readers)
-        self.prefetch = max(1, prefetch)
-        self.timeout = timeout
+        self.batch_size = options.batch_size
+        self.readers = max(1, options.readers)
+        self.prefetch = max(1, options.prefetch)
+        self.timeout = options.serving_timeout
         self.progress = progress
         self.version: int | None = None
         self.failed: list[tuple[str, str]] = []
         # Time spent streaming (read -> embed -> upsert), without the set-up, drain and check.
         self.stream_seconds = 0.0
 
-    def embed(self, images: Sequence[bytes]) -> tuple[np.ndarray, int]:
-        result = self.embedder.embed(images, version=self.version, timeout=self.timeout)
-        if self.version is None:
-            self.version = int(result.model_version)
-        elif int(result.model_version) != self.version:
-            raise FailedPrecondition(
-                f"Serving answered with model version {result.model_version}, not the pinned {self.version}"
-            )
-        return np.asarray(result.vectors, dtype=np.float32), int(result.model_version)
-
     def embed_items(self, items: Sequence[ItemRow], images: Sequence[bytes | None]):
         """Vectors for the items whose image could be read and embedded; bad ones are recorded."""
-        keep = [j for j, img in enumerate(images) if img is not None]
-        if not keep:
-            return [], np.zeros((0, 0), np.float32)
-        try:
-            vectors, _ = self.embed([images[j] for j in keep])
-            return [items[j] for j in keep], vectors
-        except InvalidInput:
-            # One bad image fails the whole Predict: embed one by one to name it and keep the rest.
-            good, rows = [], []
-            for j in keep:
-                try:
-                    vec, _ = self.embed([images[j]])
-                except InvalidInput as exc:
-                    self.failed.append((items[j].id, exc.message))
-                    continue
-                good.append(items[j])
-                rows.append(vec[0])
-            return good, (np.stack(rows) if rows else np.zeros((0, 0), np.float32))
+        readable = [j for j, img in enumerate(images) if img is not None]
+        kept, vectors, answered, rejected = embed_keeping_good(
+            self.embedder, [images[j] for j in readable], version=self.version, timeout=self.timeout
+        )
+        for position, reason in rejected:
+            self.failed.append((items[readable[position]].id, reason))
+        if answered is not None:
+            if self.version is None:
+                self.version = answered
+            elif answered != self.version:
+                raise FailedPrecondition(
+                    f"Serving answered with model version {answered}, not the pinned {self.version}"
+                )
+        return [items[readable[j]] for j in kept], vectors
 
     def read(self, items: Sequence[ItemRow]) -> list[bytes | None]:
         from cbir.catalogue import read_image_bytes
@@ -248,32 +385,36 @@ def run(args, make_client) -> int:
             raise InvalidInput(f"the catalogue {args.catalogue} has no images")
         if args.dry_run:
             return _dry_run(items, args)
-        if not args.model:
-            raise InvalidInput("--model is required (the served model name)")
-        if args.batch_size < 1:
-            raise InvalidInput("--batch-size must be >= 1")
-        report = reindex(items, args, make_client)
+        options = options_from_args(args)
+        with make_client(args) as client, open_embedder(options) as embedder:
+            report = reindex(items, options, client, embedder)
     except CbirError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    part = f"partition {report.partition}: " if report.partition else ""
     print(
-        f"generation {report.generation} (model {args.model} version {report.model_version}): "
+        f"{part}generation {report.generation} (model {options.model} version {report.model_version}): "
         f"{report.catalogue_items} catalogue items, {report.embedded} embedded, {report.skipped} already "
         f"current, {report.pending_embedded} pending embedded, {len(report.failed)} failed, "
         f"{report.stream_items_per_second:.1f} items/s streaming, {report.items_per_second:.1f} items/s end to end; "
+        f"{'complete' if report.complete else 'waiting for the other partitions'}, "
         f"{'activated' if report.activated else 'not activated'}"
     )
     for item_id, why in report.failed[:20]:
         print(f"  failed {item_id}: {why}", file=sys.stderr)
+    if report.failed:
+        print(
+            f"not activating: {len(report.failed)} images failed; fix them and run again to resume "
+            f"(--generation {report.generation})",
+            file=sys.stderr,
+        )
     return 1 if report.failed else 0
 
 
 def _dry_run(items: list[ItemRow], args) -> int:
-    from cbir.sharding import shard_of
-
     missing = [i for i in items if not Path(i.uri).is_file()]
     labels = {i.label for i in items}
     shards = len([t for t in args.indexer.split(",") if t.strip()])
@@ -289,130 +430,182 @@ def _dry_run(items: list[ItemRow], args) -> int:
     return 1 if missing else 0
 
 
-def _find_generation(client, args) -> indexer_pb2.Generation | None:
+def generation_name(options: ReindexOptions, version: int) -> str:
+    """The generation a run writes to: --generation, else one every partition worker agrees on."""
+    if options.generation:
+        return options.generation
+    if options.partition is not None:
+        return f"{options.model}-v{version}"
+    return f"{options.model}-v{version}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+
+
+def _find_generation(client, options: ReindexOptions) -> indexer_pb2.Generation | None:
     """The generation to resume, if any."""
-    if args.generation:
+    name = options.generation
+    if not name and options.partition is not None and options.model_version is not None:
+        name = generation_name(options, options.model_version)
+    if name:
         try:
-            return client.get_generation(args.generation)
+            return client.get_generation(name)
         except NotFound:
-            if args.resume:
+            if options.resume:
                 raise
             return None
-    if not args.resume:
+    if not options.resume:
         return None
     candidates = [
         g
         for g in client.list_generations()
         if g.state == indexer_pb2.GENERATION_STATE_BUILDING
-        and g.space.model_name == args.model
-        and (args.model_version is None or g.space.model_version == args.model_version)
+        and g.space.model_name == options.model
+        and (options.model_version is None or g.space.model_version == options.model_version)
     ]
     if not candidates:
-        raise NotFound(f"--resume: no building generation of model {args.model!r} to resume")
+        raise NotFound(f"--resume: no building generation of model {options.model!r} to resume")
     return candidates[0]
 
 
-def reindex(items: list[ItemRow], args, make_client) -> ReindexReport:
-    from embedder.client import EmbedderClient
+def _latest_available(embedder, model: str) -> int:
+    versions = [v for v, state in embedder.model_versions().items() if state == "AVAILABLE"]
+    if not versions:
+        raise NotReady(f"Serving has no AVAILABLE version of model {model!r} yet")
+    return max(versions)
 
-    started = time.monotonic()
-    with (
-        make_client(args) as client,
-        EmbedderClient(
-            args.serving, args.model, signature_name=args.signature, timeout=args.serving_timeout
-        ) as embedder,
+
+class _Target:
+    """The generation being written: created on the first embedded batch, or joined when it exists.
+
+    Joining (another partition worker created it first, or a run resumes it) checks that it holds
+    the same embedding space and dimension, so two spaces never meet in one generation.
+    """
+
+    def __init__(
+        self,
+        client,
+        options: ReindexOptions,
+        existing: indexer_pb2.Generation | None,
+        say: Callable[[str], None],
     ):
-        existing = _find_generation(client, args)
-        pipeline = Pipeline(
-            embedder,
-            client,
-            batch_size=args.batch_size,
-            readers=args.readers,
-            prefetch=args.prefetch,
-            timeout=args.serving_timeout,
-        )
-        skipped = 0
-        todo = items
-        if existing is not None:
-            if existing.state != indexer_pb2.GENERATION_STATE_BUILDING and not args.generation:
-                raise FailedPrecondition(f"generation {existing.name!r} is not building")
-            if args.model_version is not None and existing.space.model_version != args.model_version:
-                raise FailedPrecondition(
-                    f"generation {existing.name!r} was built with version "
-                    f"{existing.space.model_version}, not {args.model_version}"
-                )
-            pipeline.version = int(existing.space.model_version)
-            todo = _still_to_do(client, existing.name, items)
-            skipped = len(items) - len(todo)
-            print(
-                f"resuming generation {existing.name}: {skipped} items already current, {len(todo)} to embed"
+        self.client = client
+        self.options = options
+        self.name = existing.name if existing is not None else None
+        self.say = say
+
+    def __call__(self, dim: int, version: int) -> str:
+        if self.name is None:
+            o = self.options
+            name = generation_name(o, version)
+            params = indexer_pb2.HnswParams(
+                m=o.hnsw_m, ef_construction=o.hnsw_ef_construction, ef_search=o.hnsw_ef_search
             )
-        elif args.model_version is not None:
-            pipeline.version = args.model_version
-        name_box: list[str] = [existing.name] if existing is not None else []
+            space = types_pb2.EmbeddingSpace(model_name=o.model, model_version=version)
+            try:
+                self.client.create_generation(name, space, METRIC_NAMES[o.metric], dim, params)
+                self.say(f"created generation {name} (model {o.model} version {version}, dim {dim})")
+            except AlreadyExists:
+                self._join(self.client.get_generation(name), version, dim)
+                self.say(f"joined generation {name} (model {o.model} version {version}, dim {dim})")
+            self.name = name
+        return self.name
 
-        def generation(dim: int, version: int) -> str:
-            if not name_box:
-                name = (
-                    args.generation
-                    or f"{args.model}-v{version}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-                )
-                params = indexer_pb2.HnswParams(
-                    m=args.hnsw_m, ef_construction=args.hnsw_ef_construction, ef_search=args.hnsw_ef_search
-                )
-                client.create_generation(
-                    name,
-                    types_pb2.EmbeddingSpace(model_name=args.model, model_version=version),
-                    METRIC_NAMES[args.metric],
-                    dim,
-                    params,
-                )
-                print(f"created generation {name} (model {args.model} version {version}, dim {dim})")
-                name_box.append(name)
-            return name_box[0]
-
-        progress = None
-        if not args.no_progress and todo:
-            from tqdm import tqdm
-
-            progress = tqdm(total=len(todo), unit="img", desc="embedding", file=sys.stderr, smoothing=0.1)
-        pipeline.progress = progress
-        try:
-            embedded = pipeline.run(todo, generation)
-        finally:
-            if progress is not None:
-                progress.close()
-        if not name_box:
-            raise FailedPrecondition("no image could be embedded; nothing was written")
-        name = name_box[0]
-        pending_embedded = _drain_pending(client, pipeline, name)
-        _check(client, name, args.check_samples, args.allow_pending)
-        activated = False
-        if not args.no_activate and not pipeline.failed:
-            client.activate_generation(name, allow_pending=args.allow_pending)
-            activated = True
-        elif pipeline.failed:
-            print(
-                f"not activating: {len(pipeline.failed)} images failed; fix them and run again to resume "
-                f"(--generation {name})",
-                file=sys.stderr,
+    def _join(self, gen: indexer_pb2.Generation, version: int, dim: int) -> None:
+        if (gen.space.model_name, gen.space.model_version, gen.dimension) != (
+            self.options.model,
+            version,
+            dim,
+        ):
+            raise FailedPrecondition(
+                f"generation {gen.name!r} holds model {gen.space.model_name} version "
+                f"{gen.space.model_version} (dim {gen.dimension}); this run embedded with version {version} "
+                f"(dim {dim}). Run again with --model-version {gen.space.model_version} to resume it"
             )
-        return ReindexReport(
-            name,
-            pipeline.version or 0,
-            len(items),
-            embedded,
-            skipped,
-            pending_embedded,
-            pipeline.failed,
-            time.monotonic() - started,
-            pipeline.stream_seconds,
-            activated,
-        )
+        if gen.state != indexer_pb2.GENERATION_STATE_BUILDING:
+            raise FailedPrecondition(f"generation {gen.name!r} is not building; choose another --generation")
+
+
+def reindex(
+    items: list[ItemRow], options: ReindexOptions, client, embedder, *, say: Callable[[str], None] = print
+) -> ReindexReport:
+    """Embeds ``items`` (this worker's partition of them) into a generation; checks and activates it.
+
+    ``client`` is an IndexerClient, ``embedder`` an EmbedderClient of ``options.model``; progress
+    lines go to ``say``.
+    """
+    started = time.monotonic()
+    part = options.partition
+    if part is not None and options.model_version is None:
+        # Every worker must pin the same version before its first batch, so that they agree on the
+        # generation and a retried worker resumes it.
+        options = replace(options, model_version=_latest_available(embedder, options.model))
+    mine = [i for i in items if part.owns(i.id)] if part is not None else items
+    existing = _find_generation(client, options)
+    pipeline = Pipeline(embedder, client, options)
+    skipped = 0
+    todo = mine
+    if existing is not None:
+        if existing.state != indexer_pb2.GENERATION_STATE_BUILDING and not options.generation:
+            raise FailedPrecondition(f"generation {existing.name!r} is not building")
+        if options.model_version is not None and existing.space.model_version != options.model_version:
+            raise FailedPrecondition(
+                f"generation {existing.name!r} was built with version "
+                f"{existing.space.model_version}, not {options.model_version}"
+            )
+        pipeline.version = int(existing.space.model_version)
+        todo = _still_to_do(client, existing.name, mine)
+        skipped = len(mine) - len(todo)
+        say(f"resuming generation {existing.name}: {skipped} items already current, {len(todo)} to embed")
+    elif options.model_version is not None:
+        pipeline.version = options.model_version
+    target = _Target(client, options, existing, say)
+    if target.name is None and part is not None:
+        # Create (or join) the shared generation before streaming: a worker whose partition of the
+        # catalogue is empty still drains its pending items into it.
+        dim = embedder.signature(pipeline.version).dim
+        if dim > 0:
+            target(dim, pipeline.version)
+
+    progress = None
+    if options.progress and todo:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(todo), unit="img", desc="embedding", file=sys.stderr, smoothing=0.1)
+    pipeline.progress = progress
+    try:
+        embedded = pipeline.run(todo, target)
+    finally:
+        if progress is not None:
+            progress.close()
+    if target.name is None:
+        raise FailedPrecondition("no image could be embedded; nothing was written")
+    name = target.name
+    pending_embedded = _drain_pending(client, pipeline, name, target, part, say)
+    complete = part is None or _complete(client, name, len(items), say)
+    if complete:
+        _check(client, name, options.check_samples, options.allow_pending, say)
+    activated = False
+    if options.activate and complete and not pipeline.failed:
+        client.activate_generation(name, allow_pending=options.allow_pending)
+        activated = True
+    return ReindexReport(
+        name,
+        pipeline.version or 0,
+        len(mine),
+        embedded,
+        skipped,
+        pending_embedded,
+        pipeline.failed,
+        time.monotonic() - started,
+        pipeline.stream_seconds,
+        activated,
+        part,
+        complete,
+    )
 
 
 def _still_to_do(client, generation: str, items: list[ItemRow]) -> list[ItemRow]:
     """Items without a current vector in the generation (missing, pending, or changed in the catalogue)."""
+    if not items:
+        return []
     have = {r.item.id: r.item for r in client.list_items(generation)}
     pending = {i.id for i in client.list_pending(generation)}
     todo = []
@@ -429,27 +622,59 @@ def _still_to_do(client, generation: str, items: list[ItemRow]) -> list[ItemRow]
     return todo
 
 
-def _drain_pending(client, pipeline: Pipeline, generation: str, rounds: int = 5) -> int:
-    """Embeds items pending in the generation from their uri until none are left (or no progress)."""
+def _drain_pending(
+    client,
+    pipeline: Pipeline,
+    generation: str,
+    target: _Target,
+    part: Partition | None,
+    say: Callable[[str], None],
+    rounds: int = 5,
+) -> int:
+    """Embeds items pending in the generation from their uri until none are left (or no progress).
+
+    A partition worker takes only the pending items of its partition: the others are theirs.
+    """
     done = 0
     for _ in range(rounds):
-        pending = [ItemRow(i.id, i.uri, i.label, dict(i.attributes)) for i in client.list_pending(generation)]
-        pending = [i for i in pending if i.id not in {f for f, _ in pipeline.failed}]
+        failed = {f for f, _ in pipeline.failed}
+        pending = [
+            ItemRow(i.id, i.uri, i.label, dict(i.attributes))
+            for i in client.list_pending(generation)
+            if i.id not in failed and (part is None or part.owns(i.id))
+        ]
         if not pending:
             break
-        print(f"embedding {len(pending)} pending items of {generation}")
-        done += pipeline.run(pending, lambda _dim, _version: generation)
+        say(f"embedding {len(pending)} pending items of {generation}")
+        done += pipeline.run(pending, target)
     return done
 
 
-def _check(client, generation: str, samples: int, allow_pending: bool = False) -> None:
+def _complete(client, generation: str, catalogue_items: int, say: Callable[[str], None]) -> bool:
+    """Whether every partition is in: a current vector for every catalogue item, on every shard."""
+    gens = [client.get_generation(generation, shard=s) for s in range(client.shard_count)]
+    vectors = sum(g.item_count for g in gens)
+    indexed = sum(s.item_count for s in client.stats())
+    pending = sum(g.pending_count for g in gens)
+    complete = pending == 0 and vectors == indexed and vectors >= catalogue_items
+    if not complete:
+        say(
+            f"generation {generation}: {vectors} vectors for {max(indexed, catalogue_items)} items, "
+            f"{pending} pending: waiting for the other partitions"
+        )
+    return complete
+
+
+def _check(
+    client, generation: str, samples: int, allow_pending: bool = False, say: Callable[[str], None] = print
+) -> None:
     """Counts match across shards, nothing pending, and sampled items are their own nearest neighbour."""
     gens = [client.get_generation(generation, shard=s) for s in range(client.shard_count)]
     stats = client.stats()
     in_generation = sum(g.item_count for g in gens)
     catalogue = sum(s.item_count for s in stats)
     pending = sum(g.pending_count for g in gens)
-    print(f"check: {in_generation} vectors for {catalogue} catalogue items, {pending} pending")
+    say(f"check: {in_generation} vectors for {catalogue} catalogue items, {pending} pending")
     if (pending or in_generation != catalogue) and not allow_pending:
         raise FailedPrecondition(
             f"check failed: generation {generation} has {in_generation} vectors for {catalogue} "
@@ -472,21 +697,14 @@ def _check(client, generation: str, samples: int, allow_pending: bool = False) -
         top = neighbours.hits[0] if neighbours.hits else None
         # A duplicate image may tie with the item itself; the score must still be the best possible.
         if top is None or (
-            top.id != record.item.id and top.score < _self_score(record, answer.generation.metric) - 1e-4
+            top.id != record.item.id
+            and top.score
+            < Metric(answer.generation.metric).self_score(np.asarray(record.vector, np.float32)) - 1e-4
         ):
             raise FailedPrecondition(
                 f"check failed: item {record.item.id!r} does not find itself first in "
                 f"{generation} (got {top.id if top else 'nothing'!r})"
             )
-
-
-def _self_score(record: indexer_pb2.Record, metric: int) -> float:
-    v = np.asarray(record.vector, np.float32)
-    if metric == types_pb2.METRIC_L2:
-        return 1.0
-    if metric == types_pb2.METRIC_INNER_PRODUCT:
-        return float(v @ v)
-    return 1.0
 
 
 def export(client, generation: str, output: Path) -> int:

@@ -14,7 +14,7 @@ from cbir.server import RunningServer, ServerOptions, start_server
 from cbir.v1 import indexer_pb2, indexer_pb2_grpc, types_pb2
 from indexer.core import GenerationInfo, IndexerCore, ItemFilter
 from indexer.metrics import IndexCollector
-from indexer.store import GenerationRow, ItemRow
+from indexer.store import GenerationRow, ItemRow, RolloutRow
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,52 @@ def _timestamp(seconds: float | None) -> Timestamp | None:
     return ts
 
 
+def _seconds(ts: Timestamp, present: bool) -> float | None:
+    return ts.ToNanoseconds() / 1e9 if present else None
+
+
+def rollout_to_proto(row: RolloutRow) -> indexer_pb2.RolloutDecision:
+    return indexer_pb2.RolloutDecision(
+        model_name=row.model_name,
+        model_version=row.model_version,
+        generation=row.generation,
+        verdict=row.verdict,
+        reason=row.reason,
+        candidate_metrics=row.candidate_metrics,
+        active_generation=row.active_generation,
+        active_model_version=row.active_model_version,
+        active_metrics=row.active_metrics,
+        evaluation_queries=row.evaluation_queries,
+        started_at=_timestamp(row.started_at),
+        decided_at=_timestamp(row.decided_at),
+        activated_at=_timestamp(row.activated_at),
+        reindex_seconds=row.reindex_seconds,
+        evaluation_seconds=row.evaluation_seconds,
+        activation_seconds=row.activation_seconds,
+    )
+
+
+def rollout_from_proto(d: indexer_pb2.RolloutDecision) -> RolloutRow:
+    return RolloutRow(
+        model_name=d.model_name,
+        model_version=d.model_version,
+        generation=d.generation,
+        verdict=d.verdict,
+        reason=d.reason,
+        candidate_metrics=dict(d.candidate_metrics),
+        active_generation=d.active_generation,
+        active_model_version=d.active_model_version,
+        active_metrics=dict(d.active_metrics),
+        evaluation_queries=d.evaluation_queries,
+        started_at=_seconds(d.started_at, d.HasField("started_at")),
+        decided_at=_seconds(d.decided_at, d.HasField("decided_at")),
+        activated_at=_seconds(d.activated_at, d.HasField("activated_at")),
+        reindex_seconds=d.reindex_seconds,
+        evaluation_seconds=d.evaluation_seconds,
+        activation_seconds=d.activation_seconds,
+    )
+
+
 def generation_to_proto(info: GenerationInfo) -> indexer_pb2.Generation:
     row = info.row
     return indexer_pb2.Generation(
@@ -69,6 +115,7 @@ def generation_to_proto(info: GenerationInfo) -> indexer_pb2.Generation:
         params=indexer_pb2.HnswParams(m=row.m, ef_construction=row.ef_construction, ef_search=row.ef_search),
         created_at=_timestamp(row.created_at),
         activated_at=_timestamp(row.activated_at),
+        rollout=rollout_to_proto(info.rollout) if info.rollout else None,
     )
 
 
@@ -208,6 +255,14 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
     def DropGeneration(self, request, context):
         self.core.drop_generation(request.name)
         return indexer_pb2.DropGenerationResponse()
+
+    def RecordRollout(self, request, context):
+        return rollout_to_proto(self.core.record_rollout(rollout_from_proto(request.decision)))
+
+    def ListRollouts(self, request, context):
+        return indexer_pb2.ListRolloutsResponse(
+            decisions=[rollout_to_proto(r) for r in self.core.list_rollouts(request.model_name)]
+        )
 
 
 # ---------------------------------------------------------------------- wiring

@@ -10,6 +10,8 @@ Layout (one database file, WAL journal, ``synchronous=FULL`` so a commit is on d
   delete, which touches every generation); its ``seq`` is the global sequence number. HNSW
   snapshots record the last ``seq`` they contain and a restart replays the rows after it.
 - ``generations`` and ``meta`` (the active generation).
+- ``rollouts``: the rollout controller's decision per (model name, model version); kept when the
+  generation it names is dropped (the history of what was tried).
 
 Every public write method runs in one transaction: all of it is durable, or none of it.
 """
@@ -20,7 +22,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +61,20 @@ CREATE TABLE IF NOT EXISTS changes (
     generation TEXT,
     id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rollouts (
+    model_name TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    generation TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (model_name, model_version)
+);
+CREATE INDEX IF NOT EXISTS rollouts_by_generation ON rollouts (generation);
 """
 
 # Generation states, numerically equal to indexer_pb2.GenerationState (the core converts nothing).
-BUILDING, ACTIVE, RETIRED = 1, 2, 3
+BUILDING, ACTIVE, RETIRED, REJECTED = 1, 2, 3, 4
+# Rollout verdicts, numerically equal to indexer_pb2.RolloutVerdict.
+VERDICT_PASSED, VERDICT_REJECTED = 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +106,35 @@ class GenerationRow:
     state: int
     created_at: float
     activated_at: float | None = None
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    """A rollout decision as stored (the fields of indexer.proto's RolloutDecision; times in epoch seconds)."""
+
+    model_name: str
+    model_version: int
+    generation: str
+    verdict: int
+    reason: str = ""
+    candidate_metrics: dict[str, float] = field(default_factory=dict)
+    active_generation: str = ""
+    active_model_version: int = 0
+    active_metrics: dict[str, float] = field(default_factory=dict)
+    evaluation_queries: int = 0
+    started_at: float | None = None
+    decided_at: float | None = None
+    activated_at: float | None = None
+    reindex_seconds: float = 0.0
+    evaluation_seconds: float = 0.0
+    activation_seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RolloutRow:
+        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)
@@ -296,6 +337,31 @@ class ItemStore:
                 total += p.stat().st_size
         return total
 
+    def rollouts(self, model_name: str = "") -> list[RolloutRow]:
+        """Recorded rollout decisions (of one model, or all), newest model version first."""
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT record FROM rollouts WHERE ? = '' OR model_name = ?"
+                " ORDER BY model_version DESC, model_name",
+                (model_name, model_name),
+            )
+            .fetchall()
+        )
+        return [RolloutRow.from_json(r[0]) for r in rows]
+
+    def rollout_of(self, generation: str) -> RolloutRow | None:
+        """The latest decision naming ``generation``, if any."""
+        row = (
+            self._reader()
+            .execute(
+                "SELECT record FROM rollouts WHERE generation = ? ORDER BY model_version DESC LIMIT 1",
+                (generation,),
+            )
+            .fetchone()
+        )
+        return RolloutRow.from_json(row[0]) if row else None
+
     def get_meta(self, key: str) -> str | None:
         row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
@@ -398,6 +464,17 @@ class ItemStore:
             conn.execute("DELETE FROM vectors WHERE generation = ?", (name,))
             conn.execute("DELETE FROM changes WHERE generation = ?", (name,))
             conn.execute("DELETE FROM generations WHERE name = ?", (name,))
+
+    def record_rollout(self, row: RolloutRow, *, reject_generation: bool) -> None:
+        """Writes (replaces) the decision about ``row``'s model version; optionally marks its generation REJECTED."""
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO rollouts (model_name, model_version, generation, record)"
+                " VALUES (?, ?, ?, ?)",
+                (row.model_name, row.model_version, row.generation, row.to_json()),
+            )
+            if reject_generation:
+                conn.execute("UPDATE generations SET state = ? WHERE name = ?", (REJECTED, row.generation))
 
     def prune_changes(self, up_to: int) -> None:
         """Forgets change-log rows up to ``up_to``; remembers how far, so that a snapshot older than

@@ -77,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Catalogue to index when the indexer has no active generation "
         "(default: the demo's catalogue, if `make demo` ran).",
     )
+    up.add_argument(
+        "--follow",
+        action="store_true",
+        help="Also run the rollout controller (`python -m indexer follow`): a new version exported into "
+        "the model repository is reindexed, evaluated on --eval and activated only if it passes the gate.",
+    )
+    up.add_argument(
+        "--eval",
+        type=Path,
+        default=None,
+        help="Labelled evaluation set of the controller (default: the demo's test split, if `make demo` ran).",
+    )
     defaults_ports = StackPorts.defaults()
     for name, what in (
         ("serving", "the model server's gRPC"),
@@ -85,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("gateway", "the gateway's gRPC"),
         ("gateway_metrics", "the gateway's /metrics (-1: off)"),
         ("gateway_http", "the gateway's HTTP/JSON API and search page (-1: off)"),
+        ("rollout", "the rollout controller's health gRPC (with --follow)"),
     ):
         up.add_argument(
             StackPorts.option(name),

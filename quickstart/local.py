@@ -15,6 +15,7 @@ from quickstart.stack import Stack
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODELS = REPO / "var" / "demo" / "models"
 DEMO_CATALOGUE = REPO / "var" / "demo" / "data" / "train"
+DEMO_EVAL = REPO / "var" / "demo" / "data" / "test"
 
 
 def _versions(model_dir: Path) -> list[int]:
@@ -46,6 +47,15 @@ def ensure_model(models: Path, model_name: str, *, seed_from: Path = DEMO_MODELS
 
 def up(args) -> int:
     root: Path = args.root
+    catalogue = args.catalogue or (DEMO_CATALOGUE if DEMO_CATALOGUE.is_dir() else None)
+    eval_set = args.eval or (DEMO_EVAL if DEMO_EVAL.is_dir() else None)
+    if args.follow and (catalogue is None or eval_set is None or not eval_set.exists()):
+        raise FailedPrecondition(
+            "--follow needs a catalogue to reindex and a labelled evaluation set"
+            + (f" ({eval_set} does not exist)" if eval_set is not None else "")
+            + ": pass --catalogue and --eval (make up FOLLOW=1 DATA=... EVAL=...), or run `make demo` first "
+            "(its train and test splits)"
+        )
     models = (args.models or root / "models").resolve()
     version = ensure_model(models, args.model_name)
     ports = services.StackPorts(
@@ -55,14 +65,21 @@ def up(args) -> int:
         args.indexer_metrics_port,
         args.gateway_metrics_port,
         args.gateway_http_port,
+        args.rollout_port,
     )
     stack = Stack(root)
     print(f"local stack in {root} (model {args.model_name} from {models}, latest version {version})")
-    catalogue = args.catalogue or (DEMO_CATALOGUE if DEMO_CATALOGUE.is_dir() else None)
     serving, indexer, gateway = services.stack_specs(
         root, models, args.model_name, ports, catalogue_root=catalogue
     )
-    for spec in (serving, indexer, gateway):
+    rollout = (
+        services.rollout_spec(
+            serving, indexer, args.model_name, catalogue.resolve(), eval_set.resolve(), ports
+        )
+        if args.follow
+        else None
+    )
+    for spec in (serving, indexer, gateway, *([rollout] if rollout else [])):
         # Before anything starts: a taken port must not leave half a stack running.
         stack.check_ports(spec)
     for spec in (serving, indexer):
@@ -96,10 +113,17 @@ def up(args) -> int:
         generation = services.active_generation(indexer_target)
     # The gateway is NOT_SERVING until a generation is active: then "up" is all we can wait for.
     services.start_service(stack, gateway, timeout=args.timeout, require_serving=generation is not None)
+    if rollout is not None:
+        services.start_service(stack, rollout, timeout=args.timeout)
     _print_status(stack)
     if ports.gateway_http >= 0:
         print(f"\nsearch page: http://127.0.0.1:{ports.gateway_http}/   (HTTP/JSON API: /openapi.json)")
     print(f"search:  .venv/bin/python -m gateway search --target 127.0.0.1:{ports.gateway} --image <file>")
+    if args.follow:
+        print(
+            f"rollout: export a new version into {models / args.model_name}; then "
+            f".venv/bin/python -m indexer generations list --indexer {indexer_target}"
+        )
     print("stop:    make down")
     return 0
 

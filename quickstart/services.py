@@ -18,8 +18,8 @@ from cbir.errors import FailedPrecondition, NotReady
 from cbir.v1 import indexer_pb2, indexer_pb2_grpc, search_pb2, search_pb2_grpc
 from quickstart.stack import ServiceSpec, Stack, free_port
 
-SERVING, INDEXER, GATEWAY = "serving", "indexer", "gateway"
-ORDER = (SERVING, INDEXER, GATEWAY)
+SERVING, INDEXER, GATEWAY, ROLLOUT = "serving", "indexer", "gateway", "rollout"
+ORDER = (SERVING, INDEXER, GATEWAY, ROLLOUT)
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class StackPorts:
     indexer_metrics: int = -1
     gateway_metrics: int = -1
     gateway_http: int = -1
+    # The rollout controller's health port (`up --follow` only).
+    rollout: int = defaults.ROLLOUT_PORT
 
     @staticmethod
     def option(name: str) -> str:
@@ -56,7 +58,7 @@ class StackPorts:
 
     @classmethod
     def free(cls) -> StackPorts:
-        return cls(free_port(), free_port(), free_port(), -1, -1)
+        return cls(free_port(), free_port(), free_port(), -1, -1, free_port(), free_port())
 
 
 def write_model_config(path: Path, model_repo: Path, model_name: str, num_versions: int = 2) -> Path:
@@ -150,6 +152,48 @@ def stack_specs(
         listens=ports.listens("gateway", "gateway_metrics", "gateway_http"),
     )
     return [serving, indexer, gateway]
+
+
+def rollout_spec(
+    serving: ServiceSpec,
+    indexer: ServiceSpec,
+    model_name: str,
+    catalogue: Path,
+    eval_set: Path,
+    ports: StackPorts,
+    *,
+    poll_seconds: float = 1.0,
+) -> ServiceSpec:
+    """The rollout controller (`python -m indexer follow`) of the local stack (indexer/README.md, Rollouts)."""
+    return ServiceSpec(
+        ROLLOUT,
+        "indexer",
+        (
+            "follow",
+            "--indexer",
+            indexer.target,
+            "--serving",
+            serving.target,
+            "--model",
+            model_name,
+            "--catalogue",
+            str(catalogue),
+            "--eval",
+            str(eval_set),
+            "--poll-seconds",
+            f"{poll_seconds:g}",
+            "--port",
+            str(ports.rollout),
+            "--metrics-port",
+            "-1",
+            "--host",
+            "127.0.0.1",
+            "--log-format",
+            "text",
+        ),
+        ports.rollout,
+        listens=ports.listens("rollout"),
+    )
 
 
 def start_service(

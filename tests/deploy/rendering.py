@@ -102,13 +102,18 @@ def find(objects, kind: str, name: str) -> dict:
     return matches[0]
 
 
+def pod_template(workload: dict) -> dict:
+    """The pod template (metadata and spec) of a workload; a CronJob's is inside its Job template."""
+    if workload["kind"] == "CronJob":
+        return workload["spec"]["jobTemplate"]["spec"]["template"]
+    return workload["spec"]["template"]
+
+
 def pod_specs(objects) -> Iterator[tuple[dict, dict]]:
     """(workload, pod spec) for every object that runs pods."""
     for obj in objects:
-        if obj["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
-            yield obj, obj["spec"]["template"]["spec"]
-        elif obj["kind"] == "CronJob":
-            yield obj, obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob"):
+            yield obj, pod_template(obj)["spec"]
 
 
 def containers(spec: dict) -> list[dict]:

@@ -23,7 +23,11 @@ OUR_IMAGES = ("cbir/services", "cbir/trainer")
 VARIABLE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 ENV_IN_HELP = re.compile(r"\benv (CBIR_[A-Z0-9_]+)")
 # Downward-API values, as the kubelet would fill them in for the first pod.
-FIELD_VALUES = {"metadata.labels['apps.kubernetes.io/pod-index']": "0", "metadata.name": "cbir-indexer-0"}
+FIELD_VALUES = {
+    "metadata.labels['apps.kubernetes.io/pod-index']": "0",
+    "metadata.name": "cbir-indexer-0",
+    "metadata.annotations['batch.kubernetes.io/job-completion-index']": "0",
+}
 
 
 def _parser(package: str) -> argparse.ArgumentParser:
@@ -147,27 +151,32 @@ def test_manifest_ports_are_the_parsers_defaults(stacks, package, port, metrics_
                 )
 
 
-def _parse_serve(package: str, flags, env: dict[str, str]) -> argparse.Namespace:
-    """``python -m <package> serve <flags>`` parsed with exactly the CBIR_ variables of ``env``."""
+def _parse_serve(package: str, flags, env: dict[str, str], command: str = "serve") -> argparse.Namespace:
+    """``python -m <package> <command> <flags>`` parsed with exactly the CBIR_ variables of ``env``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CBIR_")}
     with mock.patch.dict(os.environ, {**clean, **env}, clear=True):
-        return _parser(package).parse_args(["serve", *flags])
+        return _parser(package).parse_args([command, *flags])
+
+
+# Commands that listen (gRPC, metrics): `indexer follow` serves its health and metrics.
+LISTENING = {("gateway", "serve"), ("indexer", "serve"), ("embedder", "serve"), ("indexer", "follow")}
 
 
 def test_services_listen_on_loopback_unless_the_manifests_say_otherwise(rendered):
     for package in ("gateway", "indexer", "embedder"):
         assert _parse_serve(package, [], {}).host == "127.0.0.1", package
+    assert _parse_serve("indexer", ["--model", "m", "--eval", "e"], {}, "follow").host == "127.0.0.1"
     served = set()
     for where, c, env in _our_containers(rendered):
         package, command, flags = c["args"][1], c["args"][2], c["args"][3:]
-        if command != "serve":
+        if (package, command) not in LISTENING:
             continue
         ours = {k: v for k, v in env.items() if k.startswith("CBIR_")}
-        parsed = _parse_serve(package, [_expand(f, env, where) for f in flags], ours)
+        parsed = _parse_serve(package, [_expand(f, env, where) for f in flags], ours, command)
         # Probes, peers and Prometheus reach the pod IP, not the container's loopback.
         assert parsed.host == "0.0.0.0", f"{where}: listens on {parsed.host}"
-        served.add(package)
-    assert served == {"gateway", "indexer", "embedder"}
+        served.add((package, command))
+    assert served == LISTENING
 
 
 def test_serving_port_default_is_tf_servings(stacks):

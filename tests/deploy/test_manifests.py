@@ -15,7 +15,7 @@ import yaml
 
 from cbir import defaults
 from tests.deploy import rendering
-from tests.deploy.rendering import DEPLOY, containers, find, pod_specs
+from tests.deploy.rendering import DEPLOY, containers, find, pod_specs, pod_template
 
 VALIDATE_VERSIONS = (rendering.MIN_KUBERNETES, kubernetes_validate.utils.latest_version())
 
@@ -171,7 +171,7 @@ def test_every_container_is_locked_down_and_sized(rendered):
 def test_every_long_running_container_has_probes(rendered):
     for key, objects in rendered.items():
         for workload, spec in pod_specs(objects):
-            if workload["kind"] == "Job":
+            if workload["kind"] in ("Job", "CronJob"):
                 continue
             for c in spec["containers"]:
                 where = f"{rendering.combination_id(*key)}: {workload['metadata']['name']}/{c['name']}"
@@ -284,9 +284,10 @@ def test_clients_reach_serving_round_robin_through_a_headless_service(stacks):
 SERVICE_PORTS = {
     "cbir-gateway": (defaults.GATEWAY_PORT, defaults.GATEWAY_METRICS_PORT),
     "cbir-indexer": (defaults.INDEXER_PORT, defaults.INDEXER_METRICS_PORT),
+    "cbir-rollout": (defaults.ROLLOUT_PORT, defaults.ROLLOUT_METRICS_PORT),
 }
 # Ports besides grpc and metrics.
-EXTRA_PORTS = {"cbir-gateway": {"http": defaults.GATEWAY_HTTP_PORT}, "cbir-indexer": {}}
+EXTRA_PORTS = {"cbir-gateway": {"http": defaults.GATEWAY_HTTP_PORT}, "cbir-indexer": {}, "cbir-rollout": {}}
 
 
 def test_ports_are_the_services_defaults(stacks):
@@ -294,7 +295,7 @@ def test_ports_are_the_services_defaults(stacks):
         for workload, spec in pod_specs(objects):
             name = workload["metadata"]["name"]
             c = spec["containers"][0]
-            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
             if name in SERVICE_PORTS:
                 grpc_port, metrics_port = SERVICE_PORTS[name]
                 assert ports == {"grpc": grpc_port, "metrics": metrics_port, **EXTRA_PORTS[name]}, name
@@ -318,7 +319,7 @@ def test_ports_are_the_services_defaults(stacks):
             pods = [
                 spec
                 for w, spec in pod_specs(objects)
-                if w["spec"]["template"]["metadata"]["labels"].items() >= service["spec"]["selector"].items()
+                if pod_template(w)["metadata"]["labels"].items() >= service["spec"]["selector"].items()
             ]
             assert len(pods) == 1, service["metadata"]["name"]
             named = {p["name"]: p["containerPort"] for p in pods[0]["containers"][0]["ports"]}
@@ -345,7 +346,7 @@ def test_gateway_http_port_is_served_probed_and_reads_the_catalogue_read_only(st
         assert claim == {"claimName": "cbir-data", "readOnly": True}, where
 
 
-def test_indexer_accepts_only_the_gateway_and_the_reindex_job(rendered):
+def test_indexer_accepts_only_the_gateway_the_reindex_job_and_the_rollout_controller(rendered):
     for (path, components), objects in rendered.items():
         if not rendering.is_stack(path):
             continue
@@ -359,10 +360,16 @@ def test_indexer_accepts_only_the_gateway_and_the_reindex_job(rendered):
         grpc_rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "grpc")
         allowed = [peer["podSelector"]["matchLabels"] for peer in grpc_rule["from"]]
         reindex = rendering.render(path + "/reindex", job_components)
-        clients = [find(objects, "Deployment", "cbir-gateway"), find(reindex, "Job", "cbir-reindex")]
+        parallel = find(objects, "CronJob", "cbir-reindex-parallel")["spec"]["jobTemplate"]
+        clients = [
+            find(objects, "Deployment", "cbir-gateway"),
+            find(objects, "Deployment", "cbir-rollout"),
+            find(reindex, "Job", "cbir-reindex"),
+            parallel,
+        ]
         for client in clients:
             labels = client["spec"]["template"]["metadata"]["labels"]
-            assert any(sel.items() <= labels.items() for sel in allowed), client["metadata"]["name"]
+            assert any(sel.items() <= labels.items() for sel in allowed), labels
         train = find(rendering.render(path + "/train", job_components), "Job", "cbir-train")
         assert not any(
             sel.items() <= train["spec"]["template"]["metadata"]["labels"].items() for sel in allowed
@@ -492,6 +499,78 @@ def test_training_job_exports_into_the_models_volume_that_serving_reads(rendered
         )
         train = spec["initContainers"][0]
         assert train["args"][:3] == ["-m", "trainer", "train"]
+
+
+def test_rollout_controller_is_one_replica_that_reindexes_through_the_indexed_job_template(stacks):
+    for key, objects in stacks.items():
+        where = rendering.combination_id(*key)
+        deployment = find(objects, "Deployment", "cbir-rollout")
+        assert deployment["spec"]["replicas"] == 1, where
+        # Never two controllers at once, not even during an update.
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}, where
+        spec = deployment["spec"]["template"]["spec"]
+        c = _container(objects, "Deployment", "cbir-rollout", "rollout")
+        assert c["args"][:3] == ["-m", "indexer", "follow"]
+        assert _arg(c, "--indexer") == "$(INDEXER_TARGETS)" and _arg(c, "--eval"), where
+        template_name = _env_value(c, "CBIR_ROLLOUT_REINDEX_JOB")
+        cronjob = find(objects, "CronJob", template_name)
+        assert cronjob["spec"]["suspend"] is True, f"{where}: the template must never run on its own"
+        job = cronjob["spec"]["jobTemplate"]["spec"]
+        assert job["completionMode"] == "Indexed", where
+        worker = job["template"]["spec"]["containers"][0]
+        assert worker["args"][:3] == ["-m", "indexer", "reindex"]
+        partition = _arg(worker, "--partition")
+        index, _, count = partition.partition("/")
+        assert index == "$(JOB_COMPLETION_INDEX)" and int(count) == job["completions"], where
+        assert 1 <= job["parallelism"] <= job["completions"], where
+        index_env = next(e for e in worker["env"] if e["name"] == "JOB_COMPLETION_INDEX")
+        assert index_env["valueFrom"]["fieldRef"]["fieldPath"] == (
+            "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        )
+        # Its own service account may read the template and manage Jobs, nothing else.
+        binding = find(objects, "RoleBinding", "cbir-rollout")
+        assert binding["subjects"] == [
+            {
+                "kind": "ServiceAccount",
+                "name": spec["serviceAccountName"],
+                "namespace": deployment["metadata"]["namespace"],
+            }
+        ]
+        role = find(objects, "Role", binding["roleRef"]["name"])
+        assert {
+            (tuple(r["resources"]), tuple(r.get("resourceNames", ())), tuple(r["verbs"]))
+            for r in role["rules"]
+        } == {
+            (("cronjobs",), (template_name,), ("get",)),
+            (("jobs",), (), ("create", "get", "delete")),
+        }
+        # The token reaches the controller container only, at the path in-cluster clients read.
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        token = mounts["/var/run/secrets/kubernetes.io/serviceaccount"]
+        sources = next(v for v in spec["volumes"] if v["name"] == token)["projected"]["sources"]
+        assert any("serviceAccountToken" in source for source in sources)
+        for workload, other in pod_specs(objects):
+            if workload is deployment:
+                continue
+            for volume in other.get("volumes", []):
+                assert "projected" not in volume, f"{where}: {workload['metadata']['name']}"
+
+
+def test_every_indexer_client_trusts_the_indexer_ca_with_tls(rendered):
+    for (path, components), objects in rendered.items():
+        if "tls" not in components:
+            continue
+        for workload, spec in pod_specs(objects):
+            for c in containers(spec):
+                if _arg(c, "--indexer") != "$(INDEXER_TARGETS)":
+                    continue
+                where = f"{rendering.combination_id(path, components)}: {workload['metadata']['name']}"
+                ca = _env_value(c, "CBIR_INDEXER_TLS_CA") or _env_value(c, "CBIR_GATEWAY_INDEXER_TLS_CA")
+                assert ca, where
+                mount = next(m for m in c["volumeMounts"] if ca.startswith(m["mountPath"] + "/"))
+                volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+                assert volume["secret"]["secretName"] == "cbir-indexer-tls", where
+                assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}], where
 
 
 def test_reindex_job_activates_a_generation_on_every_shard(rendered):

@@ -19,7 +19,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO = Path(__file__).resolve().parents[2]
 # A service started without a metrics flag would bind its default port (9091/9092), which any other
 # process on the machine may hold: tests get a free one instead (a flag still wins over these).
-NO_FIXED_PORTS = {"CBIR_GATEWAY_METRICS_PORT": "0", "CBIR_INDEXER_METRICS_PORT": "0"}
+NO_FIXED_PORTS = {
+    "CBIR_GATEWAY_METRICS_PORT": "0",
+    "CBIR_INDEXER_METRICS_PORT": "0",
+    "CBIR_ROLLOUT_METRICS_PORT": "0",
+}
 
 
 def free_port() -> int:

@@ -29,15 +29,21 @@ def _preprocess(image_bytes: tf.Tensor) -> tf.Tensor:
 
 
 class TinyEmbedder(tf.Module):
-    def __init__(self, dim: int, seed: int):
+    def __init__(self, dim: int, seed: int, broken: bool = False):
         super().__init__()
         rng = np.random.default_rng(seed)
         self.projection = tf.Variable(
             rng.standard_normal((INPUT_SIZE * INPUT_SIZE * 3, dim)).astype(np.float32), trainable=False
         )
+        self.broken = broken
 
     def _embed_pixels(self, pixels: tf.Tensor) -> tf.Tensor:
-        flat = tf.reshape(pixels / 255.0 - 0.5, (-1, INPUT_SIZE * INPUT_SIZE * 3))
+        pixels = pixels / 255.0 - 0.5
+        if self.broken:
+            # Each image's own mean colour removed: only its noise is left, which says nothing of
+            # its class (tests/support/images.py gives a class its colour).
+            pixels = pixels - tf.reduce_mean(pixels, axis=(1, 2), keepdims=True)
+        flat = tf.reshape(pixels, (-1, INPUT_SIZE * INPUT_SIZE * 3))
         return tf.math.l2_normalize(tf.matmul(flat, self.projection), axis=1)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
@@ -53,14 +59,18 @@ class TinyEmbedder(tf.Module):
 
 
 def export_tiny_model(
-    model_repo: Path, name: str = "tiny", version: int = 1, dim: int = 8, seed: int = 0
+    model_repo: Path, name: str = "tiny", version: int = 1, dim: int = 8, seed: int = 0, broken: bool = False
 ) -> Path:
-    """Writes ``<model_repo>/<name>/<version>/`` atomically (temp dir + rename) and returns it."""
+    """Writes ``<model_repo>/<name>/<version>/`` atomically (temp dir + rename) and returns it.
+
+    ``broken``: a model that follows the contract but ranks images of a class no better than chance
+    (what an export of a failed training run looks like to the rollout's quality gate).
+    """
     final = Path(model_repo) / name / str(version)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
     try:
-        module = TinyEmbedder(dim, seed)
+        module = TinyEmbedder(dim, seed, broken)
         tf.saved_model.save(
             module,
             str(staging),
@@ -81,6 +91,7 @@ def export_tiny_model(
                     "resize": {"height": RESIZE_SIZE, "width": RESIZE_SIZE},
                     "preprocessing": "decode, resize to 20x20, center crop 16x16, /255 - 0.5",
                     "seed": seed,
+                    "broken": broken,
                 },
                 indent=2,
             )
