@@ -97,7 +97,11 @@ class IndexerClient:
         return cls(f"{where}: {details}" if self.shard_count > 1 else details)
 
     def _all(self, method: str, request, timeout: float | None) -> list:
+        """The answers of every shard. Raises the first shard's error only once every call has ended,
+        so no call is still running behind an error (e.g. a CreateGeneration that another worker raced:
+        when AlreadyExists comes back, every shard has the generation)."""
         calls = [self._pool.submit(self._call, s, method, request, timeout) for s in range(self.shard_count)]
+        futures.wait(calls)
         return [c.result() for c in calls]
 
     # ------------------------------------------------------------------ queries
