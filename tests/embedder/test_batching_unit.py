@@ -134,3 +134,51 @@ def test_full_queue_is_unavailable():
         first.join(5)
         second.join(5)
         batcher.close()
+
+
+class SlowRecorder(Recorder):
+    """Takes a while per batch, so that clients queue up while one runs."""
+
+    def __call__(self, inputs):
+        threading.Event().wait(0.005)
+        return super().__call__(inputs)
+
+
+def _closed_loop(batcher, clients: int, calls: int) -> list[threading.Thread]:
+    def client(c: int) -> None:
+        for i in range(calls):
+            batcher.submit({"x": np.array([c * 1000 + i], np.float32)}, 1)
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return threads
+
+
+def test_batches_close_once_they_hold_the_demand_so_steady_load_gives_full_batches():
+    # A timeout far longer than the test: every batch below closed because it held the demand.
+    params = BatchingParameters(max_batch_size=8, batch_timeout_micros=60_000_000, num_batch_threads=1)
+    model = SlowRecorder()
+    batcher = DynamicBatcher(model, params, name="demand")
+    try:
+        threads = _closed_loop(batcher, clients=8, calls=20)
+        assert not any(t.is_alive() for t in threads), "a batch waited for its timeout"
+    finally:
+        batcher.close()
+    assert sum(model.sizes) == 160
+    # Once every client is waiting, each batch holds all 8 (only the first and last differ).
+    assert model.sizes[2:-2] and all(size == 8 for size in model.sizes[2:-2]), model.sizes
+
+
+def test_a_lone_client_never_waits_for_a_batch_that_cannot_fill():
+    params = BatchingParameters(max_batch_size=32, batch_timeout_micros=60_000_000, num_batch_threads=1)
+    model = Recorder()
+    batcher = DynamicBatcher(model, params, name="lone")
+    try:
+        threads = _closed_loop(batcher, clients=1, calls=20)
+        assert not threads[0].is_alive(), "a batch waited for its timeout"
+    finally:
+        batcher.close()
+    assert model.sizes == [1] * 20
