@@ -150,6 +150,7 @@ def run_load(
     if clients % threads_per_process:
         sizes.append(clients % threads_per_process)
     procs: list[subprocess.Popen] = []
+    spec_files: list[Path] = []
     try:
         for i, threads in enumerate(sizes):
             spec = {
@@ -166,6 +167,7 @@ def run_load(
             }
             spec_file = workdir / f"load-{stamp}-{i}.json"
             spec_file.write_text(json.dumps(spec))
+            spec_files.append(spec_file)
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "benchmarks.loadgen", str(spec_file)],
@@ -200,7 +202,8 @@ def run_load(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        request_file.unlink(missing_ok=True)
+        for path in (request_file, *spec_files):
+            path.unlink(missing_ok=True)
     failures = sum(r["failure_count"] for r in results)
     if failures:
         example = next(f for r in results for f in r["failures"])

@@ -250,7 +250,9 @@ def test_run_load_counts_every_call_and_the_servers_cpu(echo_server, tmp_path):
     assert run.ms(50) <= run.ms(99)
     both = measure.combine([run, run])
     assert both.calls == 2 * run.calls and both.cpu_ms("echo") == pytest.approx(run.cpu_ms("echo"))
-    assert not list(tmp_path.glob("requests-*.bin")), "the request file is removed afterwards"
+    assert not list(tmp_path.glob("requests-*.bin")) and not list(tmp_path.glob("load-*.json")), (
+        "the request and spec files are removed afterwards"
+    )
 
 
 @pytest.mark.slow
