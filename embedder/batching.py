@@ -62,6 +62,10 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._batch_size = metrics.BATCH_SIZE.labels(name)
         self._batch_wait = metrics.BATCH_WAIT.labels(name)
+        self._closed_by = {
+            reason: metrics.BATCHES_CLOSED.labels(name, reason)
+            for reason in ("full", "demand", "timeout", "immediate")
+        }
         self._closed = False
         self._threads = [
             threading.Thread(target=self._work, name=f"batch-{name}-{i}", daemon=True)
@@ -138,9 +142,17 @@ class DynamicBatcher:
                     task = self._queue.popleft()
                     batch.append(task)
                     total += task.size
+                self._closed_by[self._close_reason(limit, timeout, deadline)].inc()
                 self._queued_items -= total
                 self._peak = self._outstanding
                 return batch
+
+    def _close_reason(self, limit: int, timeout: float, deadline: float) -> str:
+        if self._queued_items >= limit:
+            return "full"
+        if self._queued_items >= self._target(limit):
+            return "demand"
+        return "timeout" if timeout > 0 and time.monotonic() >= deadline else "immediate"
 
     def _target(self, limit: int) -> int:
         """Items the forming batch waits for: the demand, less what other batch threads are running."""

@@ -128,7 +128,7 @@ def test_a_corrupt_image_in_a_merged_batch_fails_alone_with_pillows_reason_and_t
     queries[4] = Query(image=bad.truncated(images[4], 0.6), k=2)
     embedder.calls.clear()
     results, errors = _concurrently(core, queries)
-    assert isinstance(errors[4], InvalidInput) and "truncated or corrupt" in errors[4].message
+    assert isinstance(errors[4], InvalidInput) and "cannot be decoded" in errors[4].message
     assert all(errors[i] is None and results[i].hits[0].id == f"id{i}" for i in range(10) if i != 4)
     # Each merged batch that held the culprit is redone once without it, not image by image.
     assert len(embedder.calls) < 8
