@@ -1,9 +1,15 @@
 """Dynamic batching: concurrent requests are merged into one model run, as TF Serving's batcher does.
 
-A batch closes when it reaches ``max_batch_size`` items or when its oldest request has waited
-``batch_timeout_micros``; ``num_batch_threads`` batches run at once; padded to the next
-``allowed_batch_sizes`` entry when given. If a merged batch fails, each request is run alone so an
-error (a corrupt image) reaches only the request that caused it, and good neighbours still succeed.
+A batch closes when it reaches ``max_batch_size`` items, when its oldest request has waited
+``batch_timeout_micros``, or, earlier than TF Serving would, once it holds the current demand: as
+many items as were outstanding (queued or being computed) at the busiest moment since the previous
+batch closed, less those still running. Under steady load from N clients that is all N, so the
+batches are full instead of alternating between a straggler alone and everyone else; at low load
+it is the one request that is there, which never waits for a batch that cannot fill. So
+``batch_timeout_micros`` is an upper bound that only a sudden drop in load reaches (once).
+``num_batch_threads`` batches run at once; padded to the next ``allowed_batch_sizes`` entry when
+given. If a merged batch fails, each request is run alone so an error (a corrupt image) reaches
+only the request that caused it, and good neighbours still succeed.
 """
 
 from __future__ import annotations
@@ -49,7 +55,17 @@ class DynamicBatcher:
         self.name = name
         self._queue: deque[_Task] = deque()
         self._queued_items = 0
+        # Items submitted and not answered yet, and their peak since the last batch closed (the
+        # demand the next batch waits for; see the module docstring).
+        self._outstanding = 0
+        self._peak = 0
         self._cond = threading.Condition()
+        self._batch_size = metrics.BATCH_SIZE.labels(name)
+        self._batch_wait = metrics.BATCH_WAIT.labels(name)
+        self._closed_by = {
+            reason: metrics.BATCHES_CLOSED.labels(name, reason)
+            for reason in ("full", "demand", "timeout", "immediate")
+        }
         self._closed = False
         self._threads = [
             threading.Thread(target=self._work, name=f"batch-{name}-{i}", daemon=True)
@@ -81,6 +97,8 @@ class DynamicBatcher:
                 raise NotReady("The batch scheduling queue to which this session object feeds is full.")
             self._queue.append(task)
             self._queued_items += size
+            self._outstanding += size
+            self._peak = max(self._peak, self._outstanding)
             self._cond.notify_all()
         task.done.wait()
         if task.error is not None:
@@ -112,7 +130,7 @@ class DynamicBatcher:
                 while (
                     self._queue
                     and not self._closed
-                    and self._queued_items < limit
+                    and self._queued_items < self._target(limit)
                     and time.monotonic() < deadline
                 ):
                     self._cond.wait(max(0.0, deadline - time.monotonic()))
@@ -124,8 +142,26 @@ class DynamicBatcher:
                     task = self._queue.popleft()
                     batch.append(task)
                     total += task.size
+                self._closed_by[self._close_reason(limit, timeout, deadline)].inc()
                 self._queued_items -= total
+                self._peak = self._outstanding
                 return batch
+
+    def _close_reason(self, limit: int, timeout: float, deadline: float) -> str:
+        if self._queued_items >= limit:
+            return "full"
+        if self._queued_items >= self._target(limit):
+            return "demand"
+        return "timeout" if timeout > 0 and time.monotonic() >= deadline else "immediate"
+
+    def _target(self, limit: int) -> int:
+        """Items the forming batch waits for: the demand, less what other batch threads are running."""
+        running = self._outstanding - self._queued_items
+        return max(1, min(limit, self._peak - running))
+
+    def _answered(self, batch: list[_Task]) -> None:
+        with self._cond:
+            self._outstanding -= sum(task.size for task in batch)
 
     def _work(self) -> None:
         while True:
@@ -140,14 +176,16 @@ class DynamicBatcher:
                     if not task.done.is_set():
                         task.error = exc
                         task.done.set()
+            finally:
+                self._answered(batch)
 
     def _run(self, batch: list[_Task]) -> None:
         started = time.monotonic()
         for task in batch:
-            metrics.BATCH_WAIT.labels(self.name).observe(started - task.enqueued)
+            self._batch_wait.observe(started - task.enqueued)
         if len(batch) == 1:
             self._run_alone(batch[0])
-            metrics.BATCH_SIZE.labels(self.name).observe(batch[0].size)
+            self._batch_size.observe(batch[0].size)
             return
         total = sum(task.size for task in batch)
         padded = self.params.padded_size(total)
@@ -158,7 +196,7 @@ class DynamicBatcher:
                 # Padding repeats a real row, so it is always valid model input.
                 rows.append(np.repeat(rows[-1][-1:], padded - total, axis=0))
             merged[alias] = np.concatenate(rows, axis=0)
-        metrics.BATCH_SIZE.labels(self.name).observe(padded)
+        self._batch_size.observe(padded)
         try:
             outputs = self._process(merged)
         except Exception:  # noqa: BLE001 - attribute the failure to the request(s) that caused it

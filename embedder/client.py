@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -125,14 +125,11 @@ def _tensor_to_array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
     return values.astype(np.float32, copy=False).reshape(shape)
 
 
-def _string_tensor(images: Sequence[bytes]) -> tensor_pb2.TensorProto:
-    return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_STRING,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(
-            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(images))]
-        ),
-        string_val=list(images),
-    )
+def _fill_string_tensor(tensor: tensor_pb2.TensorProto, images: Sequence[bytes]) -> None:
+    """A [n] DT_STRING tensor of the images, written in place (no message built and then copied)."""
+    tensor.dtype = types_pb2.DT_STRING
+    tensor.tensor_shape.dim.add(size=len(images))
+    tensor.string_val.extend(images)
 
 
 class EmbedderClient:
@@ -266,21 +263,36 @@ class EmbedderClient:
             if current and (size + cost > budget or len(current) >= self.max_batch_images):
                 chunks.append((start, current))
                 current, size, start = [], 0, index
-            current.append(bytes(image))
+            current.append(image if type(image) is bytes else bytes(image))
             size += cost
         if current:
             chunks.append((start, current))
         return chunks
 
+    def _predict_request(
+        self, images: Sequence[bytes], info: SignatureInfo, version: int | None, label: str | None
+    ) -> predict_pb2.PredictRequest:
+        request = predict_pb2.PredictRequest()
+        self._fill_model_spec(request.model_spec, version, label, signature=True)
+        _fill_string_tensor(request.inputs[info.input_name], images)
+        request.output_filter.append(info.output_name)
+        return request
+
     def _model_spec(self, version: int | None, label: str | None, signature: bool) -> model_pb2.ModelSpec:
-        spec = model_pb2.ModelSpec(name=self.model_name)
+        spec = model_pb2.ModelSpec()
+        self._fill_model_spec(spec, version, label, signature)
+        return spec
+
+    def _fill_model_spec(
+        self, spec: model_pb2.ModelSpec, version: int | None, label: str | None, signature: bool
+    ) -> None:
+        spec.name = self.model_name
         if signature:
             spec.signature_name = self.signature_name
         if version is not None:
             spec.version.value = int(version)
         elif label:
             spec.version_label = label
-        return spec
 
     def _signature(
         self, version: int | None, label: str | None, deadline: float, refresh: bool = False
@@ -324,9 +336,7 @@ class EmbedderClient:
         repinned: bool = False,
     ) -> tuple[np.ndarray, int]:
         info = self._signature(version, label, deadline)
-        request = predict_pb2.PredictRequest(model_spec=self._model_spec(version, label, signature=True))
-        request.inputs[info.input_name].CopyFrom(_string_tensor(images))
-        request.output_filter.append(info.output_name)
+        request = self._predict_request(images, info, version, label)
         try:
             response = self._call(
                 self._predict.Predict, request, deadline, what="Predict", version=version, label=label
@@ -369,9 +379,7 @@ class EmbedderClient:
     def _raise_for_bad_image(self, images, offset, info, version, label, deadline, batch_error) -> None:
         """The batch was rejected: find which image(s) are at fault by sending each alone."""
         for index, image in enumerate(images):
-            request = predict_pb2.PredictRequest(model_spec=self._model_spec(version, label, signature=True))
-            request.inputs[info.input_name].CopyFrom(_string_tensor([image]))
-            request.output_filter.append(info.output_name)
+            request = self._predict_request([image], info, version, label)
             try:
                 self._call(
                     self._predict.Predict, request, deadline, what="Predict", version=version, label=label

@@ -28,6 +28,12 @@ BATCH_SIZE = prometheus_client.Histogram(
     ["batcher"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+BATCHES_CLOSED = prometheus_client.Counter(
+    "cbir_embedder_batches_closed_total",
+    "Batches formed by the dynamic batcher, by why they closed: full (max batch size), demand (as many "
+    "items as were outstanding), timeout (batch_timeout_micros passed first), or immediate (timeout 0).",
+    ["batcher", "reason"],
+)
 BATCH_WAIT = prometheus_client.Histogram(
     "cbir_embedder_batch_wait_seconds",
     "Time a request waited in the batching queue.",

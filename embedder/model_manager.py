@@ -74,11 +74,28 @@ class Prediction:
     outputs: Arrays
 
 
+class _Series:
+    """The Prometheus series of one model version, looked up once instead of on every Predict."""
+
+    def __init__(self, name: str, version: int):
+        self.name, self.version = name, str(version)
+        self.items = metrics.PREDICT_ITEMS.labels(name)
+        self.latency = metrics.PREDICT_LATENCY.labels(name)
+        self._requests = {"OK": metrics.PREDICT_REQUESTS.labels(name, self.version, "OK")}
+
+    def requests(self, status: str):
+        series = self._requests.get(status)
+        if series is None:
+            series = self._requests[status] = metrics.PREDICT_REQUESTS.labels(self.name, self.version, status)
+        return series
+
+
 @dataclass
 class _Served:
     """An AVAILABLE version and its batchers (one per batchable signature)."""
 
     servable: Servable
+    series: _Series
     batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -320,7 +337,7 @@ class ModelManager:
         served: _Served | None = None
         try:
             servable = self._load(name, version, path)
-            served = _Served(servable)
+            served = _Served(servable, _Series(name, version))
             if self._batching is not None:
                 for signature in servable.signatures.values():
                     if signature.batchable:
@@ -416,7 +433,7 @@ class ModelManager:
                 outputs = {alias: outputs[alias] for alias in output_filter}
             first = next(iter(checked.values()), None)
             if first is not None and first.ndim:
-                metrics.PREDICT_ITEMS.labels(ref.name).inc(first.shape[0])
+                served.series.items.inc(first.shape[0])
             return Prediction(ref.name, version, signature.name, outputs)
         except CbirError as exc:
             status = exc.code.name
@@ -425,8 +442,8 @@ class ModelManager:
             status = "INTERNAL"
             raise
         finally:
-            metrics.PREDICT_REQUESTS.labels(ref.name, str(version), status).inc()
-            metrics.PREDICT_LATENCY.labels(ref.name).observe(time.monotonic() - started)
+            served.series.requests(status).inc()
+            served.series.latency.observe(time.monotonic() - started)
 
     def _run(self, served: _Served, signature: Signature, inputs: Arrays) -> Arrays:
         batcher = served.batchers.get(signature.name)

@@ -10,6 +10,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,22 @@ class Signature:
     @property
     def batchable(self) -> bool:
         return all(spec.batched for spec in (*self.inputs.values(), *self.outputs.values()))
+
+    @cached_property
+    def input_checks(self) -> dict[str, tuple[bool, np.dtype | None, tuple[int | None, ...] | None, bool]]:
+        """Per input alias, worked out once: (takes strings, NumPy dtype, dims or None for any rank,
+        batched), so that checking a request is a few comparisons."""
+        checks = {}
+        for alias, spec in self.inputs.items():
+            want_string = spec.dtype == tf.string
+            dims = None if spec.shape.rank is None else tuple(spec.shape.as_list())
+            checks[alias] = (
+                want_string,
+                None if want_string else np.dtype(spec.dtype.as_numpy_dtype),
+                dims,
+                spec.batched,
+            )
+        return checks
 
     def describe_inputs(self) -> str:
         return ", ".join(
@@ -131,7 +148,7 @@ class Servable:
         self, signature: Signature, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = ()
     ) -> Arrays:
         """The inputs converted to the signature's dtypes; InvalidInput naming what is expected."""
-        sent, expected = set(inputs), set(signature.inputs)
+        sent, expected = inputs.keys(), signature.inputs.keys()
         if sent != expected:
             raise InvalidInput(
                 f"input size does not match signature: {len(sent)}!={len(expected)} "
@@ -148,23 +165,27 @@ class Servable:
                 )
         checked: Arrays = {}
         batch_sizes = set()
+        checks = signature.input_checks
         for alias, array in inputs.items():
-            spec = signature.inputs[alias]
-            want_string = spec.dtype == tf.string
+            want_string, dtype, dims, batched = checks[alias]
             is_string = array.dtype.kind in ("O", "S", "U")
-            if want_string != is_string or (not want_string and not _castable(array.dtype, spec.dtype)):
+            if want_string != is_string or (not want_string and not _castable(array.dtype, dtype)):
+                spec = signature.inputs[alias]
                 raise InvalidInput(
                     f"Expects arg[{sorted(signature.inputs).index(alias)}] ({alias!r} of signature "
                     f"{signature.name!r}) to be {_tf_type_name(spec.dtype)} but {_dtype_name(array)} is provided"
                 )
-            if not spec.shape.is_compatible_with(array.shape):
+            if dims is not None and (
+                len(dims) != array.ndim
+                or any(d is not None and d != n for d, n in zip(dims, array.shape, strict=True))
+            ):
                 raise InvalidInput(
                     f"input {alias!r} of signature {signature.name!r} has shape {list(array.shape)}, "
-                    f"expected {spec.shape.as_list() if spec.shape.rank is not None else 'any'} (-1/None = any)"
+                    f"expected {list(dims)} (-1/None = any)"
                 )
-            if spec.batched:
+            if batched:
                 batch_sizes.add(array.shape[0])
-            checked[alias] = array if want_string else array.astype(spec.dtype.as_numpy_dtype, copy=False)
+            checked[alias] = array if want_string else array.astype(dtype, copy=False)
         if len(batch_sizes) > 1:
             raise InvalidInput(
                 f"inputs of signature {signature.name!r} have different batch sizes {sorted(batch_sizes)}"
@@ -247,11 +268,9 @@ class Servable:
         return 0
 
 
-def _castable(have: np.dtype, want: tf.DType) -> bool:
-    try:
-        return tf.as_dtype(have) == want
-    except TypeError:
-        return False
+def _castable(have: np.dtype, want: np.dtype) -> bool:
+    """Whether ``have`` is the very dtype the signature takes (TF Serving casts nothing either)."""
+    return have == want
 
 
 def _tf_type_name(dtype: tf.DType) -> str:

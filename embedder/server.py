@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -42,22 +42,41 @@ def model_ref(spec: model_pb2.ModelSpec) -> ModelRef:
 
 
 def tensor_to_array(alias: str, proto) -> np.ndarray:
+    """TensorProto -> NumPy. Encoded images (strings) take a direct path: ``tf.make_ndarray`` costs
+    more than the rest of a small request."""
+    dims = proto.tensor_shape.dim
+    if proto.dtype == types_pb2.DT_STRING and len(dims) == 1 and dims[0].size == len(proto.string_val):
+        return np.array(list(proto.string_val), dtype=object)
     try:
         return tf.make_ndarray(proto)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"input {alias!r} is not a readable tensor: {exc}") from None
 
 
-def array_to_tensor(value: np.ndarray) -> tensor_pb2.TensorProto:
-    """NumPy -> TensorProto; numbers go as raw ``tensor_content`` (5x cheaper than make_tensor_proto)."""
+_DATATYPE = {
+    np.dtype(t): tf.as_dtype(t).as_datatype_enum for t in (np.float32, np.float64, np.int32, np.int64)
+}
+
+
+def fill_tensor(proto: tensor_pb2.TensorProto, value: np.ndarray) -> None:
+    """NumPy -> ``proto`` in place; numbers go as raw ``tensor_content`` (5x cheaper than
+    make_tensor_proto, and no intermediate message to copy)."""
     if value.dtype.kind in "iufb":
-        proto = tensor_pb2.TensorProto(
-            dtype=tf.as_dtype(value.dtype).as_datatype_enum,
-            tensor_content=np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes(),
-        )
-        proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in value.shape)
-        return proto
-    return tf.make_tensor_proto(value)
+        dtype = _DATATYPE.get(value.dtype) or tf.as_dtype(value.dtype).as_datatype_enum
+        proto.dtype = dtype
+        proto.tensor_content = np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes()
+        dims = proto.tensor_shape.dim
+        for d in value.shape:
+            dims.add(size=d)
+        return
+    proto.CopyFrom(tf.make_tensor_proto(value))
+
+
+def array_to_tensor(value: np.ndarray) -> tensor_pb2.TensorProto:
+    """NumPy -> a new TensorProto (see :func:`fill_tensor`)."""
+    proto = tensor_pb2.TensorProto()
+    fill_tensor(proto, value)
+    return proto
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -77,7 +96,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.version.value = result.version
         response.model_spec.signature_name = result.signature_name
         for alias, value in result.outputs.items():
-            response.outputs[alias].CopyFrom(array_to_tensor(value))
+            fill_tensor(response.outputs[alias], value)
         return response
 
     def GetModelMetadata(self, request, context) -> get_model_metadata_pb2.GetModelMetadataResponse:

@@ -20,6 +20,15 @@ Q = TypeVar("Q")
 R = TypeVar("R")
 
 
+class QueriesRejected(InvalidInput):
+    """Some queries of a batch are invalid on their own; ``rejected`` maps their positions in the
+    batch to what is wrong with each, so the others can still be answered together."""
+
+    def __init__(self, message: str, rejected: dict[int, str] | None = None):
+        super().__init__(message)
+        self.rejected = rejected or {}
+
+
 class _Entry(Generic[Q, R]):
     __slots__ = ("query", "deadline", "wake", "lead", "done", "result", "error")
 
@@ -104,8 +113,17 @@ class Coalescer(Generic[Q, R]):
                 [e.query for e in batch], self._merge_deadlines([e.deadline for e in batch])
             )
         except InvalidInput as exc:
+            rejected = getattr(exc, "rejected", {})
             if len(batch) == 1:
                 _fail(batch, exc)
+            elif rejected:
+                # The culprits are known: they fail, the others are answered together once more.
+                for i, e in enumerate(batch):
+                    if i in rejected:
+                        e.error = InvalidInput(rejected[i])
+                rest = [e for i, e in enumerate(batch) if i not in rejected]
+                if rest:
+                    self._answer(rest)
             else:
                 # An image the model rejected must not fail the searches it was merged with.
                 for e in batch:

@@ -7,8 +7,6 @@ HTTP requests by route and status from the HTTP API's middleware (gateway/http_a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import prometheus_client
 
@@ -60,11 +58,27 @@ HTTP_LATENCY = prometheus_client.Histogram(
 )
 
 
-@contextmanager
-def stage(name: str) -> Iterator[None]:
+class _Stage:
+    """Times a block into one stage's series (looked up once, not on every search)."""
+
+    __slots__ = ("_series", "_started")
+
+    def __init__(self, series):
+        self._series = series
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self._series.observe(time.perf_counter() - self._started)
+
+
+_stages: dict[str, prometheus_client.Histogram] = {}
+
+
+def stage(name: str) -> _Stage:
     """Observes the time spent in the block under ``stage=name`` (also when it raises)."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        STAGE_LATENCY.labels(name).observe(time.perf_counter() - started)
+    series = _stages.get(name)
+    if series is None:
+        series = _stages[name] = STAGE_LATENCY.labels(name)
+    return _Stage(series)

@@ -36,8 +36,8 @@ from cbir.errors import (
 )
 from cbir.v1 import indexer_pb2, types_pb2
 from gateway import metrics
-from gateway.coalesce import Coalescer
-from gateway.images import DecodeBudget, ImageLimits, prepare_image
+from gateway.coalesce import Coalescer, QueriesRejected
+from gateway.images import DecodeBudget, ImageLimits, explain_undecodable, prepare_image
 
 MAX_ITEM_ID_BYTES = 256
 MAX_EF = 100_000
@@ -287,11 +287,13 @@ class SearchCore:
         image = None
         if query.image is not None:
             with metrics.stage("decode"):
+                # Header checks only: the model graph decodes the pixels (once; see gateway/images.py).
                 prepared = prepare_image(
                     query.image,
                     limits.images,
                     self._decode_budget,
                     timeout=deadline.timeout("decoding the query image"),
+                    decode=False,
                 )
             if prepared.reencoded:
                 metrics.REENCODED_IMAGES.labels(prepared.reason.split(":")[0]).inc()
@@ -329,7 +331,10 @@ class SearchCore:
         vectors: dict[int, np.ndarray] = {}
         images = [p for p in prepared if p.image is not None]
         if images:
-            embedded = self._embed(generation, [p.image for p in images], deadline)
+            try:
+                embedded = self._embed(generation, [p.image for p in images], deadline)
+            except InvalidInput as exc:
+                raise self._explained(exc, images, deadline, several=len(prepared) > 1) from None
             for p, vector in zip(images, embedded, strict=True):
                 vectors[p.index] = vector
         for p in prepared:
@@ -382,6 +387,30 @@ class SearchCore:
             for p, neighbours in zip(members, response.results, strict=True):
                 hits[p.index] = list(neighbours.hits)
         return [SearchResult(hits[p.index], ref) for p in prepared]
+
+    def _explained(
+        self, error: InvalidInput, images: list[_Prepared], deadline: Deadline, *, several: bool
+    ) -> InvalidInput:
+        """Serving rejected an image: Pillow's precise reason (truncated, corrupt) for each image it
+        cannot decode either (the first one's in the message), or Serving's own error when Pillow
+        decodes them all (the model rejected them for another reason). These decodes share the
+        gateway's decode budget like any other."""
+        rejected = {}
+        for p in images:
+            reason = explain_undecodable(
+                p.image,
+                self.limits.images,
+                self._decode_budget,
+                deadline.timeout("explaining a rejected image"),
+            )
+            if reason is not None:
+                rejected[p.index] = reason
+        if not rejected:
+            return error
+        first = min(rejected)
+        return QueriesRejected(
+            f"queries[{first}]: {rejected[first]}" if several else rejected[first], rejected
+        )
 
     def _embed(
         self, generation: indexer_pb2.Generation, images: list[bytes], deadline: Deadline

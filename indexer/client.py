@@ -59,6 +59,8 @@ class IndexerClient:
         self._pool = futures.ThreadPoolExecutor(
             max_workers=max(1, len(self.targets)), thread_name_prefix="indexer-client"
         )
+        # Shards answering Knn from packed float32 vectors (False once one turned out older).
+        self._packed = [True] * len(self.targets)
 
     @property
     def shard_count(self) -> int:
@@ -125,35 +127,34 @@ class IndexerClient:
         exclude_ids: Sequence[str] = (),
         timeout: float | None = None,
     ) -> indexer_pb2.KnnResponse:
-        q = np.asarray(queries, dtype=np.float32)
+        q = np.asarray(queries, dtype="<f4")
         if q.ndim == 1:
             q = q[None, :]
-        base = dict(
-            queries=[indexer_pb2.Vector(values=row) for row in q.tolist()],
-            k=k,
-            filter=filter,
-            ef=ef,
-            generation=generation,
-            exclude_ids=list(exclude_ids),
-        )
+        base = dict(k=k, ef=ef, generation=generation, exclude_ids=exclude_ids)
+        if filter is not None:
+            base["filter"] = filter
         if min_score is not None:
             base["min_score"] = min_score
+        packed = np.ascontiguousarray(q).tobytes()
+
+        def ask(shard: int) -> indexer_pb2.KnnResponse:
+            # Only shard 0 knows for sure which generation is active; the others answer by name.
+            active = require_active and shard == 0
+            if self._packed[shard]:
+                request = indexer_pb2.KnnRequest(packed_queries=packed, require_active=active, **base)
+                try:
+                    return self._call(shard, "Knn", request, timeout)
+                except errors.InvalidInput as exc:
+                    if "at least one query vector" not in exc.message:
+                        raise
+                    self._packed[shard] = False  # an indexer older than packed_queries
+            vectors = [indexer_pb2.Vector(values=row) for row in q.tolist()]
+            request = indexer_pb2.KnnRequest(queries=vectors, require_active=active, **base)
+            return self._call(shard, "Knn", request, timeout)
+
         if self.shard_count == 1:
-            return self._call(
-                0, "Knn", indexer_pb2.KnnRequest(require_active=require_active, **base), timeout
-            )
-        # Only shard 0 knows for sure which generation is active; the others answer by name.
-        calls = [
-            self._pool.submit(
-                self._call,
-                s,
-                "Knn",
-                indexer_pb2.KnnRequest(require_active=require_active and s == 0, **base),
-                timeout,
-            )
-            for s in range(self.shard_count)
-        ]
-        answers = [c.result() for c in calls]
+            return ask(0)
+        answers = [c.result() for c in [self._pool.submit(ask, s) for s in range(self.shard_count)]]
         merged = indexer_pb2.KnnResponse(generation=answers[0].generation)
         for qi in range(len(q)):
             hits = heapq.nlargest(k, (h for a in answers for h in a.results[qi].hits), key=lambda h: h.score)

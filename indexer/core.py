@@ -46,7 +46,7 @@ from cbir.sharding import shard_of
 from indexer import maintenance
 from indexer.catalogue import Catalogue, ItemFilter
 from indexer.graph import GraphParams, HnswGraph, SnapshotError, remove_snapshot
-from indexer.queries import Hit, KnnQuery, as_queries, search
+from indexer.queries import Hit, KnnQuery, PackedVectors, as_queries, search
 from indexer.store import (
     ACTIVE,
     BUILDING,
@@ -700,7 +700,7 @@ class IndexerCore:
 
     def knn(
         self,
-        queries: np.ndarray | Sequence[Sequence[float]],
+        queries: np.ndarray | Sequence[Sequence[float]] | PackedVectors,
         k: int,
         *,
         generation: str = "",

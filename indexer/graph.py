@@ -88,7 +88,7 @@ class ExactIndex:
             self.vectors = normalise(self.vectors)
 
     def distances(self, queries: np.ndarray) -> np.ndarray:
-        return self.metric.distances(queries, self.vectors)
+        return self.metric.distances(queries, self.vectors, unit_vectors=self.metric is Metric.COSINE)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         """Ids and distances of the k nearest (fewer if fewer items), nearest first."""

@@ -141,8 +141,22 @@ def _exact(graph: HnswGraph, metric: Metric, q: np.ndarray, k: int, ids: list[st
     return [[graph.row_of(i) for i in row] for row in found], dists
 
 
-def as_queries(queries: np.ndarray | Sequence[Sequence[float]], dim: int) -> np.ndarray:
+@dataclass(frozen=True)
+class PackedVectors:
+    """Query vectors as KnnRequest.packed_queries carries them: little-endian float32, row after row."""
+
+    data: bytes
+
+
+def as_queries(queries: np.ndarray | Sequence[Sequence[float]] | PackedVectors, dim: int) -> np.ndarray:
     """A float32 [n, dim] matrix of finite query vectors, or InvalidInput naming the bad one."""
+    if isinstance(queries, PackedVectors):
+        if len(queries.data) % (4 * dim):
+            raise InvalidInput(
+                f"packed_queries holds {len(queries.data)} bytes, not a whole number of {dim}-value "
+                f"float32 vectors ({4 * dim} bytes each) for this generation"
+            )
+        queries = np.frombuffer(queries.data, "<f4").reshape(-1, dim)
     rows = list(queries) if not isinstance(queries, np.ndarray) else queries
     if len(rows) == 0:
         raise InvalidInput("at least one query vector is required")

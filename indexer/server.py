@@ -14,6 +14,7 @@ from cbir.server import RunningServer, ServerOptions, start_server
 from cbir.v1 import indexer_pb2, indexer_pb2_grpc, types_pb2
 from indexer.core import GenerationInfo, IndexerCore, ItemFilter
 from indexer.metrics import IndexCollector
+from indexer.queries import PackedVectors
 from indexer.store import GenerationRow, ItemRow, RolloutRow
 
 log = logging.getLogger(__name__)
@@ -119,14 +120,34 @@ def generation_to_proto(info: GenerationInfo) -> indexer_pb2.Generation:
     )
 
 
-def _hit(hit) -> types_pb2.Hit:
-    item = hit.item
-    message = types_pb2.Hit(
-        id=item.id, score=hit.score, distance=hit.distance, uri=item.uri, label=item.label
-    )
-    if item.attributes:  # filling an empty map costs as much as the rest of the hit
-        message.attributes.update(item.attributes)
-    return message
+_NO_FILTER = ItemFilter()
+
+
+def knn_queries(request: indexer_pb2.KnnRequest):
+    """The request's query vectors, packed or one message per vector (never both)."""
+    if request.packed_queries:
+        if request.queries:
+            raise InvalidInput("set queries or packed_queries, not both")
+        return PackedVectors(request.packed_queries)
+    return [np.asarray(q.values, np.float32) for q in request.queries]
+
+
+def knn_response(results, row: GenerationRow) -> indexer_pb2.KnnResponse:
+    """Hits written straight into the response (building a Hit, then Neighbors, then the response
+    from them copies every hit twice)."""
+    response = indexer_pb2.KnnResponse()
+    for hits in results:
+        out = response.results.add().hits
+        for hit in hits:
+            item = hit.item
+            message = out.add(
+                id=item.id, score=hit.score, distance=hit.distance, uri=item.uri, label=item.label
+            )
+            if item.attributes:  # filling an empty map costs as much as the rest of the hit
+                message.attributes.update(item.attributes)
+    if row is not None:
+        response.generation.CopyFrom(generation_ref(row))
+    return response
 
 
 # ---------------------------------------------------------------------- servicer
@@ -176,19 +197,16 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
 
     def Knn(self, request, context):
         results, row = self.core.knn(
-            [np.asarray(q.values, np.float32) for q in request.queries],
+            knn_queries(request),
             request.k,
             generation=request.generation,
             require_active=request.require_active,
-            item_filter=filter_from_proto(request.filter),
+            item_filter=filter_from_proto(request.filter) if request.HasField("filter") else _NO_FILTER,
             ef=request.ef,
             min_score=request.min_score if request.HasField("min_score") else None,
-            exclude_ids=list(request.exclude_ids),
+            exclude_ids=request.exclude_ids,
         )
-        return indexer_pb2.KnnResponse(
-            results=[indexer_pb2.Neighbors(hits=[_hit(h) for h in hits]) for hits in results],
-            generation=generation_ref(row),
-        )
+        return knn_response(results, row)
 
     def Stats(self, request, context):
         s = self.core.stats()

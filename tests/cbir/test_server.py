@@ -243,3 +243,26 @@ def test_undecodable_health_and_reflection_requests_are_invalid_argument(typed_c
     # Decodable requests still work on both.
     health = health_pb2_grpc.HealthStub(typed_channel)
     assert health.Check(health_pb2.HealthCheckRequest(service=TYPED), timeout=5).status == 1
+
+
+def _series(server, name: str) -> float:
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    )
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_every_call_gets_its_own_request_id_and_counts_although_the_wrapping_is_reused(channel, server):
+    ok = 'cbir_grpc_requests_total{code="OK",method="Echo",service="test"}'
+    before = _series(server, ok)
+    ids = {dict(call(channel, b"again")[1].trailing_metadata())["x-request-id"] for _ in range(20)}
+    assert len(ids) == 20 and all(len(i) == 16 for i in ids)
+    assert _series(server, ok) == before + 20
+    assert _series(server, 'cbir_grpc_requests_in_flight{service="test"}') == 0
+    # A caller's id is kept; an over-long one is replaced.
+    assert (
+        dict(call(channel, b"x", metadata=(("x-request-id", "r" * 129),))[1].trailing_metadata())[
+            "x-request-id"
+        ]
+        != "r" * 129
+    )

@@ -134,3 +134,69 @@ def test_full_queue_is_unavailable():
         first.join(5)
         second.join(5)
         batcher.close()
+
+
+class SlowRecorder(Recorder):
+    """Takes a while per batch, so that clients queue up while one runs."""
+
+    def __call__(self, inputs):
+        threading.Event().wait(0.005)
+        return super().__call__(inputs)
+
+
+def _closed_loop(batcher, model, clients: int, batches: int) -> list[threading.Thread]:
+    """``clients`` threads submitting back to back until the model has run ``batches`` batches."""
+    stop = threading.Event()
+
+    def client(c: int) -> None:
+        i = 0
+        while not stop.is_set():
+            batcher.submit({"x": np.array([c * 1000 + i], np.float32)}, 1)
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    for _ in range(6000):
+        if len(model.sizes) >= batches:
+            break
+        threading.Event().wait(0.01)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    return threads
+
+
+def _closed(name: str, reason: str) -> float:
+    from embedder import metrics
+
+    return metrics.BATCHES_CLOSED.labels(name, reason)._value.get()
+
+
+def test_batches_close_once_they_hold_the_demand_so_steady_load_gives_full_batches():
+    # max_batch_size above the number of clients: only the demand rule can close these batches early.
+    params = BatchingParameters(max_batch_size=32, batch_timeout_micros=2_000_000, num_batch_threads=1)
+    model = SlowRecorder()
+    batcher = DynamicBatcher(model, params, name="demand")
+    try:
+        threads = _closed_loop(batcher, model, clients=8, batches=20)
+    finally:
+        batcher.close()
+    assert not any(t.is_alive() for t in threads)
+    # Once every client is waiting, each batch holds all 8 and closes on the demand, not the timeout
+    # (only the first few, while the clients start and the demand is learnt, and the last ones, as
+    # clients leave, differ).
+    assert model.sizes[5:17] == [8] * 12, model.sizes
+    assert _closed("demand", "demand") >= 12
+
+
+def test_a_lone_client_never_waits_for_a_batch_that_cannot_fill():
+    params = BatchingParameters(max_batch_size=32, batch_timeout_micros=60_000_000, num_batch_threads=1)
+    model = Recorder()
+    batcher = DynamicBatcher(model, params, name="lone")
+    try:
+        threads = _closed_loop(batcher, model, clients=1, batches=20)
+    finally:
+        batcher.close()
+    assert not threads[0].is_alive(), "a batch waited for its timeout"
+    assert set(model.sizes) == {1} and _closed("lone", "timeout") == 0

@@ -120,3 +120,19 @@ def test_answers_convert_to_tensor_protos_exactly(value):
     back = tf.make_ndarray(array_to_tensor(value))
     assert back.shape == value.shape
     np.testing.assert_array_equal(back, value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.array([b"\xff\xd8jpeg", b"", b"a\x00b"], dtype=object),
+        np.array([], dtype=object),
+        np.array([[b"a", b"b"]], dtype=object),  # 2-D: the general path
+    ],
+)
+def test_string_tensors_convert_exactly_like_make_ndarray(value):
+    from embedder.server import tensor_to_array
+
+    proto = tf.make_tensor_proto(value)
+    got, want = tensor_to_array("image_bytes", proto), tf.make_ndarray(proto)
+    assert got.dtype == want.dtype and got.shape == want.shape and got.tolist() == want.tolist()

@@ -115,3 +115,20 @@ def test_disabled_means_one_call_per_search(world):
     core = SearchCore(lambda name: embedder, indexer, SearchLimits(coalesce_in_flight=0))
     results, errors = _concurrently(core, [Query(image=images[i]) for i in range(8)])
     assert errors == [None] * 8 and len(embedder.calls) == 8
+
+
+def test_a_corrupt_image_in_a_merged_batch_fails_alone_with_pillows_reason_and_the_rest_share_one_call(world):
+    from tests.gateway import badimages as bad
+
+    embedder, indexer, images = world
+    embedder.delay = 0.02
+    core = SearchCore(lambda name: embedder, indexer, SearchLimits(coalesce_in_flight=1))
+    queries = [Query(image=images[i], k=2) for i in range(10)]
+    # The gateway checks only the header; the "model" (here Pillow in the fake) refuses the pixels.
+    queries[4] = Query(image=bad.truncated(images[4], 0.6), k=2)
+    embedder.calls.clear()
+    results, errors = _concurrently(core, queries)
+    assert isinstance(errors[4], InvalidInput) and "cannot be decoded" in errors[4].message
+    assert all(errors[i] is None and results[i].hits[0].id == f"id{i}" for i in range(10) if i != 4)
+    # Each merged batch that held the culprit is redone once without it, not image by image.
+    assert len(embedder.calls) < 8

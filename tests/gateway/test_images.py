@@ -350,3 +350,16 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.005)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_without_decoding_only_the_header_is_checked_and_the_reason_is_told_on_demand(fmt):
+    from gateway.images import explain_undecodable
+
+    data = bad.encode(bad.photo(), fmt)
+    broken = bad.truncated(data, 0.6)
+    assert prepare_image(broken, LIMITS, decode=False).data == broken  # left to the model graph
+    assert "cannot be decoded" in explain_undecodable(broken, LIMITS)
+    assert explain_undecodable(data, LIMITS) is None
+    with pytest.raises(ResourceExhausted):
+        prepare_image(bad.png_bomb(50_000, 50_000), LIMITS, decode=False)  # limits still hold
