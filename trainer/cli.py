@@ -38,12 +38,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _common(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
-    parser.add_argument(
+def _common(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "-c",
         "--config",
-        required=config_required,
         help="training config: a path, or the name of a shipped config in trainer/trainings/",
+    )
+    source.add_argument(
+        "--dataset",
+        help="no config of yours: a folder-per-class dataset (<root>/{train,test}/<class>/*.jpg) or a .csv/.jsonl "
+        "manifest, trained with the default recipe for real photos (trainer/recipes.py)",
     )
     parser.add_argument(
         "--set",
@@ -102,12 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--freeze-batchnorm",
         action="store_true",
-        help="keep the backbone's BatchNorm statistics frozen (fine-tuning a pretrained backbone)",
+        help="keep the backbone's BatchNorm statistics frozen (= --set model.finetune.freeze_batchnorm=true)",
     )
     train.add_argument(
         "--train-from",
         metavar="LAYER",
-        help="fine-tune only the backbone layers from LAYER on (e.g. block11_expand_conv); earlier ones stay frozen",
+        help="fine-tune only the backbone layers from LAYER on, e.g. block11_expand_conv "
+        "(= --set model.finetune.train_from=LAYER)",
     )
 
     embed = commands.add_parser("embed", help="embed the gallery (train split) into <data_dir>/emb/<run>.h5")
@@ -151,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--model-name", help="model name in the repository (default: the run name)")
     export.add_argument("--version", type=_positive_int, help="version number (default: the next integer)")
+    export.add_argument(
+        "--frozen-backbone",
+        action="store_true",
+        help="export the backbone as it is (model.weights, e.g. ImageNet), with no head and no training: "
+        "its pooled features, L2-normalised (to compare a fine-tuned model against)",
+    )
 
     quality = commands.add_parser(
         "quality",
@@ -181,8 +193,19 @@ class _Context:
     """What every command needs: the config, the data folders, the run folder."""
 
     def __init__(self, args: argparse.Namespace):
-        self.config: TrainingConfig = load_config(args.config, args.overrides)
-        self.dirs: DataDirs = resolve_data_dir(args.data_dir)
+        overrides = list(args.overrides)
+        if getattr(args, "train_from", None):
+            overrides.append(f"model.finetune.train_from={args.train_from}")
+        if getattr(args, "freeze_batchnorm", False):
+            overrides.append("model.finetune.freeze_batchnorm=true")
+        if args.config:
+            self.config: TrainingConfig = load_config(args.config, overrides)
+            self.dirs: DataDirs = resolve_data_dir(args.data_dir)
+        else:
+            from trainer.recipes import recipe_config
+
+            self.dirs = resolve_data_dir(args.data_dir)  # a relative --dataset is read below it
+            self.config = recipe_config(args.dataset, self.dirs, overrides)
         self.run_name: str = args.run_name or self.config.run_name
         self.args = args
 
@@ -222,8 +245,6 @@ def cmd_train(args) -> int:
             seed=args.seed,
             run_name=args.run_name,
             progress=not args.no_progress,
-            freeze_batchnorm=args.freeze_batchnorm,
-            train_from=args.train_from,
         ),
     )
     if result.best:
@@ -415,6 +436,26 @@ def cmd_export(args) -> int:
     from trainer.runs import RunDir
 
     ctx = _Context(args)
+    if args.frozen_backbone:
+        from trainer.models import frozen_backbone_model
+
+        m = ctx.config.model
+        model = frozen_backbone_model(m.name, (m.input.height, m.input.width), m.weights)
+        path = export_model(
+            model,
+            ctx.config,
+            args.model_repo,
+            model_name=args.model_name or ctx.run_name,
+            version=args.version,
+            extra_metadata={
+                "head": "none",
+                "frozen_backbone": True,
+                "run_name": ctx.run_name,
+                "checkpoint_step": 0,
+            },
+        )
+        print(f"Exported {path} (the {m.name} backbone with weights {m.weights or 'random'}, untrained)")
+        return 0
     model, step = ctx.load_model()
     run = RunDir(ctx.dirs.run_dir(ctx.run_name))
     evaluation = {}

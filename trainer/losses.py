@@ -19,10 +19,11 @@ import numpy as np
 import tensorflow as tf
 
 from cbir.errors import InvalidInput
-from trainer.loss_names import LOSS_NAMES, canonical_loss_name
+from trainer.loss_names import LOSS_NAMES, PROXY_LOSSES, canonical_loss_name
 
 __all__ = [
     "LOSS_NAMES",
+    "PROXY_LOSSES",
     "angular_loss",
     "batch_hard_triplet_loss",
     "contrastive_loss",
