@@ -14,6 +14,7 @@ import numpy as np
 from cbir.errors import CbirError, InvalidInput
 from cbir.logs import configure_cli_logging
 from trainer.config import ConfigError, DataDirs, TrainingConfig, load_config, resolve_data_dir
+from trainer.recipes import ALTERNATIVES
 
 log = logging.getLogger("trainer")
 
@@ -166,22 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     quality = commands.add_parser(
         "quality",
-        help="quality figures on a folder-per-class dataset: pretrained efficientnet_lite0 vs fine-tuned",
+        help="quality figures on a folder-per-class dataset: the frozen backbone vs the default recipe and "
+        "its alternatives",
     )
     quality.add_argument(
         "--data", type=Path, required=True, help="folder-per-class dataset with train/ and test/"
     )
-    quality.add_argument("--minutes", type=_positive_float, default=15.0, help="fine-tuning budget per loss")
+    quality.add_argument(
+        "--queries",
+        default="test",
+        help="split whose images are the queries (the catalogue is train); validation to choose a recipe",
+    )
+    quality.add_argument(
+        "--candidates",
+        default=",".join(ALTERNATIVES),
+        help=f"comma-separated runs to make (default: all of {', '.join(ALTERNATIVES)})",
+    )
+    quality.add_argument(
+        "--steps", type=_positive_int, help="training steps of each run (default: the recipe's)"
+    )
+    quality.add_argument(
+        "--max-minutes",
+        type=_positive_float,
+        help="stop each run after this many minutes (its last checkpoint counts)",
+    )
     quality.add_argument("--work-dir", type=Path, help="where runs are written (default: a temporary folder)")
-    quality.add_argument(
-        "--losses", default="semi_hard_triplet,angular_loss", help="comma-separated losses to fine-tune with"
-    )
     quality.add_argument("--output", type=Path, help="also write the results as JSON here")
-    quality.add_argument(
-        "--train-from",
-        metavar="LAYER",
-        help="fine-tune only the backbone layers from LAYER on (e.g. block11_expand_conv; default: all)",
-    )
     quality.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -481,11 +492,12 @@ def cmd_quality(args) -> int:
 
     run_quality(
         args.data,
-        minutes=args.minutes,
         work_dir=args.work_dir,
-        losses=[x for x in args.losses.split(",") if x],
+        candidates=[x.strip() for x in args.candidates.split(",") if x.strip()],
         output=args.output,
-        train_from=args.train_from,
+        queries=args.queries,
+        steps=args.steps,
+        max_minutes=args.max_minutes,
     )
     return 0
 

@@ -25,6 +25,22 @@ BATCH_P = 16
 BATCH_K = 4
 
 
+# What the recipe was chosen against (trainer/README.md): overrides of it, measured by `trainer quality`.
+ALTERNATIVES: dict[str, list[str]] = {
+    "recipe": [],
+    "proxy_anchor": ["model.fit.loss=proxy_anchor"],
+    "semi_hard_triplet": [
+        "model.fit.loss=semi_hard_triplet",
+        "model.fit.margin=0.2",
+        "model.fit.metric=euclidean",
+    ],
+    "multi_similarity": ["model.fit.loss=multi_similarity"],
+    "train from head_conv": ["model.finetune.train_from=head_conv"],
+    "1 view (no augmentation)": ["model.finetune.cached_views=1"],
+    "plain partial fine-tune (no cache)": ["model.finetune.cached_views=0"],
+}
+
+
 def recipe(dataset: str, classes: int) -> dict[str, Any]:
     """The recipe as a config in the original schema, for ``dataset`` with ``classes`` training classes."""
     if classes < 2:
