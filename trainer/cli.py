@@ -384,6 +384,18 @@ def cmd_evaluation(args) -> int:
     _print_metrics(loo)
     print(f"Test queries against the gallery ({len(gallery)} train images):")
     _print_metrics(vs_gallery)
+    spread = metrics.score_spread(
+        queries, labels, gallery_embeddings=gallery.vectors, gallery_labels=gallery.labels
+    )
+    top, pairs = spread["top_hits"], spread["random_pairs"]
+    print(
+        f"Score spread (cosine): top-{spread['top_k']} hits of the query's class {top['same']['mean']:.3f} "
+        f"± {top['same']['std']:.3f}, of another class {top['different']['mean']:.3f} ± {top['different']['std']:.3f}; "
+        f"random pairs: same class {pairs['same']['mean']:.3f}, different classes {pairs['different']['mean']:.3f}"
+    )
+    warning = metrics.collapse_warning(spread)
+    if warning:
+        print(f"warning: {warning}")
     result = {
         "step": step,
         "original_map": {
@@ -394,6 +406,7 @@ def cmd_evaluation(args) -> int:
         },
         "test_leave_one_out": loo,
         "test_vs_gallery": vs_gallery,
+        "score_spread": spread,
     }
     run = RunDir(ctx.dirs.run_dir(ctx.run_name))
     if run.path.is_dir() and not args.untrained:

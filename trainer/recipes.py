@@ -16,12 +16,12 @@ from trainer.config import ConfigError, DataDirs, TrainingConfig, apply_override
 BACKBONE = "efficientnet_lite0"
 # The first trained layer: the last two stages (blocks 11-15) and the 1x1 head convolution.
 TRAIN_FROM = "block11_expand_conv"
-CACHED_VIEWS = 4
+CACHED_VIEWS = 3
 EMBEDDING_DIM = 128
 LOSS = "normalized_softmax"
 STEPS = 400
 LEARNING_RATE = 1e-4
-BATCH_P = 16
+BATCH_P = 10
 BATCH_K = 4
 
 
