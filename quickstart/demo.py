@@ -117,13 +117,15 @@ def run_demo(options: DemoOptions) -> int:
     root = options.root.resolve()
     progress = Progress(STEPS)
     stack = Stack(root / "stack")
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def interrupted(signum, _frame):
         raise _Interrupted(signal.Signals(signum).name)
 
-    for sig in previous:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
+    # Ctrl-C stops the demo even when it was started with SIGINT ignored (from a background shell job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started_wall = time.monotonic()
     ok = False
     try:
