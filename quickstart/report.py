@@ -98,10 +98,10 @@ def spread_figure(spreads: dict[str, dict], out: Path) -> Path:
     """Cosine scores of each version: same-class vs different-class top hits and random pairs (mean, p05-p95)."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
     groups = [
-        ("top hits, same class", "top_hits", "same"),
-        ("top hits, other class", "top_hits", "different"),
-        ("random pairs, same class", "random_pairs", "same"),
-        ("random pairs, other class", "random_pairs", "different"),
+        ("top hits,\nsame class", "top_hits", "same"),
+        ("top hits,\nother class", "top_hits", "different"),
+        ("random pairs,\nsame class", "random_pairs", "same"),
+        ("random pairs,\nother class", "random_pairs", "different"),
     ]
     width = 0.8 / max(len(spreads), 1)
     for i, (name, spread) in enumerate(spreads.items()):
