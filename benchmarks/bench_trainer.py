@@ -63,7 +63,7 @@ def _keras_fit_rate(config, dirs: DataDirs, steps: int) -> float:
 
 
 def _finetune_figures(quick: bool, workdir: Path) -> list[dict]:
-    size, steps, rounds = (96, 12, 1) if quick else (224, 30, 2)
+    size, steps, rounds = (96, 30, 1) if quick else (224, 40, 2)
     data = write_folder_dataset(workdir / "finetune-bench", classes=4, train=12, test=1, size=320)
     dirs = DataDirs(workdir / "finetune-runs")
     common = [
