@@ -15,6 +15,11 @@ equals the cosine similarity recomputed offline (both sides use the same vectors
 the label stored with that item, and HNSW found at least ``MIN_NEIGHBOUR_RECALL`` of the exact
 neighbours. (A fixed cap such as 0.02 on the difference would be stricter, but a barely trained model
 packs the embeddings so tightly that near-ties legitimately move AP@10 by more on a user's data.)
+
+Beyond agreement, ``quality_figures`` answers "how good is it, and where does it fail" from the Search
+hits: Recall@1/5/10, mAP@10, Recall@1 per class, the most confused class pairs, and the score spread
+(``trainer.metrics.spread_report``: the cosines of same-class and different-class top hits, and of
+random pairs of the system's own vectors), with the collapse warning.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import numpy as np
 
 from trainer import metrics as tm
 
-KS = (1, 2, 4, 8, 16)
+KS = (1, 2, 4, 5, 8, 10, 16)
 ORIGINAL_R = 10
+MAP_DEPTH = 10  # mAP@10: the original AP@10 averaged over every query
+CONFUSED_PAIRS = 5
 MIN_NEIGHBOUR_RECALL = 0.9
 SCORE_TOLERANCE = 1e-3
 
@@ -64,7 +71,7 @@ def metrics_from_hits(
     classes, counts = np.unique(np.asarray(gallery_labels), return_counts=True)
     class_size = dict(zip(classes.tolist(), counts.tolist(), strict=True))
     recall = {k: [] for k in KS}
-    map_r = []
+    map_r, map_depth = [], []
     for ranked, label in zip(hits, query_labels, strict=True):
         r = class_size.get(label, 0)
         if r == 0:  # unanswerable, left out as trainer.metrics does
@@ -75,8 +82,10 @@ def metrics_from_hits(
         top_r = rel[:r]
         precision = np.cumsum(top_r) / np.arange(1, len(top_r) + 1)
         map_r.append(float(np.sum(precision[top_r]) / r))
+        map_depth.append(tm.average_precision_at_k(rel[:MAP_DEPTH]))
     out = {f"recall@{k}": float(np.mean(v)) if v else 0.0 for k, v in recall.items()}
     out["map@r"] = float(np.mean(map_r)) if map_r else 0.0
+    out[f"map@{MAP_DEPTH}"] = float(np.mean(map_depth)) if map_depth else 0.0
     aps = [
         tm.average_precision_at_k([lab == query_labels[i] for lab in hits[i].labels[:ORIGINAL_R]])
         for i in original_picks(len(hits), trials, seed)
@@ -107,6 +116,12 @@ def offline_metrics(
     )
     out[f"original_map@{ORIGINAL_R}"] = tm.original_map(
         queries, q_labels, gallery, g_labels, trials=trials, r=ORIGINAL_R, seed=seed, metric="cosine"
+    )
+    answerable = np.isin(q_labels, g_labels)
+    top = tm.top_k_indices(_normalised(queries[answerable]) @ _normalised(gallery).T, MAP_DEPTH)
+    relevant = g_labels[top] == q_labels[answerable][:, None]
+    out[f"map@{MAP_DEPTH}"] = (
+        float(np.mean([tm.average_precision_at_k(row) for row in relevant])) if len(top) else 0.0
     )
     out["nmi"] = tm.evaluate(queries, q_labels, ks=(1,), metric="cosine", nmi=True)["nmi"]
     return out
@@ -162,9 +177,10 @@ def compare(
     share = {f"recall@{k}": np.mean([differs(i, k) for i in range(n)]) for k in KS}
     share["map@r"] = np.mean([differs(i, int(class_size.get(query_labels[i], 0))) for i in range(n)])
     share[f"original_map@{ORIGINAL_R}"] = np.mean([differs(int(i), ORIGINAL_R) for i in picks])
+    share[f"map@{MAP_DEPTH}"] = np.mean([differs(i, MAP_DEPTH) for i in range(n)])
 
     rows = []
-    for name in (*[f"recall@{k}" for k in KS], "map@r", f"original_map@{ORIGINAL_R}"):
+    for name in (*[f"recall@{k}" for k in KS], "map@r", f"map@{MAP_DEPTH}", f"original_map@{ORIGINAL_R}"):
         diff = abs(system[name] - offline[name])
         tolerance = float(share[name]) + 1e-6
         rows.append(
@@ -197,4 +213,65 @@ def compare(
         "trials": trials,
         "seed": seed,
         "min_neighbour_recall": MIN_NEIGHBOUR_RECALL,
+    }
+
+
+def class_breakdown(hits: Sequence[RankedHits], query_labels: Sequence[str]) -> dict:
+    """Recall@1 of each query class, and the class pairs most often confused at rank 1."""
+    per_class: dict[str, list[bool]] = {}
+    confused: dict[tuple[str, str], int] = {}
+    for ranked, label in zip(hits, query_labels, strict=True):
+        first = ranked.labels[0] if len(ranked.labels) else None
+        per_class.setdefault(label, []).append(first == label)
+        if first is not None and first != label:
+            confused[(label, first)] = confused.get((label, first), 0) + 1
+    queries_of = {label: len(v) for label, v in per_class.items()}
+    pairs = sorted(confused.items(), key=lambda item: (-item[1], item[0]))[:CONFUSED_PAIRS]
+    return {
+        "per_class_recall@1": {label: float(np.mean(v)) for label, v in sorted(per_class.items())},
+        "confused_pairs": [
+            {"query_class": q, "answered_class": a, "count": count, "share_of_class": count / queries_of[q]}
+            for (q, a), count in pairs
+        ],
+    }
+
+
+def system_spread(
+    hits: Sequence[RankedHits],
+    query_labels: Sequence[str],
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: Sequence[str],
+    *,
+    seed: int,
+) -> dict:
+    """The score spread seen through the system: Search's own hit scores, and random pairs of its vectors."""
+    depth = min(tm.SPREAD_TOP_K, min(len(h.scores) for h in hits))
+    same, different = [], []
+    for ranked, label in zip(hits, query_labels, strict=True):
+        for hit_label, score in zip(ranked.labels[:depth], ranked.scores[:depth], strict=True):
+            (same if hit_label == label else different).append(float(score))
+    pairs_same, pairs_different = tm.random_pair_scores(
+        queries, np.asarray(query_labels), gallery, np.asarray(gallery_labels), seed=seed
+    )
+    return tm.spread_report(same, different, pairs_same, pairs_different, depth)
+
+
+def quality_figures(
+    hits: Sequence[RankedHits],
+    query_labels: Sequence[str],
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: Sequence[str],
+    *,
+    seed: int,
+) -> dict:
+    """What the report shows for one model version: headline metrics, per class, confusions, spread."""
+    system = metrics_from_hits(hits, query_labels, gallery_labels, trials=len(hits), seed=seed)
+    spread = system_spread(hits, query_labels, queries, gallery, gallery_labels, seed=seed)
+    return {
+        **{name: system[name] for name in ("recall@1", "recall@5", "recall@10", f"map@{MAP_DEPTH}")},
+        **class_breakdown(hits, query_labels),
+        "spread": spread,
+        "collapse_warning": tm.collapse_warning(spread),
     }

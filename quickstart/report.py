@@ -1,5 +1,6 @@
-"""The demo's report: report.json, PNG figures (query/result grids, Recall@k, the hot-swap timeline)
-and an index.html that shows them with the figures' tables."""
+"""The demo's report: report.json, PNG figures (query/result grids, Recall@k, score spread, the
+hot-swap timeline) and an index.html that shows them with the figures' tables, beginning with the
+answer to "did training help?" (version 1, the untrained backbone, beside version 2, the trained one)."""
 
 from __future__ import annotations
 
@@ -93,6 +94,34 @@ def recall_figure(curves: dict[str, dict[str, float]], out: Path) -> Path:
     return out
 
 
+def spread_figure(spreads: dict[str, dict], out: Path) -> Path:
+    """Cosine scores of each version: same-class vs different-class top hits and random pairs (mean, p05-p95)."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    groups = [
+        ("top hits,\nsame class", "top_hits", "same"),
+        ("top hits,\nother class", "top_hits", "different"),
+        ("random pairs,\nsame class", "random_pairs", "same"),
+        ("random pairs,\nother class", "random_pairs", "different"),
+    ]
+    width = 0.8 / max(len(spreads), 1)
+    for i, (name, spread) in enumerate(spreads.items()):
+        stats = [spread[kind][which] for _, kind, which in groups]
+        xs = np.arange(len(groups)) + (i - (len(spreads) - 1) / 2) * width
+        means = np.array([s["mean"] for s in stats])
+        low = means - np.array([s["p05"] for s in stats])
+        high = np.array([s["p95"] for s in stats]) - means
+        ax.bar(xs, means, width, yerr=[low, high], capsize=3, label=name)
+    ax.set_xticks(np.arange(len(groups)), [g[0] for g in groups], fontsize=7)
+    ax.set_ylabel("cosine (mean, 5th-95th percentile)")
+    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def swap_figure(samples: Sequence[dict], events: dict[str, float], out: Path) -> Path:
     """Every search during the hot-swap: its time, latency and the model version that answered."""
     fig, ax = plt.subplots(figsize=(7, 3))
@@ -143,11 +172,108 @@ th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;border:1
 .ok{color:darkgreen}.bad{color:firebrick}code{background:#f5f5f5;padding:0 .2em}"""
 
 
+def _spread_rows(name: str, spread: dict) -> list[list[object]]:
+    rows = []
+    for kind, label in (("top_hits", f"top-{spread['top_k']} hits"), ("random_pairs", "random pairs")):
+        for which in ("same", "different"):
+            s = spread[kind][which]
+            rows.append(
+                [
+                    name,
+                    label,
+                    "same class" if which == "same" else "other class",
+                    s["mean"],
+                    s["std"],
+                    s["p05"],
+                    s["p95"],
+                ]
+            )
+    return rows
+
+
+def _did_training_help(report: dict, figures: dict[str, str]) -> list[str]:
+    comparison = report.get("comparison")
+    if not comparison:
+        return []
+    v1, v2 = report["evaluation_v1"]["figures"], report["evaluation"]["figures"]
+    parts = [
+        "<h2>Did training help?</h2>",
+        "<p>Version 1 is the backbone as it was before any training on this catalogue; version 2 the trained "
+        "model. Same catalogue (train split, indexed), same queries (test split), both through the Search RPC.</p>",
+        _table(
+            ["metric", "version 1 (untrained)", "version 2 (trained)", "gain"],
+            [[r["metric"], r["v1"], r["v2"], f"{r['gain']:+.4f}"] for r in comparison["metrics"]],
+        ),
+        "<h3>Recall@1 per class</h3>",
+        _table(
+            ["query class", "version 1", "version 2"],
+            [[r["class"], r["v1"], r["v2"]] for r in comparison["per_class_recall@1"]],
+        ),
+        "<h3>Most confused class pairs (rank 1 of another class)</h3>",
+    ]
+    for name, fig in (("version 1", v1), ("version 2", v2)):
+        parts += [
+            f"<p>{name}:</p>",
+            _table(
+                ["query class", "answered with", "queries", "share of the class's queries"],
+                [
+                    [p["query_class"], p["answered_class"], p["count"], p["share_of_class"]]
+                    for p in fig["confused_pairs"]
+                ]
+                or [["none", "", "", ""]],
+            ),
+        ]
+    parts += [
+        "<h3>Score spread (cosine)</h3>",
+        "<p>The scores of the top hits of each query, split by whether the hit is of the query's class, "
+        "and of random pairs of the system's vectors. A trained model should score right answers high and "
+        "different classes low, with room between them for a <code>min_score</code>.</p>",
+        _table(
+            ["version", "pairs", "classes", "mean", "std", "5th pct", "95th pct"],
+            _spread_rows("version 1", v1["spread"]) + _spread_rows("version 2", v2["spread"]),
+        ),
+    ]
+    for name, fig in (("version 1", v1), ("version 2", v2)):
+        if fig.get("collapse_warning"):
+            parts.append(f"<p><b class='bad'>Warning, {name}: {html.escape(fig['collapse_warning'])}</b></p>")
+    if "spread" in figures:
+        parts.append(f"<img src='{figures['spread']}' alt='score spread'>")
+    return parts
+
+
+def _agreement(ev: dict, title: str) -> list[str]:
+    return [
+        f"<h2>Quality of {html.escape(title)}: through the system vs offline on the same embeddings</h2>",
+        f"<p>{ev['queries']} queries (test split) against {ev['gallery']} catalogue items; "
+        f"original mAP@10 over {ev['trials']} seeded query draws. Tolerance per metric: the share of queries "
+        f"whose first <i>depth</i> hit labels differ from an exact search over the exported vectors (the most "
+        f"an approximate index can change the mean). HNSW neighbour recall vs exact: "
+        f"{ev['neighbour_recall']:.4f} (required: {ev['min_neighbour_recall']}); largest hit-score difference "
+        f"from the offline cosine: {ev['max_score_error']:.2e}; hits whose label differs from the stored "
+        f"one: {ev['hits_with_wrong_label']}. "
+        + ("<b class='ok'>They agree.</b>" if ev["agree"] else "<b class='bad'>They DISAGREE.</b>")
+        + "</p>",
+        _table(
+            [
+                "metric",
+                "system (Search RPC)",
+                "offline (trainer.metrics)",
+                "|difference|",
+                "tolerance",
+                "agree",
+            ],
+            [
+                [r["metric"], r["system"], r["offline"], r["difference"], r["tolerance"], r["agree"]]
+                for r in ev["rows"]
+            ],
+        ),
+    ]
+
+
 def write_report(out_dir: Path, report: dict, figures: dict[str, str]) -> Path:
     """Writes report.json and index.html into ``out_dir`` (figures are PNG names in that folder)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    ev = report.get("evaluation", {})
     swap = report.get("hot_swap", {})
     parts = [
         "<!doctype html><meta charset='utf-8'><title>CBIR demo report</title>",
@@ -172,10 +298,11 @@ def write_report(out_dir: Path, report: dict, figures: dict[str, str]) -> Path:
         else "",
         "<h2>Models</h2>",
         _table(
-            ["version", "backbone", "embedding dim", "training steps", "training seconds"],
+            ["version", "what", "backbone", "embedding dim", "training steps", "training seconds"],
             [
                 [
                     m["version"],
+                    m.get("what", ""),
                     m.get("backbone", ""),
                     m.get("embedding_dim", ""),
                     m.get("steps", ""),
@@ -185,39 +312,13 @@ def write_report(out_dir: Path, report: dict, figures: dict[str, str]) -> Path:
             ],
         ),
     ]
-    if ev:
-        parts += [
-            "<h2>Quality: through the system vs offline on the same embeddings</h2>",
-            f"<p>{ev['queries']} queries (test split) against {ev['gallery']} catalogue items; "
-            f"original mAP@10 over {ev['trials']} seeded query draws. Tolerance per metric: the share of queries "
-            f"whose first <i>depth</i> hit labels differ from an exact search over the exported vectors (the most "
-            f"an approximate index can change the mean). HNSW neighbour recall vs exact: "
-            f"{ev['neighbour_recall']:.4f} (required: {ev['min_neighbour_recall']}); largest hit-score difference "
-            f"from the offline cosine: {ev['max_score_error']:.2e}; hits whose label differs from the stored "
-            f"one: {ev['hits_with_wrong_label']}. "
-            + ("<b class='ok'>They agree.</b>" if ev["agree"] else "<b class='bad'>They DISAGREE.</b>")
-            + "</p>",
-            _table(
-                [
-                    "metric",
-                    "system (Search RPC)",
-                    "offline (trainer.metrics)",
-                    "|difference|",
-                    "tolerance",
-                    "agree",
-                ],
-                [
-                    [r["metric"], r["system"], r["offline"], r["difference"], r["tolerance"], r["agree"]]
-                    for r in ev["rows"]
-                ],
-            ),
-        ]
-    if report.get("evaluation_v2"):
-        v2 = report["evaluation_v2"]
-        parts += [
-            "<h3>After the hot-swap (model version 2, through the system)</h3>",
-            _table(["metric", "value"], [[k, v] for k, v in v2.items()]),
-        ]
+    parts += _did_training_help(report, figures)
+    for title, key in (
+        ("version 2, trained", "evaluation"),
+        ("version 1, untrained", "evaluation_v1"),
+    ):
+        if report.get(key):
+            parts += _agreement(report[key], title)
     if "recall" in figures:
         parts.append(f"<img src='{figures['recall']}' alt='Recall@k'>")
     if swap:

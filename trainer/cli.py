@@ -14,6 +14,7 @@ import numpy as np
 from cbir.errors import CbirError, InvalidInput
 from cbir.logs import configure_cli_logging
 from trainer.config import ConfigError, DataDirs, TrainingConfig, load_config, resolve_data_dir
+from trainer.recipes import ALTERNATIVES
 
 log = logging.getLogger("trainer")
 
@@ -38,12 +39,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _common(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
-    parser.add_argument(
+def _common(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "-c",
         "--config",
-        required=config_required,
         help="training config: a path, or the name of a shipped config in trainer/trainings/",
+    )
+    source.add_argument(
+        "--dataset",
+        help="no config of yours: a folder-per-class dataset (<root>/{train,test}/<class>/*.jpg) or a .csv/.jsonl "
+        "manifest, trained with the default recipe for real photos (trainer/recipes.py)",
     )
     parser.add_argument(
         "--set",
@@ -102,12 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--freeze-batchnorm",
         action="store_true",
-        help="keep the backbone's BatchNorm statistics frozen (fine-tuning a pretrained backbone)",
+        help="keep the backbone's BatchNorm statistics frozen (= --set model.finetune.freeze_batchnorm=true)",
     )
     train.add_argument(
         "--train-from",
         metavar="LAYER",
-        help="fine-tune only the backbone layers from LAYER on (e.g. block11_expand_conv); earlier ones stay frozen",
+        help="fine-tune only the backbone layers from LAYER on, e.g. block11_expand_conv "
+        "(= --set model.finetune.train_from=LAYER)",
     )
 
     embed = commands.add_parser("embed", help="embed the gallery (train split) into <data_dir>/emb/<run>.h5")
@@ -151,25 +158,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--model-name", help="model name in the repository (default: the run name)")
     export.add_argument("--version", type=_positive_int, help="version number (default: the next integer)")
+    export.add_argument(
+        "--frozen-backbone",
+        action="store_true",
+        help="export the backbone as it is (model.weights, e.g. ImageNet), with no head and no training: "
+        "its pooled features, L2-normalised (to compare a fine-tuned model against)",
+    )
 
     quality = commands.add_parser(
         "quality",
-        help="quality figures on a folder-per-class dataset: pretrained efficientnet_lite0 vs fine-tuned",
+        help="quality figures on a folder-per-class dataset: the frozen backbone vs the default recipe and "
+        "its alternatives",
     )
     quality.add_argument(
         "--data", type=Path, required=True, help="folder-per-class dataset with train/ and test/"
     )
-    quality.add_argument("--minutes", type=_positive_float, default=15.0, help="fine-tuning budget per loss")
+    quality.add_argument(
+        "--queries",
+        default="test",
+        help="split whose images are the queries (the catalogue is train); validation to choose a recipe",
+    )
+    quality.add_argument(
+        "--candidates",
+        default=",".join(ALTERNATIVES),
+        help=f"comma-separated runs to make (default: all of {', '.join(ALTERNATIVES)})",
+    )
+    quality.add_argument(
+        "--steps", type=_positive_int, help="training steps of each run (default: the recipe's)"
+    )
+    quality.add_argument(
+        "--max-minutes",
+        type=_positive_float,
+        help="stop each run after this many minutes (its last checkpoint counts)",
+    )
     quality.add_argument("--work-dir", type=Path, help="where runs are written (default: a temporary folder)")
-    quality.add_argument(
-        "--losses", default="semi_hard_triplet,angular_loss", help="comma-separated losses to fine-tune with"
-    )
     quality.add_argument("--output", type=Path, help="also write the results as JSON here")
-    quality.add_argument(
-        "--train-from",
-        metavar="LAYER",
-        help="fine-tune only the backbone layers from LAYER on (e.g. block11_expand_conv; default: all)",
-    )
     quality.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -181,8 +204,19 @@ class _Context:
     """What every command needs: the config, the data folders, the run folder."""
 
     def __init__(self, args: argparse.Namespace):
-        self.config: TrainingConfig = load_config(args.config, args.overrides)
-        self.dirs: DataDirs = resolve_data_dir(args.data_dir)
+        overrides = list(args.overrides)
+        if getattr(args, "train_from", None):
+            overrides.append(f"model.finetune.train_from={args.train_from}")
+        if getattr(args, "freeze_batchnorm", False):
+            overrides.append("model.finetune.freeze_batchnorm=true")
+        if args.config:
+            self.config: TrainingConfig = load_config(args.config, overrides)
+            self.dirs: DataDirs = resolve_data_dir(args.data_dir)
+        else:
+            from trainer.recipes import recipe_config
+
+            self.dirs = resolve_data_dir(args.data_dir)  # a relative --dataset is read below it
+            self.config = recipe_config(args.dataset, self.dirs, overrides)
         self.run_name: str = args.run_name or self.config.run_name
         self.args = args
 
@@ -222,8 +256,6 @@ def cmd_train(args) -> int:
             seed=args.seed,
             run_name=args.run_name,
             progress=not args.no_progress,
-            freeze_batchnorm=args.freeze_batchnorm,
-            train_from=args.train_from,
         ),
     )
     if result.best:
@@ -352,6 +384,18 @@ def cmd_evaluation(args) -> int:
     _print_metrics(loo)
     print(f"Test queries against the gallery ({len(gallery)} train images):")
     _print_metrics(vs_gallery)
+    spread = metrics.score_spread(
+        queries, labels, gallery_embeddings=gallery.vectors, gallery_labels=gallery.labels
+    )
+    top, pairs = spread["top_hits"], spread["random_pairs"]
+    print(
+        f"Score spread (cosine): top-{spread['top_k']} hits of the query's class {top['same']['mean']:.3f} "
+        f"± {top['same']['std']:.3f}, of another class {top['different']['mean']:.3f} ± {top['different']['std']:.3f}; "
+        f"random pairs: same class {pairs['same']['mean']:.3f}, different classes {pairs['different']['mean']:.3f}"
+    )
+    warning = metrics.collapse_warning(spread)
+    if warning:
+        print(f"warning: {warning}")
     result = {
         "step": step,
         "original_map": {
@@ -362,6 +406,7 @@ def cmd_evaluation(args) -> int:
         },
         "test_leave_one_out": loo,
         "test_vs_gallery": vs_gallery,
+        "score_spread": spread,
     }
     run = RunDir(ctx.dirs.run_dir(ctx.run_name))
     if run.path.is_dir() and not args.untrained:
@@ -415,6 +460,26 @@ def cmd_export(args) -> int:
     from trainer.runs import RunDir
 
     ctx = _Context(args)
+    if args.frozen_backbone:
+        from trainer.models import frozen_backbone_model
+
+        m = ctx.config.model
+        model = frozen_backbone_model(m.name, (m.input.height, m.input.width), m.weights)
+        path = export_model(
+            model,
+            ctx.config,
+            args.model_repo,
+            model_name=args.model_name or ctx.run_name,
+            version=args.version,
+            extra_metadata={
+                "head": "none",
+                "frozen_backbone": True,
+                "run_name": ctx.run_name,
+                "checkpoint_step": 0,
+            },
+        )
+        print(f"Exported {path} (the {m.name} backbone with weights {m.weights or 'random'}, untrained)")
+        return 0
     model, step = ctx.load_model()
     run = RunDir(ctx.dirs.run_dir(ctx.run_name))
     evaluation = {}
@@ -440,11 +505,12 @@ def cmd_quality(args) -> int:
 
     run_quality(
         args.data,
-        minutes=args.minutes,
         work_dir=args.work_dir,
-        losses=[x for x in args.losses.split(",") if x],
+        candidates=[x.strip() for x in args.candidates.split(",") if x.strip()],
         output=args.output,
-        train_from=args.train_from,
+        queries=args.queries,
+        steps=args.steps,
+        max_minutes=args.max_minutes,
     )
     return 0
 

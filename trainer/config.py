@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cbir.catalogue import ORIGINAL_DATASETS
-from trainer.loss_names import LOSS_NAMES, PAIR_LOSSES, canonical_loss_name
+from trainer.loss_names import LOSS_NAMES, PAIR_LOSSES, PROXY_LOSSES, canonical_loss_name
 
 
 class ConfigError(ValueError):
@@ -32,6 +32,8 @@ SETTINGS_ENV = "CBIR_SETTINGS"
 DATA_DIR_ENV = "CBIR_DATA_DIR"
 DEFAULT_SETTINGS = Path("~/.config/cbir/settings.json")
 TRAININGS_DIR = Path(__file__).resolve().parent / "trainings"
+# Views per image in an activation cache; more is memory for little gain (each view is a random crop).
+MAX_CACHED_VIEWS = 64
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,27 @@ class Fit:
     decay_start_iteration: int = -1
     alpha: float | None = None
     margin: float | str | None = None  # a number, or "soft" for the soft-margin (softplus) variant
+    # Not in the original files: the logit scale of the proxy losses (proxy_anchor, normalized_softmax).
+    scale: float | None = None
 
     @property
     def is_angular(self) -> bool:
         """Angular losses take an angle (run name ``alpha_A``); every other loss a margin (``m_M``)."""
         return canonical_loss_name(self.loss) == "angular_loss"
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """How a pretrained backbone is fine-tuned (not in the original files, which trained everything).
+
+    ``train_from`` names the first backbone layer that is trained; the layers before it stay frozen.
+    ``cached_views`` > 0 computes the frozen part's activations once for that many views of each
+    training image and trains the rest on them (trainer/cached.py), which needs ``train_from``.
+    """
+
+    train_from: str | None = None
+    freeze_batchnorm: bool = False
+    cached_views: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,7 @@ class ModelConfig:
     fit: Fit
     # Not in the original files (its ResNet always started from ImageNet): null | "imagenet" | a path.
     weights: str | None = "imagenet"
+    finetune: Finetune | None = None
 
     @property
     def resize(self) -> Size:
@@ -134,11 +153,13 @@ _SCHEMA: dict[str, Any] = {
         "input": {"height": int, "width": int},
         "crop": {"height": int, "width": int},
         "batch": {"P": int, "K": int},
+        "finetune": {"train_from": (str, type(None)), "freeze_batchnorm": bool, "cached_views": int},
         "fit": {
             "loss": str,
             "metric": str,
             "alpha": (int, float),
             "margin": (int, float, str),
+            "scale": (int, float),
             "optimizer": str,
             "epochs": int,
             "lr": (int, float),
@@ -177,7 +198,7 @@ def _check_shape(data: Any, schema: Mapping[str, Any], where: str) -> None:
             continue
         types = expected if isinstance(expected, tuple) else (expected,)
         # JSON true/false are ints in Python; never accept them for numbers.
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise ConfigError(f"{dotted}: expected {names}, got {json.dumps(value)}")
 
@@ -245,6 +266,26 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainingConfig:
         raise ConfigError(f'model.fit.margin: a number or "soft", got {json.dumps(margin)}')
     if isinstance(margin, int | float) and margin < 0:
         raise ConfigError(f"model.fit.margin: must be >= 0, got {margin}")
+    if "scale" in f:
+        if canonical not in PROXY_LOSSES:
+            raise ConfigError(
+                f"model.fit.scale: only the proxy losses ({', '.join(sorted(PROXY_LOSSES))}) take a scale, not {loss}"
+            )
+        _positive(f["scale"], "model.fit.scale")
+    if canonical in PROXY_LOSSES and margin == "soft":
+        raise ConfigError(f'model.fit.margin: {loss} takes a number, not "soft"')
+    finetune = m.get("finetune")
+    if finetune is not None:
+        views = finetune.get("cached_views", 0)
+        if views < 0:
+            raise ConfigError(f"model.finetune.cached_views: must be >= 0 (0 = no cache), got {views}")
+        if views > MAX_CACHED_VIEWS:
+            raise ConfigError(f"model.finetune.cached_views: at most {MAX_CACHED_VIEWS}, got {views}")
+        if views and not finetune.get("train_from"):
+            raise ConfigError(
+                "model.finetune.cached_views: caching needs a frozen part, so model.finetune.train_from must "
+                "name the first trained backbone layer (e.g. block11_expand_conv)"
+            )
     if canonical in PAIR_LOSSES and m["batch"]["K"] != 2:
         raise ConfigError(
             f"model.batch.K: {loss} reads the batch as (anchor, positive) pairs, so K must be 2"
@@ -264,6 +305,7 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainingConfig:
             input=Size(**m["input"]),
             crop=Size(**crop) if crop is not None else None,
             batch=Batch(**m["batch"]),
+            finetune=Finetune(**finetune) if finetune is not None else None,
             fit=Fit(
                 loss=loss,
                 metric=f.get("metric", "euclidean"),
@@ -273,6 +315,7 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainingConfig:
                 decay_start_iteration=f.get("decay_start_iteration", -1),
                 alpha=f.get("alpha"),
                 margin=f.get("margin"),
+                scale=float(f["scale"]) if "scale" in f else None,
             ),
         ),
     )

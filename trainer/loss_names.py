@@ -20,11 +20,20 @@ _ALIASES = {
     "n_pair": "npair",
     "multi_similarity": "multi_similarity",
     "multi_similarity_loss": "multi_similarity",
+    "proxy_anchor": "proxy_anchor",
+    "proxy_anchor_loss": "proxy_anchor",
+    "normalized_softmax": "normalized_softmax",
+    "normalised_softmax": "normalized_softmax",
+    "norm_softmax": "normalized_softmax",
 }
 LOSS_NAMES = tuple(sorted(_ALIASES))
 
 # Losses that read rows 2i, 2i+1 as an anchor-positive pair: the trainer must use K=2 batches.
 PAIR_LOSSES = frozenset({"angular_loss", "npair"})
+
+# Losses that learn one proxy vector per class (trained with the model, never exported): they need the
+# number of classes, and take a logit ``scale`` on cosine similarities.
+PROXY_LOSSES = frozenset({"proxy_anchor", "normalized_softmax"})
 
 
 def canonical_loss_name(name: str) -> str:

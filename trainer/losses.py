@@ -1,9 +1,12 @@
 """Metric-learning losses: pure TensorFlow functions of (labels, embeddings) plus thin Keras Loss classes.
 
 Every function takes integer class labels of shape [B] and embeddings of shape [B, D] and returns a
-scalar. Each one is differentiable everywhere it can be, and returns 0 (with finite, zero gradients)
-when the batch holds nothing to learn from, e.g. no valid triplet. `get_loss` maps the names used by
-the original training configs (``trainings/*.json``) to these losses.
+scalar, computed in the embeddings' dtype (float64 stays float64; other floats become float32). Each
+one is differentiable everywhere it can be, and returns 0 (with finite, zero gradients) when the batch
+holds nothing to learn from, e.g. no valid triplet. The proxy losses (Proxy-Anchor, normalised softmax)
+also take the class proxies [C, D]; their Keras classes own the proxies as a trainable variable, which
+the trainer optimises with the model and never exports. `get_loss` maps the names used by the original
+training configs (``trainings/*.json``) and the added ones to these losses.
 """
 
 from __future__ import annotations
@@ -16,19 +19,26 @@ import numpy as np
 import tensorflow as tf
 
 from cbir.errors import InvalidInput
-from trainer.loss_names import LOSS_NAMES, canonical_loss_name
+from trainer.loss_names import LOSS_NAMES, PROXY_LOSSES, canonical_loss_name
 
 __all__ = [
     "LOSS_NAMES",
+    "PROXY_LOSSES",
     "angular_loss",
     "batch_hard_triplet_loss",
     "contrastive_loss",
     "get_loss",
     "multi_similarity_loss",
+    "normalized_softmax_loss",
     "npair_loss",
     "pairwise_squared_distances",
+    "proxy_anchor_loss",
     "semi_hard_triplet_loss",
 ]
+
+# Stands in for -inf where a term is masked out of a logsumexp: exp() of it is exactly 0, and unlike -inf
+# it keeps every gradient finite.
+_VERY_NEGATIVE = -1e9
 
 # The L2 penalty the N-pair and angular losses of tf_retrieval_baseline add to the logits' inputs
 # (tf.contrib.losses.metric_learning.npairs_loss default reg_lambda): 0.25 * 0.002 * (|xa|^2 + |xp|^2).
@@ -36,11 +46,16 @@ PAIR_L2_WEIGHT = 0.25 * 0.002
 
 
 def _prepare(labels, embeddings) -> tuple[tf.Tensor, tf.Tensor]:
-    """Labels as int64 [B] (Keras hands them over as float, possibly [B, 1]); embeddings as float32 [B, D]."""
+    """Labels as int64 [B] (Keras hands them over as float, possibly [B, 1]); embeddings float [B, D].
+
+    float64 embeddings stay float64 (the tests compare against float64 references); half precision
+    becomes float32, where the exponentials of the softmax losses do not overflow.
+    """
     embeddings = tf.convert_to_tensor(embeddings)
     if not embeddings.dtype.is_floating:
         raise InvalidInput(f"embeddings must be floating point, got {embeddings.dtype.name}")
-    embeddings = tf.cast(embeddings, tf.float32)
+    if embeddings.dtype != tf.float64:
+        embeddings = tf.cast(embeddings, tf.float32)
     if embeddings.shape.rank is not None and embeddings.shape.rank != 2:
         raise InvalidInput(f"embeddings must have shape [batch, dim], got {embeddings.shape}")
     labels = tf.convert_to_tensor(labels)
@@ -169,7 +184,7 @@ def contrastive_loss(labels, embeddings, margin: float = 1.0) -> tf.Tensor:
     pos_mask, neg_mask = _label_masks(labels)
     dist = _safe_sqrt(sq)
     per_pair = tf.where(pos_mask, 0.5 * sq, 0.5 * tf.square(tf.maximum(margin - dist, 0.0)))
-    upper = tf.linalg.band_part(tf.ones_like(sq), 0, -1) - tf.eye(tf.shape(sq)[0])
+    upper = tf.linalg.band_part(tf.ones_like(sq), 0, -1) - tf.eye(tf.shape(sq)[0], dtype=sq.dtype)
     return _masked_mean(per_pair, upper > 0, embeddings)
 
 
@@ -192,7 +207,7 @@ def _split_pairs(labels: tf.Tensor, embeddings: tf.Tensor, loss_name: str):
 
 def _pair_softmax_loss(pair_labels, anchors, positives, logits) -> tf.Tensor:
     """Softmax cross-entropy of pair logits against the same-label targets, plus the pair L2 term."""
-    same = tf.cast(tf.equal(pair_labels[:, None], pair_labels[None, :]), tf.float32)
+    same = tf.cast(tf.equal(pair_labels[:, None], pair_labels[None, :]), logits.dtype)
     targets = same / tf.reduce_sum(same, axis=1, keepdims=True)
     xent = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits))
     l2 = PAIR_L2_WEIGHT * (
@@ -228,7 +243,7 @@ def angular_loss(labels, embeddings, alpha: float = 45.0) -> tf.Tensor:
     labels, embeddings = _prepare(labels, embeddings)
     pair_labels, anchors, positives = _split_pairs(labels, embeddings, "angular loss")
     tan_sq = float(np.tan(np.deg2rad(alpha)) ** 2)
-    eye = tf.eye(tf.shape(anchors)[0])
+    eye = tf.eye(tf.shape(anchors)[0], dtype=anchors.dtype)
     diagonal = 2.0 * (1.0 + tan_sq) * tf.matmul(anchors, positives, transpose_b=True) * eye
     off_diagonal = 4.0 * tan_sq * tf.matmul(anchors + positives, positives, transpose_b=True) * (1.0 - eye)
     return _pair_softmax_loss(pair_labels, anchors, positives, diagonal + off_diagonal)
@@ -264,7 +279,7 @@ def multi_similarity_loss(
     mined_neg = tf.logical_and(neg_mask, sim + margin > min_pos)
     mined_pos = tf.logical_and(pos_mask, sim - margin < max_neg)
     # log(1 + sum exp(z)) = logsumexp over {0} and the mined z, stable for scale_neg = 40 and more.
-    very_negative = tf.fill(tf.shape(sim), -1e9)
+    very_negative = tf.fill(tf.shape(sim), tf.constant(_VERY_NEGATIVE, sim.dtype))
     pos_terms = tf.where(mined_pos, -scale_pos * (sim - threshold), very_negative)
     neg_terms = tf.where(mined_neg, scale_neg * (sim - threshold), very_negative)
     zeros = tf.zeros_like(sim[:, :1])
@@ -272,8 +287,87 @@ def multi_similarity_loss(
     neg_loss = tf.reduce_logsumexp(tf.concat([zeros, neg_terms], axis=1), axis=1) / scale_neg
     active = tf.logical_and(tf.reduce_any(mined_pos, axis=1), tf.reduce_any(mined_neg, axis=1))
     per_anchor = tf.where(active, pos_loss + neg_loss, 0.0)
-    batch = tf.cast(tf.shape(embeddings)[0], tf.float32)
+    batch = tf.cast(tf.shape(embeddings)[0], embeddings.dtype)
     return tf.reduce_sum(per_anchor) / tf.maximum(batch, 1.0) + _zero_like(embeddings)
+
+
+def _check_scale(scale) -> None:
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, int | float)
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise InvalidInput(f"scale must be a finite number > 0, got {scale!r}")
+
+
+def _proxy_similarities(labels, embeddings, proxies) -> tuple[tf.Tensor, tf.Tensor]:
+    """(labels int64 [B], cosine similarities [B, C] of each embedding to each class proxy)."""
+    labels, embeddings = _prepare(labels, embeddings)
+    proxies = tf.cast(tf.convert_to_tensor(proxies), embeddings.dtype)
+    if proxies.shape.rank is not None and proxies.shape.rank != 2:
+        raise InvalidInput(f"proxies must have shape [classes, dim], got {proxies.shape}")
+    if (
+        embeddings.shape[-1] is not None
+        and proxies.shape[-1] is not None
+        and embeddings.shape[-1] != proxies.shape[-1]
+    ):
+        raise InvalidInput(
+            f"proxies have dimension {proxies.shape[-1]} but the embeddings {embeddings.shape[-1]}"
+        )
+    classes = tf.cast(tf.shape(proxies)[0], tf.int64)
+    tf.debugging.assert_non_negative(labels, message="proxy losses need class ids >= 0")
+    tf.debugging.assert_less(
+        labels, classes, message="a label is >= the number of proxies (classes) of the loss"
+    )
+    unit = tf.math.l2_normalize(embeddings, axis=1, epsilon=1e-12)
+    unit_proxies = tf.math.l2_normalize(proxies, axis=1, epsilon=1e-12)
+    return labels, tf.matmul(unit, unit_proxies, transpose_b=True)
+
+
+def proxy_anchor_loss(labels, embeddings, proxies, scale: float = 32.0, margin: float = 0.1) -> tf.Tensor:
+    """Proxy-Anchor loss (Kim, Kim, Cho & Kwak 2020, CVPR, arXiv:2003.13911).
+
+    One proxy per class; s(x, p) is the cosine similarity. Each proxy is an anchor for the batch:
+    (1/|P+|) sum_{p in P+} log(1 + sum_{x in X_p+} exp(-scale (s(x, p) - margin)))
+    + (1/|P|) sum_{p in P} log(1 + sum_{x in X_p-} exp(scale (s(x, p) + margin))),
+    where P are all proxies, P+ those of the classes present in the batch, X_p+ the batch's embeddings
+    of p's class and X_p- the others (the paper's alpha = scale = 32, delta = margin = 0.1).
+    """
+    _check_scale(scale)
+    _check_margin(margin)
+    labels, sim = _proxy_similarities(labels, embeddings, proxies)
+    positive = tf.cast(tf.one_hot(labels, tf.shape(sim)[1]), tf.bool)  # [B, C]
+    very_negative = tf.fill(tf.shape(sim), tf.constant(_VERY_NEGATIVE, sim.dtype))
+    zeros = tf.zeros_like(sim[:1, :])
+    # log(1 + sum exp(z)) over the batch rows of each proxy column = logsumexp of {0} and the z.
+    pos_terms = tf.where(positive, -scale * (sim - margin), very_negative)
+    neg_terms = tf.where(positive, very_negative, scale * (sim + margin))
+    pos_per_proxy = tf.reduce_logsumexp(tf.concat([zeros, pos_terms], axis=0), axis=0)  # [C]
+    neg_per_proxy = tf.reduce_logsumexp(tf.concat([zeros, neg_terms], axis=0), axis=0)  # [C]
+    with_positives = tf.reduce_sum(tf.cast(tf.reduce_any(positive, axis=0), sim.dtype))
+    classes = tf.cast(tf.shape(sim)[1], sim.dtype)
+    return tf.reduce_sum(pos_per_proxy) / tf.maximum(with_positives, 1.0) + tf.reduce_sum(
+        neg_per_proxy
+    ) / tf.maximum(classes, 1.0)
+
+
+def normalized_softmax_loss(
+    labels, embeddings, proxies, scale: float = 20.0, margin: float = 0.0
+) -> tf.Tensor:
+    """Normalised softmax with an optional cosine margin (Zhai & Wu 2019, BMVC, arXiv:1811.12649).
+
+    "Classification is a strong baseline for deep metric learning": logits are the cosine
+    similarities of the L2-normalised embedding to the L2-normalised class proxies, divided by a
+    temperature (scale = 1 / T; the paper's T = 0.05 is scale 20); the loss is the mean softmax
+    cross-entropy. With ``margin`` m > 0 the true class's cosine is lowered by m before scaling (the
+    large-margin cosine loss of Wang et al. 2018, "CosFace", arXiv:1801.09414).
+    """
+    _check_scale(scale)
+    _check_margin(margin)
+    labels, sim = _proxy_similarities(labels, embeddings, proxies)
+    logits = scale * (sim - margin * tf.one_hot(labels, tf.shape(sim)[1], dtype=sim.dtype))
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
 
 class _MetricLoss(keras.losses.Loss):
@@ -366,6 +460,73 @@ class MultiSimilarityLoss(_MetricLoss):
         )
 
 
+class ProxyLoss(keras.losses.Loss):
+    """Keras adapter of a proxy loss; owns the class proxies [num_classes, embedding_dim] (trainable).
+
+    The proxies are a variable of the loss, not of the model: the trainer optimises them with the
+    model and saves them in its checkpoints, and the exported SavedModel never contains them.
+    """
+
+    fn: Callable[..., tf.Tensor]
+    default_scale: float
+    default_margin: float
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        scale: float | None = None,
+        margin: float | None = None,
+        seed: int = 0,
+        name: str | None = None,
+        reduction="sum_over_batch_size",
+    ):
+        super().__init__(name=name, reduction=reduction)
+        for arg, value in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise InvalidInput(f"{type(self).__name__}: {arg} must be a positive integer, got {value!r}")
+        self.scale = float(self.default_scale if scale is None else scale)
+        self.margin = float(self.default_margin if margin is None else margin)
+        _check_scale(self.scale)
+        _check_margin(self.margin)
+        self.num_classes, self.embedding_dim, self.seed = int(num_classes), int(embedding_dim), int(seed)
+        # Random directions (the scale does not matter: the losses normalise the proxies).
+        initial = np.random.default_rng(seed).normal(size=(self.num_classes, self.embedding_dim))
+        self.proxies = keras.Variable(initial.astype(np.float32), trainable=True, name="proxies")
+
+    def call(self, y_true, y_pred):
+        return type(self).fn(y_true, y_pred, self.proxies, scale=self.scale, margin=self.margin)
+
+    def get_config(self) -> dict:
+        return {
+            "name": self.name,
+            "reduction": self.reduction,
+            "num_classes": self.num_classes,
+            "embedding_dim": self.embedding_dim,
+            "scale": self.scale,
+            "margin": self.margin,
+            "seed": self.seed,
+        }
+
+
+@keras.saving.register_keras_serializable(package="cbir")
+class ProxyAnchorLoss(ProxyLoss):
+    """Keras wrapper of :func:`proxy_anchor_loss` (scale 32, margin 0.1 by default, as the paper)."""
+
+    fn = staticmethod(proxy_anchor_loss)
+    default_scale = 32.0
+    default_margin = 0.1
+
+
+@keras.saving.register_keras_serializable(package="cbir")
+class NormalizedSoftmaxLoss(ProxyLoss):
+    """Keras wrapper of :func:`normalized_softmax_loss` (scale 20 = temperature 0.05, no margin by default)."""
+
+    fn = staticmethod(normalized_softmax_loss)
+    default_scale = 20.0
+    default_margin = 0.0
+
+
 def get_loss(
     name: str,
     *,
@@ -378,7 +539,8 @@ def get_loss(
 
     ``margin="soft"`` (or ``soft=True``) selects the softplus form of the triplet losses. Arguments that
     the chosen loss does not use are rejected so that a config mistake does not pass silently.
-    Extra keyword arguments go to the loss class (e.g. ``scale_neg`` for multi-similarity).
+    Extra keyword arguments go to the loss class (e.g. ``scale_neg`` for multi-similarity;
+    ``num_classes`` and ``embedding_dim``, required, and ``scale`` for the proxy losses).
     """
     canonical = canonical_loss_name(name)
     if margin == "soft":
@@ -402,6 +564,14 @@ def get_loss(
         unused("alpha", alpha)
         unused("soft", soft)
         return ContrastiveLoss(margin=1.0 if margin is None else margin, **kwargs)
+    if canonical in ("proxy_anchor", "normalized_softmax"):
+        unused("alpha", alpha)
+        unused("soft", soft)
+        cls = ProxyAnchorLoss if canonical == "proxy_anchor" else NormalizedSoftmaxLoss
+        try:
+            return cls(margin=margin, **kwargs)
+        except TypeError as exc:
+            raise InvalidInput(f"loss {name!r}: {exc}") from None
     if canonical == "npair":
         unused("alpha", alpha)
         unused("margin", margin)

@@ -14,12 +14,18 @@ import numpy as np
 from cbir.errors import InvalidInput
 
 __all__ = [
+    "COLLAPSE_COSINE",
     "DEFAULT_KS",
     "average_precision_at_k",
+    "collapse_warning",
     "evaluate",
     "kmeans",
     "normalized_mutual_information",
     "original_map",
+    "random_pair_scores",
+    "score_spread",
+    "score_stats",
+    "spread_report",
     "top_k_indices",
 ]
 
@@ -27,6 +33,11 @@ DEFAULT_KS = (1, 2, 4, 8, 16)
 METRICS = ("cosine", "euclidean")
 # Float64 cells of one block of the query x gallery score matrix (64 MB).
 DEFAULT_BLOCK_CELLS = 1 << 23
+# An embedding whose random different-class pairs score this cosine on average has collapsed: every item
+# is nearly the same vector, rankings rest on the last decimals and a score threshold means nothing.
+COLLAPSE_COSINE = 0.9
+SPREAD_TOP_K = 10
+SPREAD_PAIRS = 20_000
 
 
 def _as_embeddings(name: str, x) -> np.ndarray:
@@ -319,3 +330,142 @@ def normalized_mutual_information(labels_true, labels_pred) -> float:
     if h_y + h_c == 0:
         return 1.0
     return max(0.0, 2.0 * mutual / (h_y + h_c))
+
+
+def score_stats(scores) -> dict[str, float]:
+    """Mean, standard deviation, 5th and 95th percentiles and count of a set of scores (NaN when empty)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if scores.size == 0:
+        return {
+            "mean": float("nan"),
+            "std": float("nan"),
+            "p05": float("nan"),
+            "p95": float("nan"),
+            "count": 0,
+        }
+    p05, p95 = np.percentile(scores, [5, 95])
+    return {
+        "mean": float(scores.mean()),
+        "std": float(scores.std()),
+        "p05": float(p05),
+        "p95": float(p95),
+        "count": int(scores.size),
+    }
+
+
+def score_spread(
+    embeddings,
+    labels,
+    *,
+    gallery_embeddings=None,
+    gallery_labels=None,
+    top_k: int = SPREAD_TOP_K,
+    pairs: int = SPREAD_PAIRS,
+    seed: int = 0,
+    block_cells: int = DEFAULT_BLOCK_CELLS,
+) -> dict:
+    """How the cosine scores are spread: of each query's top ``top_k`` hits and of random pairs, by class.
+
+    ``top_hits``: the scores of every query's first ``top_k`` hits (exact search), split into hits of
+    the query's class and hits of another class: how far apart right and wrong answers score where it
+    matters. ``random_pairs``: ``pairs`` random (query, gallery item) pairs of the same class and as many
+    of different classes: the spread of the whole space. Leave-one-out without a gallery (a query is
+    never paired with itself). ``collapsed`` is True when the mean different-class random-pair cosine is
+    at least COLLAPSE_COSINE; ``collapse_warning`` words it.
+    """
+    queries = _as_embeddings("embeddings", embeddings)
+    q_labels = _as_labels("labels", labels, len(queries))
+    if gallery_embeddings is None:
+        gallery, g_labels, exclude_self = queries, q_labels, True
+    else:
+        gallery = _as_embeddings("gallery_embeddings", gallery_embeddings)
+        g_labels = _as_labels("gallery_labels", gallery_labels, len(gallery))
+        exclude_self = False
+    same_top, other_top = [], []
+    depth = min(top_k, len(gallery) - (1 if exclude_self else 0))
+    for start, scores in _score_blocks(
+        queries, gallery, "cosine", exclude_self=exclude_self, block_cells=block_cells
+    ):
+        top = top_k_indices(scores, depth)
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        same = g_labels[top] == q_labels[start : start + len(scores), None]
+        same_top.append(top_scores[same])
+        other_top.append(top_scores[~same])
+
+    same_pairs, other_pairs = random_pair_scores(
+        queries, q_labels, gallery, g_labels, pairs=pairs, seed=seed, exclude_self=exclude_self
+    )
+    return spread_report(np.concatenate(same_top), np.concatenate(other_top), same_pairs, other_pairs, depth)
+
+
+def spread_report(top_same, top_different, pairs_same, pairs_different, top_k: int) -> dict:
+    """The score_spread dict from the four sets of cosines (also built from Search results by the demo)."""
+    different = score_stats(pairs_different)
+    return {
+        "top_k": int(top_k),
+        "top_hits": {"same": score_stats(top_same), "different": score_stats(top_different)},
+        "random_pairs": {"same": score_stats(pairs_same), "different": different},
+        "collapsed": bool(different["count"] and different["mean"] >= COLLAPSE_COSINE),
+    }
+
+
+def random_pair_scores(
+    queries,
+    query_labels,
+    gallery,
+    gallery_labels,
+    *,
+    pairs: int = SPREAD_PAIRS,
+    seed: int = 0,
+    exclude_self: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosines of ``pairs`` random same-class and of as many random different-class (query, item) pairs.
+
+    Each pair draws a random query, then a random gallery item of its class (never itself when
+    ``exclude_self``: queries and gallery are the same set) and one of another class; a query whose
+    class has no (other) item in the gallery gives no same-class pair.
+    """
+    q_unit, _ = _prepare_space(_as_embeddings("queries", queries), "cosine")
+    g_unit, _ = _prepare_space(_as_embeddings("gallery", gallery), "cosine")
+    q_labels = _as_labels("query_labels", query_labels, len(q_unit))
+    g_labels = _as_labels("gallery_labels", gallery_labels, len(g_unit))
+    rng = np.random.default_rng(seed)
+    classes, g_class = np.unique(g_labels, return_inverse=True)
+    order = np.argsort(g_class, kind="stable")  # gallery items grouped by class, each group in index order
+    counts = np.bincount(g_class, minlength=len(classes))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    q = rng.integers(0, len(q_unit), size=pairs)
+    pos = np.clip(np.searchsorted(classes, q_labels[q]), 0, len(classes) - 1)
+    known = classes[pos] == q_labels[q]
+    size = np.where(known, counts[pos], 0)
+    # Same class: the r-th member of the query's class, skipping the query itself when leaving one out.
+    own = size - (1 if exclude_self else 0)
+    has_same = own > 0
+    r = np.floor(rng.random(pairs) * np.maximum(own, 1)).astype(np.int64)
+    if exclude_self:
+        rank_of_self = np.empty(len(order), np.int64)
+        rank_of_self[order] = np.arange(len(order))
+        r = np.where(r >= rank_of_self[q] - starts[pos], r + 1, r)
+    same_items = order[np.minimum(starts[pos] + r, len(order) - 1)]
+    # Different class: the r-th item outside the query's class block of ``order``.
+    others = len(g_labels) - size
+    has_other = others > 0
+    r = np.floor(rng.random(pairs) * np.maximum(others, 1)).astype(np.int64)
+    r = np.where(known & (r >= starts[pos]), r + size, r)
+    other_items = order[np.minimum(r, len(order) - 1)]
+    same = np.einsum("ij,ij->i", q_unit[q[has_same]], g_unit[same_items[has_same]])
+    other = np.einsum("ij,ij->i", q_unit[q[has_other]], g_unit[other_items[has_other]])
+    return same, other
+
+
+def collapse_warning(spread: dict) -> str | None:
+    """A sentence for a user when ``spread`` (score_spread's result) shows a collapsed embedding, else None."""
+    if not spread.get("collapsed"):
+        return None
+    different = spread["random_pairs"]["different"]
+    return (
+        f"the embedding has collapsed: random pairs of different classes score {different['mean']:.4f} "
+        f"(std {different['std']:.4f}) on average, >= {COLLAPSE_COSINE}; rankings rest on the last decimals "
+        "and a score threshold (min_score) cannot separate right from wrong answers. Train with a proxy loss "
+        "(normalized_softmax, proxy_anchor) or a lower learning rate."
+    )

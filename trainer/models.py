@@ -23,6 +23,7 @@ __all__ = [
     "attach_head",
     "backbone_spec",
     "build_embedding_model",
+    "frozen_backbone_model",
     "head_is_normalized",
 ]
 
@@ -83,6 +84,22 @@ def attach_head(
         x = keras.layers.UnitNormalization(axis=-1, name="l2_normalize")(x)
     outputs = keras.layers.Identity(name="embedding", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name or f"{features.name}_{head}")
+
+
+def frozen_backbone_model(
+    backbone: str, input_size: tuple[int, int] = (224, 224), weights: str | Path | None = None
+) -> keras.Model:
+    """The backbone alone as an embedding model: pixels -> its pooled features, L2-normalised.
+
+    What a pretrained network gives before any training on a catalogue (the baseline a fine-tuned
+    model is compared with); with weights=None, a randomly initialised network.
+    """
+    features = build_backbone(backbone, input_size, weights)
+    height, width = features.input_shape[1:3]
+    inputs = keras.Input(shape=(height, width, 3), dtype="float32", name="pixels")
+    x = keras.layers.UnitNormalization(axis=-1, name="l2_normalize")(features(inputs))
+    outputs = keras.layers.Identity(name="embedding", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name=f"{backbone}_frozen")
 
 
 def _check_dim(embedding_dim) -> None:

@@ -3,7 +3,9 @@
 Mirrors the original train.py (iterations counted in ``model.fit.epochs``, a checkpoint every
 ``checkpoint_frequency`` iterations with tf.train.CheckpointManager, Ctrl-C saves and stops) and adds
 what it lacked: a refusal to overwrite a run without ``--resume``, the resolved config saved with the
-run, periodic Recall@1 on the test split with the best checkpoint kept, and a time budget.
+run, periodic Recall@1 on the test split with the best checkpoint kept, a time budget, partial
+fine-tuning of a pretrained backbone (``model.finetune``), optionally on cached activations of its
+frozen part (trainer/cached.py), and the proxy losses, whose proxies are trained beside the model.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from tqdm import tqdm
 
 from cbir.errors import AlreadyExists, FailedPrecondition, InvalidInput
 from trainer import losses, metrics
-from trainer.config import DataDirs, TrainingConfig
+from trainer.cached import CACHE_FOLDER, build_activation_cache, cached_batches, split_embedding_model
+from trainer.config import DataDirs, Finetune, TrainingConfig
 from trainer.data import Split, load_splits
 from trainer.embedding import build_model, embed_paths, make_embed_fn
 from trainer.preprocessing import augment_image_bytes
@@ -38,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # The original decayed to this learning rate (PolynomialDecay end_learning_rate).
 END_LEARNING_RATE = 1e-7
+# Proxies start as random directions and must move much faster than a pretrained network; Kim et al.
+# (Proxy-Anchor) train them at 100 times the network's learning rate.
+PROXY_LR_MULTIPLIER = 100.0
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -87,17 +93,37 @@ def learning_rate(config: TrainingConfig):
     return fit.lr
 
 
-def make_optimizer(config: TrainingConfig) -> keras.optimizers.Optimizer:
+def make_optimizer(config: TrainingConfig, lr_multiplier: float = 1.0) -> keras.optimizers.Optimizer:
     fit = config.model.fit
+    rate = learning_rate(config)
+    if lr_multiplier != 1.0:
+        if isinstance(rate, DelayedLinearDecay):
+            rate = DelayedLinearDecay(
+                rate.lr * lr_multiplier, rate.decay_start, rate.total_steps, rate.end_lr
+            )
+        else:
+            rate = rate * lr_multiplier
     if fit.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate(config))
-    return keras.optimizers.SGD(learning_rate(config), momentum=0.9)
+        return keras.optimizers.Adam(rate)
+    return keras.optimizers.SGD(rate, momentum=0.9)
 
 
-def make_loss(config: TrainingConfig) -> keras.losses.Loss:
+def make_loss(config: TrainingConfig, num_classes: int | None = None) -> keras.losses.Loss:
+    """The config's loss; the proxy losses also need the number of classes (their proxies)."""
     fit = config.model.fit
     if fit.is_angular:
         return losses.get_loss(fit.loss, alpha=fit.alpha)
+    if losses.canonical_loss_name(fit.loss) in losses.PROXY_LOSSES:
+        if num_classes is None:
+            raise InvalidInput(f"{fit.loss} needs the number of classes")
+        extra = {"scale": fit.scale} if fit.scale is not None else {}
+        return losses.get_loss(
+            fit.loss,
+            margin=fit.margin,
+            num_classes=num_classes,
+            embedding_dim=config.model.embedding_dim,
+            **extra,
+        )
     return losses.get_loss(fit.loss, margin=fit.margin)
 
 
@@ -169,21 +195,29 @@ def make_train_step(
     loss_fn: keras.losses.Loss,
     optimizer: keras.optimizers.Optimizer,
     step: tf.Variable | None = None,
+    proxy_optimizer: keras.optimizers.Optimizer | None = None,
 ):
     """One optimisation step as a graph; with ``step``, it also counts and logs loss and learning rate.
 
     Counting and logging inside the graph keeps per-step Python work (eager ops) out of the loop.
+    A proxy loss's proxies are trained too, by ``proxy_optimizer`` (required then).
     """
+    proxies = [loss_fn.proxies] if isinstance(loss_fn, losses.ProxyLoss) else []
+    if proxies and proxy_optimizer is None:
+        raise ValueError("a proxy loss needs a proxy_optimizer for its proxies")
 
     @tf.function(reduce_retracing=True)
     def train_step(images, labels):
+        variables = model.trainable_variables
         with tf.GradientTape() as tape:
             embeddings = model(images, training=True)
             loss = loss_fn(labels, embeddings)
             if model.losses:
                 loss += tf.add_n(model.losses)
-        gradients = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        gradients = tape.gradient(loss, variables + proxies)
+        optimizer.apply_gradients(zip(gradients[: len(variables)], variables, strict=True))
+        if proxies:
+            proxy_optimizer.apply_gradients(zip(gradients[len(variables) :], proxies, strict=True))
         if step is not None:
             step.assign_add(1)
             log_scalar("loss", loss, step=step)
@@ -224,12 +258,6 @@ class TrainOptions:
     seed: int = 0
     run_name: str | None = None
     eval_batch_size: int = 32
-    # Run the backbone's BatchNorm layers in inference mode with frozen statistics, the usual choice when
-    # fine-tuning a pretrained backbone with small P x K batches (Musgrave et al. 2020 do the same).
-    freeze_batchnorm: bool = False
-    # Name of the first backbone layer to fine-tune; the layers before it stay frozen (and are not
-    # back-propagated through, which makes a step much cheaper on a CPU). None = train everything.
-    train_from: str | None = None
     progress: bool = True
     # Called after each evaluation with (step, metrics); tests and the quality command use it.
     on_eval: Callable[[int, dict], None] | None = None
@@ -243,6 +271,7 @@ class TrainResult:
     images_per_second: float
     best: dict | None = None
     history: list[dict] = field(default_factory=list)
+    cache_seconds: float = 0.0  # building the activation cache (cached fine-tuning), not in the rate
 
 
 def prepare_run(config: TrainingConfig, dirs: DataDirs, options: TrainOptions) -> RunDir:
@@ -288,18 +317,27 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
             f"model.batch.P={m.batch.P} but the train split of {config.dataset!r} has {classes} classes; "
             f"use --set model.batch.P={classes} or fewer"
         )
+    finetune = m.finetune or Finetune()
+    # The model (and where it is cut) is checked before anything is written.
+    model = build_model(config, weights=m.weights)
+    parts = split_embedding_model(model, finetune.train_from) if finetune.cached_views else None
+    if finetune.train_from:
+        freeze_backbone_before(model, finetune.train_from)
+    if finetune.freeze_batchnorm:
+        freeze_batchnorm(model)
+    loss_fn = make_loss(config, num_classes=len(train_split.class_names))
     run = prepare_run(config, dirs, options)
 
-    model = build_model(config, weights=m.weights)
-    if options.train_from:
-        freeze_backbone_before(model, options.train_from)
-    if options.freeze_batchnorm:
-        freeze_batchnorm(model)
     optimizer = make_optimizer(config)
     optimizer.build(model.trainable_variables)
-    loss_fn = make_loss(config)
     step_var = tf.Variable(0, dtype=tf.int64)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
+    tracked = {"model": model, "optimizer": optimizer, "step": step_var}
+    proxy_optimizer = None
+    if isinstance(loss_fn, losses.ProxyLoss):
+        proxy_optimizer = make_optimizer(config, lr_multiplier=PROXY_LR_MULTIPLIER)
+        proxy_optimizer.build([loss_fn.proxies])
+        tracked.update(proxies=loss_fn.proxies, proxy_optimizer=proxy_optimizer)
+    checkpoint = tf.train.Checkpoint(**tracked)
     latest = tf.train.CheckpointManager(checkpoint, str(run.latest_dir), max_to_keep=3)
     best = tf.train.CheckpointManager(
         tf.train.Checkpoint(model=model, step=step_var), str(run.best_dir), max_to_keep=1
@@ -313,8 +351,18 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
     best_metrics = run.best_metrics()
     best_recall = best_metrics["recall@1"] if best_metrics else -math.inf
 
-    dataset = training_dataset(train_split, config, seed=options.seed, start_step=start)
-    train_step = make_train_step(model, loss_fn, optimizer, step_var)
+    cache_seconds = 0.0
+    if parts is not None:
+        # After the restore: the cache must come from this run's frozen weights.
+        frozen, tail = parts
+        cache = _activation_cache(frozen, train_split, config, run.path / CACHE_FOLDER, options)
+        cache_seconds = cache.seconds
+        batches = cached_batches(cache, m.batch.P, m.batch.K, seed=options.seed + start)
+        step_model = tail
+    else:
+        batches = iter(training_dataset(train_split, config, seed=options.seed, start_step=start))
+        step_model = model
+    train_step = make_train_step(step_model, loss_fn, optimizer, step_var, proxy_optimizer)
     embed_fn = make_embed_fn(model)
     log_dir = dirs.logs / run.path.name / "train" / datetime.now().strftime("%Y%m%d-%H%M%S")
     writer = tf.summary.create_file_writer(str(log_dir))
@@ -358,12 +406,11 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
         disable=not options.progress,
         dynamic_ncols=True,
     )
-    iterator = iter(dataset)
     step = start
     with _StopRequest() as stop, writer.as_default():
         while step < last_step:
             t0 = time.perf_counter()
-            images, labels = next(iterator)
+            images, labels = next(batches)
             loss = float(train_step(images, labels))
             if not math.isfinite(loss):
                 raise FailedPrecondition(f"the loss became {loss} at step {step}; lower model.fit.lr")
@@ -404,4 +451,38 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
     writer.flush()
     rate = images_seen / busy_seconds if busy_seconds else 0.0
     print(f"Stopped ({stopped}) at step {step}; checkpoint {latest.latest_checkpoint}; {rate:.1f} images/s")
-    return TrainResult(run.path, step, stopped, rate, run.best_metrics(), history)
+    return TrainResult(run.path, step, stopped, rate, run.best_metrics(), history, cache_seconds)
+
+
+def _activation_cache(
+    frozen: keras.Model, split: Split, config: TrainingConfig, folder: Path, options: TrainOptions
+):
+    m = config.model
+    views = m.finetune.cached_views
+    bar = tqdm(
+        total=len(split) * views,
+        desc=f"caching {views} views per image up to {m.finetune.train_from}",
+        unit="view",
+        disable=not options.progress,
+        dynamic_ncols=True,
+    )
+    with bar:
+        cache = build_activation_cache(
+            frozen,
+            split.paths,
+            split.labels,
+            views=views,
+            input_size=m.input,
+            resize=m.resize,
+            train_from=m.finetune.train_from,
+            seed=options.seed,
+            folder=folder,
+            batch_size=options.eval_batch_size,
+            threads=config.loading_threads,
+            progress=bar.update,
+        )
+    if cache.seconds:
+        print(
+            f"Cached {len(split)} x {views} views in {cache.seconds:.0f}s ({len(split) * views / cache.seconds:.1f} views/s)"
+        )
+    return cache

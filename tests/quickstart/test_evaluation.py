@@ -94,3 +94,66 @@ def test_wrong_metric_is_caught(space):
     hits = [ev.RankedHits(h.ids, list(rng.permutation(h.labels)), h.scores) for h in hits]
     result = ev.compare(hits, queries, q_labels, ids, gallery, g_labels, trials=50, seed=3)
     assert result["hits_with_wrong_label"] > 0 and not result["agree"]
+
+
+def test_map_at_10_is_the_mean_of_the_original_ap_over_every_query(space):
+    queries, q_labels, ids, gallery, g_labels = space
+    hits = exact_hits(queries, gallery, ids, g_labels, ev.search_depth(g_labels))
+    result = ev.compare(hits, queries, q_labels, ids, gallery, g_labels, trials=50, seed=3)
+    expected = np.mean(
+        [
+            tm.average_precision_at_k(np.asarray(h.labels[:10]) == label)
+            for h, label in zip(hits, q_labels, strict=True)
+        ]
+    )
+    assert result["system"]["map@10"] == pytest.approx(expected)
+    assert result["offline"]["map@10"] == pytest.approx(expected)
+    assert {"recall@5", "recall@10"} <= set(result["system"])
+
+
+def test_class_breakdown_counts_rank_one_answers():
+    hits = [
+        ev.RankedHits(["a"], ["cat"], [0.9]),
+        ev.RankedHits(["b"], ["dog"], [0.8]),
+        ev.RankedHits(["c"], ["dog"], [0.7]),
+        ev.RankedHits(["d"], ["cat"], [0.6]),
+        ev.RankedHits(["e"], ["cat"], [0.5]),
+    ]
+    result = ev.class_breakdown(hits, ["cat", "cat", "cat", "dog", "bird"])
+    assert result["per_class_recall@1"] == {"bird": 0.0, "cat": pytest.approx(1 / 3), "dog": 0.0}
+    assert result["confused_pairs"][0] == {
+        "query_class": "cat",
+        "answered_class": "dog",
+        "count": 2,
+        "share_of_class": pytest.approx(2 / 3),
+    }
+    assert {(p["query_class"], p["answered_class"]) for p in result["confused_pairs"]} == {
+        ("cat", "dog"),
+        ("dog", "cat"),
+        ("bird", "cat"),
+    }
+
+
+def test_quality_figures_take_the_spread_from_the_systems_scores(space):
+    queries, q_labels, ids, gallery, g_labels = space
+    hits = exact_hits(queries, gallery, ids, g_labels, ev.search_depth(g_labels))
+    figures = ev.quality_figures(hits, q_labels, queries, gallery, g_labels, seed=0)
+    offline = tm.score_spread(
+        queries, q_labels, gallery_embeddings=gallery, gallery_labels=g_labels, top_k=10
+    )
+    # The same top-10 hits, so the same top-hit scores; random pairs are drawn from the same vectors.
+    for which in ("same", "different"):
+        assert figures["spread"]["top_hits"][which]["mean"] == pytest.approx(
+            offline["top_hits"][which]["mean"], abs=1e-6
+        )
+        assert figures["spread"]["top_hits"][which]["count"] == offline["top_hits"][which]["count"]
+    assert figures["spread"]["random_pairs"] == offline["random_pairs"]
+    assert not figures["spread"]["collapsed"] and figures["collapse_warning"] is None
+    assert set(figures) >= {
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "map@10",
+        "per_class_recall@1",
+        "confused_pairs",
+    }

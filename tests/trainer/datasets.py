@@ -53,3 +53,32 @@ TINY_OVERRIDES = [
     "checkpoint_frequency=3",
     "loading_threads=2",
 ]
+
+
+def write_folder_dataset(
+    root: Path, *, classes: int = 4, train: int = 6, test: int = 2, size: int = 48
+) -> Path:
+    """``root/{train,test}/<class>/*.jpg``: a user's folder-per-class catalogue, one colour per class."""
+    for split, count in (("train", train), ("test", test)):
+        for label in range(classes):
+            folder = root / split / f"class-{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                seed = 10_000 * label + i + (5_000 if split == "test" else 0)
+                (folder / f"{split}-{i}.jpg").write_bytes(
+                    make_image(seed, size=size, fmt="JPEG", label=label)
+                )
+    return root
+
+
+# The default recipe at a test's scale: 32x32 inputs, 2 views, a 8-d head, 4 steps.
+TINY_RECIPE = [
+    "model.input.height=32",
+    "model.input.width=32",
+    "model.crop.height=40",
+    "model.crop.width=40",
+    "model.finetune.cached_views=2",
+    "model.embedding_dim=8",
+    "model.fit.epochs=4",
+    "checkpoint_frequency=2",
+]

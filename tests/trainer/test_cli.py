@@ -54,8 +54,10 @@ def test_original_workflow_end_to_end(tmp_path, capsys):
     assert main(["evaluation", *_args(data, "-t", "20", "-r", "3")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^MAP: \d+\.\d\d%$", out, re.M)
-    assert "mAP@R" in out and "R@16" in out and "NMI" in out
-    assert json.loads((run / "evaluation.json").read_text())["original_map"]["trials"] == 20
+    assert "mAP@R" in out and "R@16" in out and "NMI" in out and "Score spread (cosine): top-" in out
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["original_map"]["trials"] == 20
+    assert evaluation["score_spread"]["random_pairs"]["different"]["count"] > 0
 
     figure = tmp_path / "test.png"
     assert main(["test", *_args(data, "-r", "5", "--seed", "3", "-o", str(figure))]) == 0

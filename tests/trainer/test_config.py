@@ -129,6 +129,53 @@ def test_bad_override_syntax_and_files(tmp_path):
         load_config(bad)
 
 
+SEMI_HARD = "bags_resnet_v1_50_normalize_adam_triplet_semihard_loss_m_0.2"
+
+
+def test_finetune_and_proxy_loss_fields():
+    config = load_config(
+        SEMI_HARD,
+        [
+            "model.fit.loss=proxy_anchor",
+            "model.fit.scale=16",
+            "model.fit.margin=0.1",
+            "model.finetune.train_from=block11_expand_conv",
+            "model.finetune.freeze_batchnorm=true",
+            "model.finetune.cached_views=4",
+        ],
+    )
+    finetune = config.model.finetune
+    assert (finetune.train_from, finetune.freeze_batchnorm, finetune.cached_views) == (
+        "block11_expand_conv",
+        True,
+        4,
+    )
+    assert config.model.fit.scale == 16.0 and isinstance(config.model.fit.scale, float)
+    assert config_from_dict(config.to_json()) == config
+    # The original configs keep their resolved form: no finetune block, no scale.
+    original = load_config(SEMI_HARD).to_json()
+    assert "finetune" not in original["model"] and "scale" not in original["model"]["fit"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.finetune.cached_views=2"], r"model\.finetune\.cached_views: caching needs a frozen part"),
+        (["model.finetune.cached_views=-1"], r"model\.finetune\.cached_views: must be >= 0"),
+        (["model.finetune.cached_views=1000", "model.finetune.train_from=head_conv"], r"at most 64"),
+        (["model.finetune.freeze_batchnorm=1"], r"model\.finetune\.freeze_batchnorm: expected bool"),
+        (["model.finetune.cached_views=true"], r"model\.finetune\.cached_views: expected int"),
+        (["model.finetune.layers=3"], r"model\.finetune\.layers: unknown field"),
+        (["model.fit.scale=16"], r"model\.fit\.scale: only the proxy losses"),
+        (["model.fit.loss=normalized_softmax", "model.fit.scale=0"], r"model\.fit\.scale: must be > 0"),
+        (["model.fit.loss=normalized_softmax", "model.fit.margin=soft"], r"takes a number, not \"soft\""),
+    ],
+)
+def test_finetune_and_proxy_mistakes_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SEMI_HARD, overrides)
+
+
 def test_resolved_config_round_trips():
     config = load_config(shipped_configs()[0], ["model.fit.epochs=3"])
     assert config_from_dict(config.to_json()) == config

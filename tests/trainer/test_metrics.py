@@ -250,3 +250,63 @@ def test_input_checks():
         metrics.evaluate(x, [0, 1, 1], ks=(0,))
     with pytest.raises(InvalidInput, match="trials"):
         metrics.original_map(x, [0, 1, 1], x, [0, 1, 1], trials=0, r=3, seed=0)
+
+
+# ---------------------------------------------------------------- score spread
+
+
+def naive_top_hit_scores(x, labels, k):
+    """Cosines of every query's k best hits (leave-one-out), split by class: a plain loop."""
+    same, different = [], []
+    for i in range(len(x)):
+        for j in naive_ranking(x[i], x, "cosine", skip=i)[:k]:
+            score = float(np.dot(x[i], x[j]) / (np.linalg.norm(x[i]) * np.linalg.norm(x[j])))
+            (same if labels[j] == labels[i] else different).append(score)
+    return same, different
+
+
+def test_score_spread_of_top_hits_matches_a_plain_loop():
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 4, size=40)
+    x = rng.normal(size=(40, 6)) + 1.5 * np.eye(6)[labels]
+    spread = metrics.score_spread(x, labels, top_k=5, pairs=500)
+    same, different = naive_top_hit_scores(x, labels, 5)
+    assert spread["top_k"] == 5
+    assert spread["top_hits"]["same"]["count"] == len(same) and spread["top_hits"]["different"][
+        "count"
+    ] == len(different)
+    assert spread["top_hits"]["same"]["mean"] == pytest.approx(np.mean(same))
+    assert spread["top_hits"]["different"]["std"] == pytest.approx(np.std(different))
+    assert spread["top_hits"]["same"]["p95"] == pytest.approx(np.percentile(same, 95))
+    assert spread["random_pairs"]["same"]["count"] == spread["random_pairs"]["different"]["count"] == 500
+
+
+def test_random_pairs_are_of_the_right_classes_and_never_an_item_with_itself():
+    # One-hot class directions: same-class pairs score exactly 1 and different-class ones exactly 0.
+    labels = np.array([0, 0, 0, 1, 1, 2, 3])
+    x = np.eye(4)[labels]
+    same, different = metrics.random_pair_scores(x, labels, x, labels, pairs=300, seed=2, exclude_self=True)
+    assert np.all(same == 1.0) and np.all(different == 0.0) and len(different) == 300
+    # Class 3 has one member: with itself excluded it has no same-class pair, so fewer than 300.
+    assert 200 < len(same) < 300
+    # Distinct vectors within a class: a self-pair would score 1, and there is none.
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(7, 5))
+    same, _ = metrics.random_pair_scores(y, labels, y, labels, pairs=300, seed=2, exclude_self=True)
+    assert np.all(same < 1.0 - 1e-9)
+    # Against a gallery: queries of a class the gallery lacks give different-class pairs only.
+    q_labels = np.array([5, 5, 0])
+    same, different = metrics.random_pair_scores(np.eye(4)[[0, 1, 0]], q_labels, x, labels, pairs=300, seed=2)
+    assert len(different) == 300 and 0 < len(same) < 300 and np.all(same == 1.0)
+
+
+def test_a_collapsed_embedding_is_reported():
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(5), 8)
+    collapsed = np.ones((40, 16)) + 1e-3 * rng.normal(size=(40, 16))
+    spread = metrics.score_spread(collapsed, labels)
+    assert spread["collapsed"] and spread["random_pairs"]["different"]["mean"] > 0.999
+    assert "collapsed" in metrics.collapse_warning(spread)
+    healthy = metrics.score_spread(np.eye(5)[labels] + 0.1 * rng.normal(size=(40, 5)), labels)
+    assert not healthy["collapsed"] and metrics.collapse_warning(healthy) is None
+    assert healthy["random_pairs"]["different"]["mean"] < 0.5 < healthy["random_pairs"]["same"]["mean"]

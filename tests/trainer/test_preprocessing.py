@@ -51,6 +51,17 @@ def test_is_resize_then_center_crop():
     np.testing.assert_array_equal(preprocess_image_bytes(tf.constant(data), INPUT, RESIZE).numpy(), expected)
 
 
+def test_resizing_the_decoded_uint8_equals_resizing_a_float_copy():
+    # The model server resizes the uint8 photo directly (no full-size float32 copy): same pixels.
+    data = _encoded("JPEG", size=(400, 533))
+    size, crop = Size(256, 256), Size(224, 224)
+    decoded = tf.io.decode_jpeg(data, channels=3)
+    expected = tf.image.resize(tf.cast(decoded, tf.float32), (256, 256)).numpy()[16:240, 16:240, :]
+    np.testing.assert_array_equal(preprocess_image_bytes(tf.constant(data), crop, size).numpy(), expected)
+    in_graph = tf.function(lambda b: preprocess_image_bytes(b, crop, size))(tf.constant(data))
+    np.testing.assert_array_equal(in_graph.numpy(), expected)
+
+
 def test_deterministic_and_identical_eagerly_and_in_tf_data(tmp_path):
     paths = []
     for i in range(5):
