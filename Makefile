@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/cbir/v1/*.proto)
 GEN    := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
-.PHONY: install protos test browser test-fast test-stateful lint format clean demo up down status bench bench-quick images help
+.PHONY: install protos test browser test-fast test-stateful check lint format clean demo up down status bench bench-quick images help
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -59,6 +59,11 @@ test-fast: install ## run the tests not marked slow
 
 test-stateful: install ## the indexer's randomized state-machine test with a long budget (~10 min)
 	CBIR_STATEFUL_EXAMPLES=$${CBIR_STATEFUL_EXAMPLES:-1500} $(PY) -m pytest tests/indexer/test_core_stateful.py $(PYTEST_ARGS)
+
+check: install ## what CI checks before the tests: ruff lint, ruff format --check, mypy (strict on the services)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .
