@@ -13,14 +13,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from cbir.errors import InvalidInput
 
-ModelServerConfig = model_server_config_pb2.ModelServerConfig
-ModelConfig = model_server_config_pb2.ModelConfig
+# tensorflow-serving-api ships no types: its messages are Any to the type checker.
+ModelServerConfig: TypeAlias = model_server_config_pb2.ModelServerConfig
+ModelConfig: TypeAlias = model_server_config_pb2.ModelConfig
 
 POLICY_LATEST = "latest"
 POLICY_ALL = "all"
@@ -127,7 +129,7 @@ def model_entries(config: ModelServerConfig, *, source: str = "model config") ->
     return entries
 
 
-def load_model_server_config(path: str | os.PathLike) -> list[ModelEntry]:
+def load_model_server_config(path: str | os.PathLike[str]) -> list[ModelEntry]:
     """Reads and parses a ``--model_config_file``; relative base paths resolve against the CWD as
     in TF Serving."""
     try:
@@ -170,7 +172,8 @@ def format_model_server_config(entries: Iterable[ModelEntry]) -> str:
 # --------------------------------------------------------------------------- batching parameters
 
 
-def _batching_message_class():
+def _batching_message_class() -> type[Any]:
+    # Built at run time, so its fields are unknown to the type checker (a Message class otherwise).
     """TF Serving's ``tensorflow.serving.BatchingParameters`` (session_bundle_config.proto)."""
     file = descriptor_pb2.FileDescriptorProto(
         name="cbir_embedder/session_bundle_config_batching.proto",
@@ -267,7 +270,7 @@ def parse_batching_parameters(text: str, *, source: str = "batching parameters")
         text_format.Parse(text, proto)
     except text_format.ParseError as exc:
         raise InvalidInput(f"{source}: {exc}") from exc
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}
     for name in (
         "max_batch_size",
         "batch_timeout_micros",
@@ -289,7 +292,7 @@ def parse_batching_parameters(text: str, *, source: str = "batching parameters")
         raise InvalidInput(f"{source}: {exc.message}") from exc
 
 
-def load_batching_parameters(path: str | os.PathLike) -> BatchingParameters:
+def load_batching_parameters(path: str | os.PathLike[str]) -> BatchingParameters:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -305,7 +308,8 @@ def load_batching_parameters(path: str | os.PathLike) -> BatchingParameters:
 DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 
 
-def _monitoring_message_class():
+def _monitoring_message_class() -> type[Any]:
+    # Built at run time, as _batching_message_class.
     """TF Serving's ``tensorflow.serving.MonitoringConfig`` (monitoring_config.proto)."""
     file = descriptor_pb2.FileDescriptorProto(
         name="cbir_embedder/monitoring_config.proto", package="tensorflow.serving", syntax="proto3"
@@ -351,7 +355,7 @@ def parse_monitoring_config(text: str, *, source: str = "monitoring config") -> 
     return MonitoringConfig(bool(proto.prometheus_config.enable), path)
 
 
-def load_monitoring_config(path: str | os.PathLike) -> MonitoringConfig:
+def load_monitoring_config(path: str | os.PathLike[str]) -> MonitoringConfig:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
