@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cbir.config import env_flag
 from cbir.defaults import INDEXER_METRICS_PORT, INDEXER_PORT
@@ -14,6 +15,10 @@ from cbir.errors import CbirError
 from cbir.logs import configure_cli_logging
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
+
+if TYPE_CHECKING:
+    from cbir.v1 import indexer_pb2
+    from indexer.client import IndexerClient
 
 ENV = "CBIR_INDEXER"
 log = logging.getLogger("indexer")
@@ -128,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_client(args):
+def make_client(args: argparse.Namespace) -> IndexerClient:
     """An IndexerClient for the --indexer/--tls-ca/--timeout flags."""
     from indexer.client import IndexerClient
 
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _generations(client, args, parser) -> int:
+def _generations(client: IndexerClient, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cbir.v1 import indexer_pb2, types_pb2
 
     if args.action == "list":
@@ -222,7 +227,7 @@ def _figure_order(pair: tuple[str, float]) -> tuple[str, int]:
     return (name, int(depth) if depth.isdigit() else 0)
 
 
-def _describe_rollout(d) -> str:
+def _describe_rollout(d: indexer_pb2.RolloutDecision) -> str:
     """One line: verdict, when, both generations' figures, timings, reason."""
     from cbir.v1 import indexer_pb2
 
@@ -241,7 +246,7 @@ def _describe_rollout(d) -> str:
     )
 
 
-def _serve(args) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from indexer.core import IndexerConfig, IndexerCore
     from indexer.server import serve
 
