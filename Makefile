@@ -73,7 +73,7 @@ format: install ## ruff format + import sorting
 	$(VENV)/bin/ruff format .
 
 clean: ## remove the virtual environment, generated code and local state
-	rm -rf $(VENV) cbir/v1 var build .pytest_cache .ruff_cache tests/node/node_modules *.egg-info
+	rm -rf $(VENV) cbir/v1 var build .pytest_cache .ruff_cache .mypy_cache tests/node/node_modules *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Quickstart (python -m quickstart) and the benchmark report (python -m benchmarks); see quickstart/README.md.
