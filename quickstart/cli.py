@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="Training steps of version 2 (default: 700 on Fashion-MNIST, the recipe's on --data).",
+        help="Training steps of version 2 (default: 1400 on Fashion-MNIST, the recipe's on --data).",
     )
     demo.add_argument(
         "--seed", type=int, default=0, help="Seed of the data subset, training and query draws."

@@ -226,6 +226,7 @@ class _Context:
         from trainer.runs import RunDir, checkpoint_path, restore_model
 
         if self.args.untrained:
+            _seed_initial_weights()
             model = build_model(self.config, weights=self.config.model.weights)
             print(f"Using the initial weights ({self.config.model.weights or 'random'}), no checkpoint")
             return model, 0
@@ -455,6 +456,16 @@ def cmd_cbir(args) -> int:
     return 0
 
 
+def _seed_initial_weights() -> None:
+    """Random initial weights (and a backbone's random layers) are those a training run with the
+    default seed starts from, so an untrained export can be repeated."""
+    import keras
+
+    from trainer.training import TrainOptions
+
+    keras.utils.set_random_seed(TrainOptions().seed)
+
+
 def cmd_export(args) -> int:
     from trainer.export import export_model
     from trainer.runs import RunDir
@@ -464,6 +475,7 @@ def cmd_export(args) -> int:
         from trainer.models import frozen_backbone_model
 
         m = ctx.config.model
+        _seed_initial_weights()
         model = frozen_backbone_model(m.name, (m.input.height, m.input.width), m.weights)
         path = export_model(
             model,
