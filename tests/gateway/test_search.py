@@ -132,8 +132,8 @@ def test_bad_parameters(world, kwargs, error, fragment):
     [
         (Query(), InvalidInput, "exactly one"),
         (Query(image=b"x", item_id="a"), InvalidInput, "exactly one"),
-        (Query(item_id=""), InvalidInput, "item_id is empty"),
-        (Query(item_id="a" * 300), InvalidInput, "longer than 256"),
+        (Query(item_id=""), InvalidInput, "item_id must be 1..256 bytes of UTF-8, got 0 bytes"),
+        (Query(item_id="a" * 300), InvalidInput, "item_id must be 1..256 bytes of UTF-8, got 300 bytes"),
         (Query(item_id="bad\nid"), InvalidInput, "control characters"),
         (Query(image=b""), InvalidInput, "empty"),
         (Query(image=b"not an image"), InvalidInput, "not a JPEG"),
