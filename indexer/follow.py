@@ -42,9 +42,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cbir.config import env_flag
 from cbir.defaults import ROLLOUT_METRICS_PORT, ROLLOUT_PORT
 from cbir.errors import CbirError, FailedPrecondition, InvalidInput, NotReady
+from cbir.metric import METRIC_NAMES
 from cbir.v1 import indexer_pb2
 from indexer.jobs import KubernetesAPI, ReindexJobs
-from indexer.reindex import METRIC_NAMES, ReindexOptions, entry_items, reindex
+from indexer.reindex import ReindexOptions, entry_items, reindex
 from indexer.rollout import EvalSet, QualityGate, compare, evaluate_generation, load_eval_set
 from indexer.store import ItemRow
 

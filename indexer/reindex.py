@@ -35,16 +35,13 @@ import numpy as np
 from cbir.defaults import SERVING_GRPC_PORT
 from cbir.errors import AlreadyExists, CbirError, FailedPrecondition, InvalidInput, NotFound, NotReady
 from cbir.logs import configure_cli_logging
-from cbir.metric import Metric
+from cbir.metric import METRIC_NAMES, Metric
 from cbir.sharding import shard_of
 from cbir.v1 import indexer_pb2, types_pb2
 from indexer.core import check_item
 from indexer.store import ItemRow
 
 log = logging.getLogger(__name__)
-
-# --metric accepts a metric's own name and hnswlib's ("ip" is what earlier versions documented).
-METRIC_NAMES = {**{m.space: m for m in Metric}, **{m.cli_name: m for m in Metric}}
 
 
 @dataclass(frozen=True)
@@ -103,8 +100,7 @@ class ReindexOptions:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise InvalidInput("--batch-size must be >= 1")
-        if self.metric not in METRIC_NAMES:
-            raise InvalidInput(f"--metric must be one of {sorted(METRIC_NAMES)}, got {self.metric!r}")
+        Metric.from_name(self.metric)  # InvalidInput naming the spellings --metric accepts
 
 
 _DEFAULTS = ReindexOptions(model="")
@@ -500,7 +496,7 @@ class _Target:
             )
             space = types_pb2.EmbeddingSpace(model_name=o.model, model_version=version)
             try:
-                self.client.create_generation(name, space, METRIC_NAMES[o.metric], dim, params)
+                self.client.create_generation(name, space, Metric.from_name(o.metric), dim, params)
                 self.say(f"created generation {name} (model {o.model} version {version}, dim {dim})")
             except AlreadyExists:
                 self._join(self.client.get_generation(name), version, dim)
