@@ -14,6 +14,7 @@ from cbir.errors import CbirError
 from cbir.logs import configure_cli_logging
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
+from indexer.core import IndexerConfig
 
 ENV = "CBIR_INDEXER"
 log = logging.getLogger("indexer")
@@ -37,24 +38,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="Folder of the item store and HNSW snapshots.",
     )
     env_flag(
-        serve, "--shard-id", env=f"{ENV}_SHARD_ID", default=0, type=int, help="This shard's number (0-based)."
+        serve,
+        "--shard-id",
+        env=f"{ENV}_SHARD_ID",
+        default=IndexerConfig.shard_id,
+        type=int,
+        help="This shard's number (0-based).",
     )
-    env_flag(serve, "--shard-count", env=f"{ENV}_SHARD_COUNT", default=1, type=int, help="Number of shards.")
-    env_flag(serve, "--max-k", env=f"{ENV}_MAX_K", default=1000, type=int, help="Largest k a query may ask.")
+    env_flag(
+        serve,
+        "--shard-count",
+        env=f"{ENV}_SHARD_COUNT",
+        default=IndexerConfig.shard_count,
+        type=int,
+        help="Number of shards.",
+    )
+    env_flag(
+        serve,
+        "--max-k",
+        env=f"{ENV}_MAX_K",
+        default=IndexerConfig.max_k,
+        type=int,
+        help="Largest k a query may ask.",
+    )
     env_flag(
         serve,
         "--max-batch",
         env=f"{ENV}_MAX_BATCH",
-        default=4096,
+        default=IndexerConfig.max_batch,
         type=int,
         help="Most records / queries / ids per message.",
     )
-    env_flag(serve, "--hnsw-m", env=f"{ENV}_HNSW_M", default=16, type=int, help="Default HNSW M.")
+    env_flag(
+        serve,
+        "--hnsw-m",
+        env=f"{ENV}_HNSW_M",
+        default=IndexerConfig.default_m,
+        type=int,
+        help="Default HNSW M.",
+    )
     env_flag(
         serve,
         "--hnsw-ef-construction",
         env=f"{ENV}_HNSW_EF_CONSTRUCTION",
-        default=200,
+        default=IndexerConfig.default_ef_construction,
         type=int,
         help="Default HNSW ef_construction.",
     )
@@ -62,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--hnsw-ef-search",
         env=f"{ENV}_HNSW_EF_SEARCH",
-        default=300,
+        default=IndexerConfig.default_ef_search,
         type=int,
         help="Default HNSW ef for queries (raised to k).",
     )
@@ -70,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--exact-threshold",
         env=f"{ENV}_EXACT_THRESHOLD",
-        default=10_000,
+        default=IndexerConfig.exact_threshold,
         type=int,
         help="Filtered queries matching at most this many items use exact search.",
     )
@@ -78,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--compact-fraction",
         env=f"{ENV}_COMPACT_FRACTION",
-        default=0.3,
+        default=IndexerConfig.compact_fraction,
         type=float,
         help="Rebuild a graph when this fraction of its slots are deleted.",
     )
@@ -86,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--snapshot-interval",
         env=f"{ENV}_SNAPSHOT_INTERVAL",
-        default=60.0,
+        default=IndexerConfig.snapshot_interval,
         type=float,
         help="Seconds between HNSW snapshots (only of graphs that changed).",
     )
@@ -242,7 +269,7 @@ def _describe_rollout(d) -> str:
 
 
 def _serve(args) -> int:
-    from indexer.core import IndexerConfig, IndexerCore
+    from indexer.core import IndexerCore
     from indexer.server import serve
 
     if not 0 <= args.shard_id < args.shard_count:

@@ -540,7 +540,7 @@ def add_parser(sub, client_flags: Callable[[argparse.ArgumentParser], None]) -> 
         p,
         "--eval-layout",
         env=f"{ENV}_EVAL_LAYOUT",
-        default="auto",
+        default=CatalogueSource.layout,
         choices=["auto", "folders", "original", "manifest"],
     )
     env_flag(
@@ -571,7 +571,7 @@ def add_parser(sub, client_flags: Callable[[argparse.ArgumentParser], None]) -> 
         p,
         "--catalogue-layout",
         env=f"{ENV}_CATALOGUE_LAYOUT",
-        default="auto",
+        default=CatalogueSource.layout,
         choices=["auto", "folders", "original", "manifest"],
     )
     env_flag(
