@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from cbir.cli import run_main
 from cbir.config import _parse_bool, env_flag
 from cbir.defaults import SERVING_GRPC_PORT
 from cbir.errors import CbirError, InvalidInput
@@ -288,18 +289,8 @@ def _status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "embed":
-            return _embed(args)
-        return _status(args)
-    except CbirError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    commands = {"serve": _serve, "embed": _embed, "status": _status}
+    return run_main(lambda: commands[args.command](args), also=(OSError,))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from cbir import defaults
+from cbir.cli import run_main
 from cbir.config import env_flag
 from cbir.errors import CbirError, InvalidInput
 from cbir.memory import return_large_frees_to_the_os
@@ -337,8 +337,6 @@ def _serve(args) -> int:
 
 
 def _search(args) -> int:
-    import grpc
-
     from cbir.channels import open_channel
     from cbir.v1 import search_pb2, search_pb2_grpc, types_pb2
 
@@ -369,11 +367,7 @@ def _search(args) -> int:
     tls = ClientTLS(ca_file=args.tls_ca, server_name=args.tls_server_name) if args.tls_ca else None
     with open_channel(args.target, tls=tls) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)
-        try:
-            response = stub.Search(request, timeout=args.timeout, metadata=metadata)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+        response = stub.Search(request, timeout=args.timeout, metadata=metadata)
     from google.protobuf.json_format import MessageToDict
 
     print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
@@ -383,10 +377,4 @@ def _search(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command == "serve":
-            return _serve(args)
-        return _search(args)
-    except CbirError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _serve(args) if args.command == "serve" else _search(args))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
+from cbir.cli import run_main
 from cbir.config import env_flag
 from cbir.defaults import INDEXER_METRICS_PORT, INDEXER_PORT
-from cbir.errors import CbirError
+from cbir.errors import InvalidInput
 from cbir.logs import configure_cli_logging
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
@@ -168,46 +168,43 @@ def make_client(args):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command in ("follow", "reindex"):
-            # They speak TF Serving's protocol but never run TensorFlow: load its protos only
-            # (seconds and hundreds of MB less at start-up; see the module).
-            from gateway.light_imports import use_tensorflow_protos_only
+    return run_main(lambda: _run(args, parser))
 
-            use_tensorflow_protos_only()
-        if args.command == "follow":
-            from indexer import follow
 
-            return follow.run(args, make_client)
-        if args.command != "reindex":
-            configure_cli_logging("INFO", "%(message)s")
-        if args.command == "reindex":
-            from indexer import reindex
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "serve":
+        return _serve(args)
+    if args.command in ("follow", "reindex"):
+        # They speak TF Serving's protocol but never run TensorFlow: load its protos only
+        # (seconds and hundreds of MB less at start-up; see the module).
+        from gateway.light_imports import use_tensorflow_protos_only
 
-            return reindex.run(args, make_client)
-        with make_client(args) as client:
-            if args.command == "stats":
-                from google.protobuf.json_format import MessageToDict
+        use_tensorflow_protos_only()
+    if args.command == "follow":
+        from indexer import follow
 
-                print(json.dumps([MessageToDict(s) for s in client.stats()], indent=2))
-            elif args.command == "delete":
-                print(f"deleted {client.delete(args.ids, allow_missing=args.allow_missing)} items")
-            elif args.command == "generations":
-                return _generations(client, args, parser)
-            elif args.command == "export":
-                from indexer.reindex import export
+        return follow.run(args, make_client)
+    if args.command != "reindex":
+        configure_cli_logging("INFO", "%(message)s")
+    if args.command == "reindex":
+        from indexer import reindex
 
-                count = export(client, args.generation, Path(args.output))
-                print(f"exported {count} items to {args.output}")
-        return 0
-    except CbirError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return reindex.run(args, make_client)
+    with make_client(args) as client:
+        if args.command == "stats":
+            from google.protobuf.json_format import MessageToDict
+
+            print(json.dumps([MessageToDict(s) for s in client.stats()], indent=2))
+        elif args.command == "delete":
+            print(f"deleted {client.delete(args.ids, allow_missing=args.allow_missing)} items")
+        elif args.command == "generations":
+            return _generations(client, args, parser)
+        elif args.command == "export":
+            from indexer.reindex import export
+
+            count = export(client, args.generation, Path(args.output))
+            print(f"exported {count} items to {args.output}")
+    return 0
 
 
 def _generations(client, args, parser) -> int:
@@ -273,8 +270,7 @@ def _serve(args) -> int:
     from indexer.server import serve
 
     if not 0 <= args.shard_id < args.shard_count:
-        print(f"error: --shard-id must be 0..{args.shard_count - 1}, got {args.shard_id}", file=sys.stderr)
-        return 2
+        raise InvalidInput(f"--shard-id must be 0..{args.shard_count - 1}, got {args.shard_id}")
     options = ServerOptions.from_args("indexer", args)
     config = IndexerConfig(
         data_dir=Path(args.data_dir),

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -800,16 +799,13 @@ def run(args, make_client) -> int:
     from cbir.server import ServerOptions, serve_until_signalled, start_server
     from indexer.reindex import open_embedder
 
-    try:
-        options = options_from_args(args)
-        e = options.eval_set
-        eval_set = load_eval_set(
-            e.path, layout=e.layout, dataset=e.dataset, split=e.split, max_queries=options.eval_max_queries
-        )
-        jobs = ReindexJobs(options.kubernetes, options.reindex_job) if options.reindex_job else None
-    except CbirError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
+    # A CbirError is reported by indexer/cli.py's main (cbir.cli.run_main).
+    options = options_from_args(args)
+    e = options.eval_set
+    eval_set = load_eval_set(
+        e.path, layout=e.layout, dataset=e.dataset, split=e.split, max_queries=options.eval_max_queries
+    )
+    jobs = ReindexJobs(options.kubernetes, options.reindex_job) if options.reindex_job else None
     server_options = ServerOptions.from_args("rollout", args)
     for item_id, why in eval_set.unreadable[:20]:
         log.warning("evaluation image left out", extra={"id": item_id, "reason": why})

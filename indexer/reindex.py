@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cbir.cli import INTERRUPTED_EXIT
 from cbir.defaults import SERVING_GRPC_PORT
-from cbir.errors import AlreadyExists, CbirError, FailedPrecondition, InvalidInput, NotFound, NotReady
+from cbir.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, NotReady
 from cbir.logs import configure_cli_logging
 from cbir.metric import METRIC_NAMES, Metric
 from cbir.sharding import shard_of
@@ -384,12 +385,10 @@ def run(args, make_client) -> int:
         options = options_from_args(args)
         with make_client(args) as client, open_embedder(options) as embedder:
             report = reindex(items, options, client, embedder)
-    except CbirError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        # Other failures are reported by indexer/cli.py's main (cbir.cli.run_main).
         print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
     part = f"partition {report.partition}: " if report.partition else ""
     print(
         f"{part}generation {report.generation} (model {options.model} version {report.model_version}): "
