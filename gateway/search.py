@@ -159,16 +159,10 @@ class Deadline:
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    """A validated query: the bytes to embed (image) or the id to look up."""
+class _Prepared(Query):
+    """A validated query (k resolved, the image as it will be embedded) and its place in the batch."""
 
-    index: int
-    k: int
-    image: bytes | None
-    item_id: str | None
-    filter: types_pb2.Filter | None
-    min_score: float | None
-    ef: int
+    index: int = 0
 
 
 def generation_ref(generation: indexer_pb2.Generation) -> types_pb2.GenerationRef:
@@ -288,7 +282,15 @@ class SearchCore:
             image = prepared.data
         else:
             check_id(query.item_id, "item_id")
-        return _Prepared(index, k, image, query.item_id, query.filter, query.min_score, query.ef)
+        return _Prepared(
+            image=image,
+            item_id=query.item_id,
+            k=k,
+            filter=query.filter,
+            min_score=query.min_score,
+            ef=query.ef,
+            index=index,
+        )
 
     # ----------------------------------------------------------------------------- the search loop
 
@@ -316,15 +318,16 @@ class SearchCore:
         self, generation: indexer_pb2.Generation, prepared: list[_Prepared], deadline: Deadline
     ) -> list[SearchResult]:
         """All queries answered in ``generation``; raises _GenerationMoved if it stops being active."""
-        vectors: dict[int, np.ndarray] = {}
+        # Every query's vector in one float32 matrix (row = its index), handed to Knn as it is when one
+        # call answers them all.
+        vectors = np.empty((len(prepared), generation.dimension), np.float32)
         images = [p for p in prepared if p.image is not None]
         if images:
             try:
                 embedded = self._embed(generation, [p.image for p in images], deadline)
             except InvalidInput as exc:
                 raise self._explained(exc, images, deadline, several=len(prepared) > 1) from None
-            for p, vector in zip(images, embedded, strict=True):
-                vectors[p.index] = vector
+            vectors[[p.index for p in images]] = embedded
         for p in prepared:
             if p.item_id is not None:
                 vectors[p.index] = self._stored_vector(generation, p, deadline)
@@ -344,7 +347,8 @@ class SearchCore:
         ref = generation_ref(generation)
         for members in groups.values():
             first = members[0]
-            matrix = np.stack([vectors[p.index] for p in members]).astype(np.float32, copy=False)
+            rows = [p.index for p in members]
+            matrix = vectors if len(rows) == len(vectors) else vectors[rows]
             try:
                 with metrics.stage("knn"):
                     response = self._indexer.knn(
