@@ -74,7 +74,7 @@ def check_filter(labels: Sequence[str], attributes: Iterable[tuple[str, Sequence
 
 
 def check_k(k: int, max_k: int, *, default: int | None = None) -> int:
-    """The k to search with: 1..max_k, or with a ``default`` (the gateway's --default-k) 0 for it."""
+    """The k to search with: ``k`` in 1..max_k, or ``default`` (the gateway's) when one is given and k is 0."""
     if k == 0 and default is not None:
         return min(default, max_k)
     if not 1 <= k <= max_k:
