@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from cbir.errors import CbirError, InvalidInput
+from cbir.cli import run_main
+from cbir.errors import InvalidInput
 from cbir.logs import configure_cli_logging
 from trainer.config import ConfigError, DataDirs, TrainingConfig, load_config, resolve_data_dir
 from trainer.recipes import ALTERNATIVES
@@ -541,11 +541,4 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_cli_logging(args.log_level)
-    try:
-        return COMMANDS[args.command](args)
-    except (ConfigError, CbirError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_main(lambda: COMMANDS[args.command](args), also=(ConfigError,))
