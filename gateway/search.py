@@ -3,7 +3,7 @@
 Knows nothing about gRPC: the servicer (gateway/server.py) converts protos to :class:`Query` and back,
 and the shared interceptor maps the domain errors raised here to status codes.
 
-Consistency (ARCHITECTURE.md contract 3). A search
+Consistency (docs/architecture.md, Embedding space). A search
 1. reads the active generation G from shard 0 (cached for ``generation_ttl`` seconds),
 2. embeds image queries with Serving pinned to G's model version (never "latest"),
 3. asks every shard for neighbours in G *by name*, with ``require_active`` so shard 0 answers ABORTED
@@ -41,7 +41,7 @@ from gateway.images import DecodeBudget, ImageLimits, explain_undecodable, prepa
 
 
 class Embedder(Protocol):
-    """What the core needs from embedder.client.EmbedderClient (contract B)."""
+    """What the core needs from embedder.client.EmbedderClient (docs/architecture.md, Embedder client)."""
 
     def embed(self, images: Sequence[bytes], *, version: int | None = None, timeout: float | None = None): ...
 
@@ -49,7 +49,7 @@ class Embedder(Protocol):
 
 
 class Indexer(Protocol):
-    """What the core needs from indexer.client.IndexerClient (contract C)."""
+    """What the core needs from indexer.client.IndexerClient (docs/architecture.md, Indexer client)."""
 
     shard_count: int
 
