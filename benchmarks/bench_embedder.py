@@ -30,7 +30,7 @@ import tensorflow as tf
 from PIL import Image
 
 from benchmarks import measure
-from tests.support.processes import ServiceProcess, free_port, wait_for_health, wait_for_port_file
+from cbir.processes import ServiceProcess, free_port, wait_for_health, wait_for_port_file
 
 CONCURRENCY = (1, 8, 32)
 IMAGE_SIZE = 144

@@ -34,8 +34,8 @@ from benchmarks.bench_embedder import (
     predict_requests,
     start_model_server,
 )
+from cbir.processes import ServiceProcess, wait_for_health, wait_for_port_file
 from cbir.v1 import indexer_pb2, search_pb2, types_pb2
-from tests.support.processes import ServiceProcess, wait_for_health, wait_for_port_file
 
 CATALOGUE = 1000
 K = 10
