@@ -35,6 +35,7 @@ from benchmarks.bench_embedder import (
     start_model_server,
 )
 from cbir.processes import ServiceProcess, wait_for_health, wait_for_port_file
+from cbir.tls_certs import make_certs, openssl_available
 from cbir.v1 import indexer_pb2, search_pb2, types_pb2
 
 CATALOGUE = 1000
@@ -241,14 +242,7 @@ def run(quick: bool, workdir: Path) -> list[dict]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model_dir = export_bench_model(work / "models")
-    certs = None
-    try:
-        from tests.gateway.certs import make_certs, openssl_available
-
-        if openssl_available():
-            certs = make_certs(work / "certs")
-    except ImportError:
-        pass
+    certs = make_certs(work / "certs") if openssl_available() else None
     stacks = {"plain": Stack(work / "plain", work / "models")}
     if certs is not None:
         stacks["tls"] = Stack(work / "tls", work / "models", certs)

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cbir.processes import running_service
 from embedder.client import EmbedderClient, ModelVersionUnavailable
 from embedder.model_config import ModelEntry, VersionPolicy, format_model_server_config
-from tests.support.images import make_image
 from tests.support.tiny_model import export_tiny_model, reference_embedding
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from cbir.v1 import types_pb2
 from gateway.images import ImageLimits
 from gateway.search import Query, SearchCore, SearchLimits
 from tests.gateway.fakes import FakeEmbedder, FakeIndexer, fake_embedding
-from tests.support.images import make_image
+from trainer.synthetic import make_image
 
 N_ITEMS = 30
 

@@ -24,8 +24,8 @@ from cbir.v1 import indexer_pb2, search_pb2
 from indexer.cli import main
 from indexer.client import IndexerClient
 from tests.gateway import stack as s
-from tests.support.images import make_image
 from tests.support.tiny_model import export_tiny_model
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from indexer.core import IndexerConfig, IndexerCore
 from indexer.reindex import Partition
 from indexer.rollout import Evaluation, QualityGate, compare, figures, load_eval_set
 from indexer.server import serve
-from tests.support.images import make_image
+from trainer.synthetic import make_image
 
 T, F = True, False
 

@@ -23,8 +23,8 @@ from indexer.client import IndexerClient
 from tests.deploy import rendering
 from tests.gateway import stack as s
 from tests.indexer.test_follow import settled, wait_for
-from tests.support.images import make_image
 from tests.support.tiny_model import export_tiny_model
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

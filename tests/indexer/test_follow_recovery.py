@@ -21,8 +21,8 @@ from cbir.v1 import indexer_pb2, types_pb2
 from indexer.client import IndexerClient
 from tests.gateway import stack as s
 from tests.indexer.test_follow import follow_args, metrics_text, settled, wait_for, write_catalogue
-from tests.support.images import make_image
 from tests.support.tiny_model import export_tiny_model
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from cbir.v1 import indexer_pb2, types_pb2
 from embedder.client import EmbedderClient
 from indexer.cli import main
 from indexer.client import IndexerClient
-from tests.support.images import make_image
 from tests.support.tiny_model import export_tiny_model
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

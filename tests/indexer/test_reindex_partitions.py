@@ -16,8 +16,8 @@ from indexer.reindex import Partition
 from tests.gateway import stack as s
 from tests.indexer.test_follow import wait_for, write_catalogue
 from tests.indexer.test_follow_recovery import SlowImage
-from tests.support.images import make_image
 from tests.support.tiny_model import export_tiny_model
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

@@ -41,7 +41,7 @@ class TinyEmbedder(tf.Module):
         pixels = pixels / 255.0 - 0.5
         if self.broken:
             # Each image's own mean colour removed: only its noise is left, which says nothing of
-            # its class (tests/support/images.py gives a class its colour).
+            # its class (trainer/synthetic.py gives a class its colour).
             pixels = pixels - tf.reduce_mean(pixels, axis=(1, 2), keepdims=True)
         flat = tf.reshape(pixels, (-1, INPUT_SIZE * INPUT_SIZE * 3))
         return tf.math.l2_normalize(tf.matmul(flat, self.projection), axis=1)
