@@ -1,6 +1,8 @@
-"""Domain errors raised by service cores, and their one mapping to gRPC status codes."""
+"""Domain errors raised by service cores, and their one mapping to gRPC status codes (both ways) and HTTP."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import grpc
 
@@ -83,6 +85,62 @@ class Unimplemented(CbirError):
     """The method exists in the protocol but this server does not offer it."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+# Each status code's domain error: every class's ``code`` read backwards, for clients of our services.
+_ERROR_OF_CODE: Mapping[grpc.StatusCode, type[CbirError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidInput,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Aborted,
+        ResourceExhausted,
+        NotReady,
+        Unauthenticated,
+        PermissionDenied,
+        DeadlineExceeded,
+        Unimplemented,
+    )
+}
+
+
+def error_for(code: grpc.StatusCode, message: str) -> CbirError:
+    """The domain error a called service meant by answering ``code``, so it passes on with its code.
+
+    A code no domain error stands for (UNKNOWN, INTERNAL, CANCELLED, DATA_LOSS, ...) gives a plain
+    :class:`CbirError`, which answers INTERNAL: the called service failed, not the request.
+    """
+    return _ERROR_OF_CODE.get(code, CbirError)(message)
+
+
+def has_domain_error(code: grpc.StatusCode) -> bool:
+    """Whether :func:`error_for` gives ``code`` its own domain error (else a plain CbirError)."""
+    return code in _ERROR_OF_CODE
+
+
+# Google's mapping of gRPC codes to HTTP statuses (google/rpc/code.proto; grpc-gateway's
+# HTTPStatusFromCode), for every transport that answers over HTTP. 499 is "client closed request".
+HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
 
 
 # Status codes of a downstream call that are passed on unchanged when a service core lets a

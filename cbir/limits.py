@@ -25,12 +25,12 @@ MAX_FILTER_VALUES = 1024
 
 
 def check_id(item_id: str, where: str) -> None:
-    """1..MAX_ID_BYTES bytes of UTF-8 without control characters."""
+    """1..MAX_ID_BYTES bytes of UTF-8 without control characters; ``where`` names the field."""
     size = len(item_id.encode("utf-8"))
     if not 1 <= size <= MAX_ID_BYTES:
-        raise InvalidInput(f"{where}: id must be 1..{MAX_ID_BYTES} bytes of UTF-8, got {size} bytes")
+        raise InvalidInput(f"{where} must be 1..{MAX_ID_BYTES} bytes of UTF-8, got {size} bytes")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in item_id):
-        raise InvalidInput(f"{where}: id {item_id[:64]!r} contains control characters")
+        raise InvalidInput(f"{where} {item_id[:64]!r} contains control characters")
 
 
 def check_text(text: str, limit: int, where: str) -> None:
@@ -41,7 +41,7 @@ def check_text(text: str, limit: int, where: str) -> None:
 
 def check_item_fields(item_id: str, uri: str, label: str, attributes: Mapping[str, str], where: str) -> None:
     """The fields of one catalogue item."""
-    check_id(item_id, where)
+    check_id(item_id, f"{where}: id")
     check_text(uri, MAX_URI_BYTES, f"{where}: uri")
     check_text(label, MAX_LABEL_BYTES, f"{where}: label")
     if len(attributes) > MAX_ATTRIBUTES:
@@ -64,21 +64,28 @@ def check_filter(labels: Sequence[str], attributes: Iterable[tuple[str, Sequence
         )
     for j, (key, values) in enumerate(conditions):
         if not key:
-            raise InvalidInput(f"filter.attributes[{j}].key must not be empty")
+            raise InvalidInput(f"filter.attributes[{j}] has an empty key")
         if not values:
-            raise InvalidInput(f"filter.attributes[{j}] ({key!r}) needs at least one value")
+            raise InvalidInput(
+                f"filter.attributes[{j}] (key {key!r}) has no values; give at least one accepted value"
+            )
         if len(values) > MAX_FILTER_VALUES:
             raise InvalidInput(f"filter.attributes[{j}] has more than {MAX_FILTER_VALUES} values")
 
 
-def check_k(k: int, max_k: int) -> None:
+def check_k(k: int, max_k: int, *, default: int | None = None) -> int:
+    """The k to search with: ``k`` in 1..max_k, or ``default`` (the gateway's) when one is given and k is 0."""
+    if k == 0 and default is not None:
+        return min(default, max_k)
     if not 1 <= k <= max_k:
-        raise InvalidInput(f"k must be 1..{max_k}, got {k}")
+        zero = "" if default is None else f" (0 means {default})"
+        raise InvalidInput(f"k must be between 1 and {max_k}{zero}, got {k}")
+    return k
 
 
 def check_ef(ef: int) -> None:
     if not 0 <= ef <= MAX_EF:
-        raise InvalidInput(f"ef must be 0..{MAX_EF} (0: the generation's default), got {ef}")
+        raise InvalidInput(f"ef must be between 0 (the generation's default) and {MAX_EF}, got {ef}")
 
 
 def check_min_score(min_score: float | None) -> None:

@@ -35,8 +35,11 @@ class Metric(enum.IntEnum):
 
     @classmethod
     def from_name(cls, name: str) -> Metric:
-        """``cosine``, ``l2`` or ``inner_product`` (the command-line spelling)."""
-        return cls[name.upper()]
+        """A name of :data:`METRIC_NAMES` (a command-line ``--metric``); InvalidInput otherwise."""
+        try:
+            return METRIC_NAMES[name]
+        except KeyError:
+            raise InvalidInput(f"--metric must be one of {sorted(METRIC_NAMES)}, got {name!r}") from None
 
     @property
     def cli_name(self) -> str:
@@ -81,6 +84,9 @@ class Metric(enum.IntEnum):
 
 
 _SPACES = {Metric.COSINE: "cosine", Metric.L2: "l2", Metric.INNER_PRODUCT: "ip"}
+# The spellings --metric accepts: each metric's own name (cosine, l2, inner_product) and hnswlib's
+# ("ip" is what earlier versions documented).
+METRIC_NAMES = {**{m.space: m for m in Metric}, **{m.cli_name: m for m in Metric}}
 
 
 def normalise(x: np.ndarray) -> np.ndarray:

@@ -14,11 +14,13 @@ import os
 import sys
 from pathlib import Path
 
+from cbir.cli import run_main
 from cbir.config import _parse_bool, env_flag
 from cbir.defaults import SERVING_GRPC_PORT
 from cbir.errors import CbirError, InvalidInput
 from cbir.ports import ensure_can_listen
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
+from embedder.settings import ModelServerSettings
 
 ENV_PREFIX = "CBIR_EMBEDDER"
 DEFAULT_MAX_WORKERS = 64
@@ -73,7 +75,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
         group,
         "--model_config_file_poll_wait_seconds",
         env=f"{p}_MODEL_CONFIG_FILE_POLL_WAIT_SECONDS",
-        default=0.0,
+        default=ModelServerSettings.model_config_file_poll_wait_seconds,
         type=float,
         help="Re-read --model_config_file this often; 0 reads it once.",
     )
@@ -81,7 +83,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
         group,
         "--file_system_poll_wait_seconds",
         env=f"{p}_FILE_SYSTEM_POLL_WAIT_SECONDS",
-        default=1.0,
+        default=ModelServerSettings.file_system_poll_wait_seconds,
         type=float,
         help="Look for new model versions this often; 0 looks once, negative never.",
     )
@@ -103,13 +105,13 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     _tf_bool_flag(
         group,
         "--enable_model_warmup",
-        default=True,
+        default=ModelServerSettings.enable_model_warmup,
         help="Replay assets.extra/tf_serving_warmup_requests before a version serves.",
     )
     _tf_bool_flag(
         group,
         "--allow_version_labels_for_unavailable_models",
-        default=False,
+        default=ModelServerSettings.allow_version_labels_for_unavailable_models,
         help="Accept version labels pointing to versions that are not loaded yet.",
     )
     env_flag(
@@ -213,7 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
         tf.config.threading.set_inter_op_parallelism_threads(args.tensorflow_inter_op_parallelism)
 
     from embedder.rest import RestApi, start_rest_server
-    from embedder.server import ModelServerSettings, start_model_server
+    from embedder.server import start_model_server
 
     settings = ModelServerSettings(
         entries=tuple(entries),
@@ -287,18 +289,8 @@ def _status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "embed":
-            return _embed(args)
-        return _status(args)
-    except CbirError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    commands = {"serve": _serve, "embed": _embed, "status": _status}
+    return run_main(lambda: commands[args.command](args), also=(OSError,))
 
 
 if __name__ == "__main__":

@@ -450,16 +450,8 @@ class EmbedderClient:
             return errors.NotReady(
                 f"model server {self.target} unavailable after {attempts + 1} attempt(s): {details}"
             )
-        mapped = {
-            grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-            grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-            grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
-            grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-            grpc.StatusCode.UNIMPLEMENTED: errors.Unimplemented,
-            grpc.StatusCode.ABORTED: errors.Aborted,
-        }.get(code)
-        if mapped is not None:
-            return mapped(f"{what} to {self.target}: {details}")
+        if errors.has_domain_error(code):
+            return errors.error_for(code, f"{what} to {self.target}: {details}")
         return errors.CbirError(f"{what} to {self.target} failed with {code.name}: {details}")
 
     def _available_text(self) -> str:

@@ -24,7 +24,7 @@ import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2
 
-from cbir.errors import CbirError, InvalidInput, Unimplemented
+from cbir.errors import HTTP_STATUS, CbirError, InvalidInput, Unimplemented
 from cbir.ports import cannot_listen, describe
 from embedder.model_config import MonitoringConfig
 from embedder.model_manager import ModelManager, ModelRef
@@ -38,20 +38,6 @@ _MODEL_PATH = re.compile(
     r"(?P<metadata>/metadata)?"
     r"(?::(?P<verb>[a-z]+))?$"
 )
-
-_HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: HTTPStatus.BAD_REQUEST,
-    grpc.StatusCode.FAILED_PRECONDITION: HTTPStatus.BAD_REQUEST,
-    grpc.StatusCode.OUT_OF_RANGE: HTTPStatus.BAD_REQUEST,
-    grpc.StatusCode.NOT_FOUND: HTTPStatus.NOT_FOUND,
-    grpc.StatusCode.ALREADY_EXISTS: HTTPStatus.CONFLICT,
-    grpc.StatusCode.PERMISSION_DENIED: HTTPStatus.FORBIDDEN,
-    grpc.StatusCode.UNAUTHENTICATED: HTTPStatus.UNAUTHORIZED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: HTTPStatus.TOO_MANY_REQUESTS,
-    grpc.StatusCode.UNIMPLEMENTED: HTTPStatus.NOT_IMPLEMENTED,
-    grpc.StatusCode.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: HTTPStatus.GATEWAY_TIMEOUT,
-}
 
 
 def _decode_value(value: Any) -> Any:
@@ -131,7 +117,7 @@ class RestApi:
         try:
             return 200, "application/json", json.dumps(self._route(method, path, body)).encode()
         except CbirError as exc:
-            return _error(_HTTP_STATUS.get(exc.code, HTTPStatus.INTERNAL_SERVER_ERROR), exc.message)
+            return _error(HTTP_STATUS.get(exc.code, HTTPStatus.INTERNAL_SERVER_ERROR), exc.message)
 
     def _route(self, method: str, path: str, body: bytes) -> Any:
         match = _MODEL_PATH.match(path)
@@ -210,7 +196,7 @@ class _HttpNotFound(CbirError):
     code = grpc.StatusCode.NOT_FOUND
 
 
-def _error(status: HTTPStatus, message: str) -> tuple[int, str, bytes]:
+def _error(status: int, message: str) -> tuple[int, str, bytes]:
     return int(status), "application/json", json.dumps({"error": message}).encode()
 
 

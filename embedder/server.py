@@ -7,7 +7,6 @@ raise domain errors (the shared interceptor turns them into TF Serving's status 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -25,8 +24,9 @@ from tensorflow_serving.apis import (
 
 from cbir.errors import InvalidInput, Unimplemented
 from cbir.server import RunningServer, ServerOptions, start_server
-from embedder.model_config import BatchingParameters, ModelEntry, model_entries
+from embedder.model_config import model_entries
 from embedder.model_manager import ModelManager, ModelRef
+from embedder.settings import ModelServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +155,6 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             raise InvalidInput("ReloadConfigRequest.config must hold a model_config_list")
         self.manager.apply_config(model_entries(request.config, source="ReloadConfigRequest"))
         return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto(error_code=0))
-
-
-@dataclass(frozen=True)
-class ModelServerSettings:
-    """Everything the model server needs besides the common server options."""
-
-    entries: tuple[ModelEntry, ...]
-    batching: BatchingParameters | None = None
-    file_system_poll_wait_seconds: float = 1.0
-    model_config_file: str | None = None
-    model_config_file_poll_wait_seconds: float = 0.0
-    enable_model_warmup: bool = True
-    allow_version_labels_for_unavailable_models: bool = False
 
 
 def start_model_server(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from cbir import defaults
+from cbir.cli import run_main
 from cbir.config import env_flag
 from cbir.errors import CbirError, InvalidInput
 from cbir.memory import return_large_frees_to_the_os
@@ -16,6 +16,7 @@ from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
 from gateway.images import PILLOW_BOMB_LIMIT, ImageLimits
 from gateway.search import SearchLimits
+from gateway.server import GatewayConfig, HttpOptions, build_gateway
 
 ENV = "CBIR_GATEWAY"
 
@@ -115,13 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: localhost:{defaults.INDEXER_PORT}; env {ENV}_INDEXER, comma-separated).",
     )
     env_flag(
-        serve, "--max-k", env=f"{ENV}_MAX_K", default=1000, type=int, help="Largest k a query may ask for."
+        serve,
+        "--max-k",
+        env=f"{ENV}_MAX_K",
+        default=SearchLimits.max_k,
+        type=int,
+        help="Largest k a query may ask for.",
     )
     env_flag(
         serve,
         "--max-batch",
         env=f"{ENV}_MAX_BATCH",
-        default=64,
+        default=SearchLimits.max_batch,
         type=int,
         help="Most queries in a BatchSearch.",
     )
@@ -155,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--generation-retries",
         env=f"{ENV}_GENERATION_RETRIES",
-        default=3,
+        default=SearchLimits.generation_retries,
         type=int,
         help="Times a search is redone when the active generation changes under it.",
     )
@@ -163,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--generation-ttl",
         env=f"{ENV}_GENERATION_TTL",
-        default=1.0,
+        default=SearchLimits.generation_ttl,
         type=float,
         help="Seconds the active generation read from shard 0 is reused.",
     )
@@ -171,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--dependency-timeout",
         env=f"{ENV}_DEPENDENCY_TIMEOUT",
-        default=10.0,
+        default=SearchLimits.dependency_timeout,
         type=float,
         help="Longest wait for Serving or an indexer per call (the caller's deadline, if shorter, wins).",
     )
@@ -179,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--coalesce-in-flight",
         env=f"{ENV}_COALESCE_IN_FLIGHT",
-        default=1,
+        default=SearchLimits.coalesce_in_flight,
         type=int,
         help="Concurrent image searches are merged into shared Serving/indexer calls, with at most this "
         "many merged batches in flight; 0 sends every search on its own.",
@@ -188,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--probe-period",
         env=f"{ENV}_PROBE_PERIOD",
-        default=2.0,
+        default=GatewayConfig.probe_period,
         type=float,
         help="Seconds between health probes of Serving and the indexer shards.",
     )
@@ -196,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--probe-timeout",
         env=f"{ENV}_PROBE_TIMEOUT",
-        default=2.0,
+        default=GatewayConfig.probe_timeout,
         type=float,
         help="Timeout of each health probe call.",
     )
@@ -212,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--http-port",
         env=f"{ENV}_HTTP_PORT",
-        default=defaults.GATEWAY_HTTP_PORT,
+        default=HttpOptions.port,
         type=int,
         help="Port of the HTTP/JSON API and the search page at / (0 picks a free one, -1 disables); same "
         "host, TLS files, API keys and limits as the gRPC port.",
@@ -246,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     what = search.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="Query image file.")
     what.add_argument("--item-id", help="Search like this catalogue item (it is excluded from the hits).")
-    search.add_argument("--k", type=int, default=0, help="Number of hits (0: the gateway default, 10).")
+    search.add_argument(
+        "--k", type=int, default=0, help=f"Number of hits (0: the gateway default, {SearchLimits.default_k})."
+    )
     search.add_argument(
         "--label", action="append", default=[], help="Only items with this label (repeatable)."
     )
@@ -274,8 +282,6 @@ def _serve(args) -> int:
     # Image decodes free tens of MB at a time on many threads: without this glibc keeps them per
     # thread, and RSS grows past --max-decode-bytes-in-flight (gateway/README.md, Memory).
     return_large_frees_to_the_os()
-    from gateway.server import GatewayConfig, HttpOptions, build_gateway
-
     indexers = (
         _targets(args.indexer)
         or _targets(os.environ.get(f"{ENV}_INDEXER"))
@@ -331,8 +337,6 @@ def _serve(args) -> int:
 
 
 def _search(args) -> int:
-    import grpc
-
     from cbir.channels import open_channel
     from cbir.v1 import search_pb2, search_pb2_grpc, types_pb2
 
@@ -363,11 +367,7 @@ def _search(args) -> int:
     tls = ClientTLS(ca_file=args.tls_ca, server_name=args.tls_server_name) if args.tls_ca else None
     with open_channel(args.target, tls=tls) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)
-        try:
-            response = stub.Search(request, timeout=args.timeout, metadata=metadata)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+        response = stub.Search(request, timeout=args.timeout, metadata=metadata)
     from google.protobuf.json_format import MessageToDict
 
     print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
@@ -377,10 +377,4 @@ def _search(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command == "serve":
-            return _serve(args)
-        return _search(args)
-    except CbirError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _serve(args) if args.command == "serve" else _search(args))

@@ -4,7 +4,7 @@ Google's HTTP/JSON transcoding conventions, as grpc-gateway and Cloud Endpoints 
 - ``POST /v1/search``, ``POST /v1/search:batch`` and ``GET /v1/serving-info`` carry the SearchService
   messages in the proto3 JSON mapping (``google.protobuf.json_format``: the JSON cannot drift from the
   protos), converted to and from the core exactly as the gRPC servicer does (gateway/server.py);
-- an error answers with the HTTP status of its gRPC code (:data:`HTTP_STATUS`, Google's mapping) and a
+- an error answers with the HTTP status of its gRPC code (:data:`cbir.errors.HTTP_STATUS`, Google's mapping) and a
   ``google.rpc.Status``-shaped body whose message is the gRPC API's; the code comes from the one
   domain-error rule every transport uses (:func:`cbir.errors.status_of`).
 
@@ -24,7 +24,7 @@ import logging
 import math
 import mimetypes
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +36,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from multidict import MultiDict, MultiDictProxy
 
-from cbir.errors import InvalidInput, status_of
+from cbir.errors import HTTP_STATUS, InvalidInput, status_of
 from cbir.logs import request_id_var
 from cbir.server import REQUEST_ID_HEADER, request_id_from
 from cbir.v1 import search_pb2, types_pb2
@@ -49,28 +49,6 @@ from gateway.server import SERVICE_NAME, to_batch_response, to_query, to_respons
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).with_name("web")
-
-# Google's mapping of gRPC codes to HTTP statuses (google/rpc/code.proto; grpc-gateway's
-# HTTPStatusFromCode). 499 is "client closed request".
-HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-}
 
 # The page loads nothing from elsewhere; images may come from http(s) catalogue uris (the image
 # route redirects there) and from the browser itself (the chosen photo's preview).

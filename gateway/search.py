@@ -3,7 +3,7 @@
 Knows nothing about gRPC: the servicer (gateway/server.py) converts protos to :class:`Query` and back,
 and the shared interceptor maps the domain errors raised here to status codes.
 
-Consistency (ARCHITECTURE.md contract 3). A search
+Consistency (docs/architecture.md, Embedding space). A search
 1. reads the active generation G from shard 0 (cached for ``generation_ttl`` seconds),
 2. embeds image queries with Serving pinned to G's model version (never "latest"),
 3. asks every shard for neighbours in G *by name*, with ``require_active`` so shard 0 answers ABORTED
@@ -16,7 +16,6 @@ So every answer is computed in exactly one space, and that space is the one repo
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,20 +33,15 @@ from cbir.errors import (
     NotFound,
     NotReady,
 )
+from cbir.limits import check_ef, check_filter, check_id, check_k, check_min_score
 from cbir.v1 import indexer_pb2, types_pb2
 from gateway import metrics
 from gateway.coalesce import Coalescer, QueriesRejected
 from gateway.images import DecodeBudget, ImageLimits, explain_undecodable, prepare_image
 
-MAX_ITEM_ID_BYTES = 256
-MAX_EF = 100_000
-MAX_FILTER_LABELS = 1024
-MAX_FILTER_ATTRIBUTES = 64
-MAX_FILTER_VALUES = 1024
-
 
 class Embedder(Protocol):
-    """What the core needs from embedder.client.EmbedderClient (contract B)."""
+    """What the core needs from embedder.client.EmbedderClient (docs/architecture.md, Embedder client)."""
 
     def embed(self, images: Sequence[bytes], *, version: int | None = None, timeout: float | None = None): ...
 
@@ -55,7 +49,7 @@ class Embedder(Protocol):
 
 
 class Indexer(Protocol):
-    """What the core needs from indexer.client.IndexerClient (contract C)."""
+    """What the core needs from indexer.client.IndexerClient (docs/architecture.md, Indexer client)."""
 
     shard_count: int
 
@@ -165,16 +159,10 @@ class Deadline:
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    """A validated query: the bytes to embed (image) or the id to look up."""
+class _Prepared(Query):
+    """A validated query (k resolved, the image as it will be embedded) and its place in the batch."""
 
-    index: int
-    k: int
-    image: bytes | None
-    item_id: str | None
-    filter: types_pb2.Filter | None
-    min_score: float | None
-    ef: int
+    index: int = 0
 
 
 def generation_ref(generation: indexer_pb2.Generation) -> types_pb2.GenerationRef:
@@ -272,15 +260,9 @@ class SearchCore:
 
     def _validate_one(self, query: Query, index: int, deadline: Deadline) -> _Prepared:
         limits = self.limits
-        k = query.k or min(limits.default_k, limits.max_k)
-        if not 1 <= k <= limits.max_k:
-            raise InvalidInput(
-                f"k must be between 1 and {limits.max_k} (0 means {limits.default_k}), got {query.k}"
-            )
-        if not 0 <= query.ef <= MAX_EF:
-            raise InvalidInput(f"ef must be between 0 (indexer default) and {MAX_EF}, got {query.ef}")
-        if query.min_score is not None and not math.isfinite(query.min_score):
-            raise InvalidInput(f"min_score must be a finite number, got {query.min_score}")
+        k = check_k(query.k, limits.max_k, default=limits.default_k)
+        check_ef(query.ef)
+        check_min_score(query.min_score)
         _validate_filter(query.filter)
         if (query.image is None) == (query.item_id is None):
             raise InvalidInput("set exactly one of image (encoded bytes) or item_id")
@@ -299,8 +281,16 @@ class SearchCore:
                 metrics.REENCODED_IMAGES.labels(prepared.reason.split(":")[0]).inc()
             image = prepared.data
         else:
-            _validate_item_id(query.item_id)
-        return _Prepared(index, k, image, query.item_id, query.filter, query.min_score, query.ef)
+            check_id(query.item_id, "item_id")
+        return _Prepared(
+            image=image,
+            item_id=query.item_id,
+            k=k,
+            filter=query.filter,
+            min_score=query.min_score,
+            ef=query.ef,
+            index=index,
+        )
 
     # ----------------------------------------------------------------------------- the search loop
 
@@ -328,15 +318,16 @@ class SearchCore:
         self, generation: indexer_pb2.Generation, prepared: list[_Prepared], deadline: Deadline
     ) -> list[SearchResult]:
         """All queries answered in ``generation``; raises _GenerationMoved if it stops being active."""
-        vectors: dict[int, np.ndarray] = {}
+        # Every query's vector in one float32 matrix (row = its index), handed to Knn as it is when one
+        # call answers them all.
+        vectors = np.empty((len(prepared), generation.dimension), np.float32)
         images = [p for p in prepared if p.image is not None]
         if images:
             try:
                 embedded = self._embed(generation, [p.image for p in images], deadline)
             except InvalidInput as exc:
                 raise self._explained(exc, images, deadline, several=len(prepared) > 1) from None
-            for p, vector in zip(images, embedded, strict=True):
-                vectors[p.index] = vector
+            vectors[[p.index for p in images]] = embedded
         for p in prepared:
             if p.item_id is not None:
                 vectors[p.index] = self._stored_vector(generation, p, deadline)
@@ -356,7 +347,8 @@ class SearchCore:
         ref = generation_ref(generation)
         for members in groups.values():
             first = members[0]
-            matrix = np.stack([vectors[p.index] for p in members]).astype(np.float32, copy=False)
+            rows = [p.index for p in members]
+            matrix = vectors if len(rows) == len(vectors) else vectors[rows]
             try:
                 with metrics.stage("knn"):
                     response = self._indexer.knn(
@@ -505,34 +497,11 @@ class _GenerationMoved(Exception):
     """Internal: the generation a search started in is no longer the active one; redo it."""
 
 
-def _validate_item_id(item_id: str | None) -> None:
-    if not item_id:
-        raise InvalidInput("item_id is empty; give the id of a catalogue item")
-    if len(item_id.encode("utf-8")) > MAX_ITEM_ID_BYTES:
-        raise InvalidInput(
-            f"item_id is longer than {MAX_ITEM_ID_BYTES} bytes, so no catalogue item can have it"
-        )
-    if any(ord(c) < 32 or ord(c) == 127 for c in item_id):
-        raise InvalidInput("item_id contains control characters, so no catalogue item can have it")
-
-
 def _validate_filter(flt: types_pb2.Filter | None) -> None:
     if flt is None:
         return
-    if len(flt.labels) > MAX_FILTER_LABELS:
-        raise InvalidInput(f"filter has {len(flt.labels)} labels, more than {MAX_FILTER_LABELS}")
+    check_filter(flt.labels, ((condition.key, condition.values) for condition in flt.attributes))
+    # The indexer lets an empty label select the unlabelled items; the search API refuses it, as a
+    # label filter the caller most likely left empty by mistake.
     if any(not label for label in flt.labels):
         raise InvalidInput("filter.labels contains an empty label")
-    if len(flt.attributes) > MAX_FILTER_ATTRIBUTES:
-        raise InvalidInput(
-            f"filter has {len(flt.attributes)} attribute conditions, more than {MAX_FILTER_ATTRIBUTES}"
-        )
-    for i, condition in enumerate(flt.attributes):
-        if not condition.key:
-            raise InvalidInput(f"filter.attributes[{i}] has an empty key")
-        if not condition.values:
-            raise InvalidInput(
-                f"filter.attributes[{i}] (key {condition.key!r}) has no values; give at least one accepted value"
-            )
-        if len(condition.values) > MAX_FILTER_VALUES:
-            raise InvalidInput(f"filter.attributes[{i}] has more than {MAX_FILTER_VALUES} values")

@@ -108,7 +108,7 @@ class GatewayConfig:
     api_keys_env: str | None = None
     probe_period: float = 2.0
     probe_timeout: float = 2.0
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
     http: HttpOptions = HttpOptions(port=-1)
 
 

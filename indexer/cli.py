@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
+from cbir.cli import run_main
 from cbir.config import env_flag
 from cbir.defaults import INDEXER_METRICS_PORT, INDEXER_PORT
-from cbir.errors import CbirError
+from cbir.errors import InvalidInput
 from cbir.logs import configure_cli_logging
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
+from indexer.core import IndexerConfig
 
 ENV = "CBIR_INDEXER"
 log = logging.getLogger("indexer")
@@ -37,24 +38,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="Folder of the item store and HNSW snapshots.",
     )
     env_flag(
-        serve, "--shard-id", env=f"{ENV}_SHARD_ID", default=0, type=int, help="This shard's number (0-based)."
+        serve,
+        "--shard-id",
+        env=f"{ENV}_SHARD_ID",
+        default=IndexerConfig.shard_id,
+        type=int,
+        help="This shard's number (0-based).",
     )
-    env_flag(serve, "--shard-count", env=f"{ENV}_SHARD_COUNT", default=1, type=int, help="Number of shards.")
-    env_flag(serve, "--max-k", env=f"{ENV}_MAX_K", default=1000, type=int, help="Largest k a query may ask.")
+    env_flag(
+        serve,
+        "--shard-count",
+        env=f"{ENV}_SHARD_COUNT",
+        default=IndexerConfig.shard_count,
+        type=int,
+        help="Number of shards.",
+    )
+    env_flag(
+        serve,
+        "--max-k",
+        env=f"{ENV}_MAX_K",
+        default=IndexerConfig.max_k,
+        type=int,
+        help="Largest k a query may ask.",
+    )
     env_flag(
         serve,
         "--max-batch",
         env=f"{ENV}_MAX_BATCH",
-        default=4096,
+        default=IndexerConfig.max_batch,
         type=int,
         help="Most records / queries / ids per message.",
     )
-    env_flag(serve, "--hnsw-m", env=f"{ENV}_HNSW_M", default=16, type=int, help="Default HNSW M.")
+    env_flag(
+        serve,
+        "--hnsw-m",
+        env=f"{ENV}_HNSW_M",
+        default=IndexerConfig.default_m,
+        type=int,
+        help="Default HNSW M.",
+    )
     env_flag(
         serve,
         "--hnsw-ef-construction",
         env=f"{ENV}_HNSW_EF_CONSTRUCTION",
-        default=200,
+        default=IndexerConfig.default_ef_construction,
         type=int,
         help="Default HNSW ef_construction.",
     )
@@ -62,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--hnsw-ef-search",
         env=f"{ENV}_HNSW_EF_SEARCH",
-        default=300,
+        default=IndexerConfig.default_ef_search,
         type=int,
         help="Default HNSW ef for queries (raised to k).",
     )
@@ -70,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--exact-threshold",
         env=f"{ENV}_EXACT_THRESHOLD",
-        default=10_000,
+        default=IndexerConfig.exact_threshold,
         type=int,
         help="Filtered queries matching at most this many items use exact search.",
     )
@@ -78,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--compact-fraction",
         env=f"{ENV}_COMPACT_FRACTION",
-        default=0.3,
+        default=IndexerConfig.compact_fraction,
         type=float,
         help="Rebuild a graph when this fraction of its slots are deleted.",
     )
@@ -86,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--snapshot-interval",
         env=f"{ENV}_SNAPSHOT_INTERVAL",
-        default=60.0,
+        default=IndexerConfig.snapshot_interval,
         type=float,
         help="Seconds between HNSW snapshots (only of graphs that changed).",
     )
@@ -141,46 +168,43 @@ def make_client(args):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command in ("follow", "reindex"):
-            # They speak TF Serving's protocol but never run TensorFlow: load its protos only
-            # (seconds and hundreds of MB less at start-up; see the module).
-            from gateway.light_imports import use_tensorflow_protos_only
+    return run_main(lambda: _run(args, parser))
 
-            use_tensorflow_protos_only()
-        if args.command == "follow":
-            from indexer import follow
 
-            return follow.run(args, make_client)
-        if args.command != "reindex":
-            configure_cli_logging("INFO", "%(message)s")
-        if args.command == "reindex":
-            from indexer import reindex
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "serve":
+        return _serve(args)
+    if args.command in ("follow", "reindex"):
+        # They speak TF Serving's protocol but never run TensorFlow: load its protos only
+        # (seconds and hundreds of MB less at start-up; see the module).
+        from gateway.light_imports import use_tensorflow_protos_only
 
-            return reindex.run(args, make_client)
-        with make_client(args) as client:
-            if args.command == "stats":
-                from google.protobuf.json_format import MessageToDict
+        use_tensorflow_protos_only()
+    if args.command == "follow":
+        from indexer import follow
 
-                print(json.dumps([MessageToDict(s) for s in client.stats()], indent=2))
-            elif args.command == "delete":
-                print(f"deleted {client.delete(args.ids, allow_missing=args.allow_missing)} items")
-            elif args.command == "generations":
-                return _generations(client, args, parser)
-            elif args.command == "export":
-                from indexer.reindex import export
+        return follow.run(args, make_client)
+    if args.command != "reindex":
+        configure_cli_logging("INFO", "%(message)s")
+    if args.command == "reindex":
+        from indexer import reindex
 
-                count = export(client, args.generation, Path(args.output))
-                print(f"exported {count} items to {args.output}")
-        return 0
-    except CbirError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return reindex.run(args, make_client)
+    with make_client(args) as client:
+        if args.command == "stats":
+            from google.protobuf.json_format import MessageToDict
+
+            print(json.dumps([MessageToDict(s) for s in client.stats()], indent=2))
+        elif args.command == "delete":
+            print(f"deleted {client.delete(args.ids, allow_missing=args.allow_missing)} items")
+        elif args.command == "generations":
+            return _generations(client, args, parser)
+        elif args.command == "export":
+            from indexer.reindex import export
+
+            count = export(client, args.generation, Path(args.output))
+            print(f"exported {count} items to {args.output}")
+    return 0
 
 
 def _generations(client, args, parser) -> int:
@@ -242,12 +266,11 @@ def _describe_rollout(d) -> str:
 
 
 def _serve(args) -> int:
-    from indexer.core import IndexerConfig, IndexerCore
+    from indexer.core import IndexerCore
     from indexer.server import serve
 
     if not 0 <= args.shard_id < args.shard_count:
-        print(f"error: --shard-id must be 0..{args.shard_count - 1}, got {args.shard_id}", file=sys.stderr)
-        return 2
+        raise InvalidInput(f"--shard-id must be 0..{args.shard_count - 1}, got {args.shard_id}")
     options = ServerOptions.from_args("indexer", args)
     config = IndexerConfig(
         data_dir=Path(args.data_dir),

@@ -22,20 +22,6 @@ from cbir.sharding import shard_of
 from cbir.tls import ClientTLS
 from cbir.v1 import indexer_pb2, indexer_pb2_grpc, types_pb2
 
-_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInput,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.ABORTED: errors.Aborted,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: errors.NotReady,
-    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
-    grpc.StatusCode.UNIMPLEMENTED: errors.Unimplemented,
-}
-
 
 class IndexerClient:
     """One channel per shard; every call raises cbir.errors domain errors, never grpc.RpcError."""
@@ -95,8 +81,7 @@ class IndexerClient:
         )
         if code == grpc.StatusCode.UNAVAILABLE:
             return errors.NotReady(f"{where} is unavailable: {details}")
-        cls = _CODES.get(code, errors.CbirError)
-        return cls(f"{where}: {details}" if self.shard_count > 1 else details)
+        return errors.error_for(code, f"{where}: {details}" if self.shard_count > 1 else details)
 
     def _all(self, method: str, request, timeout: float | None) -> list:
         """The answers of every shard. Raises the first shard's error only once every call has ended,

@@ -40,6 +40,7 @@ from cbir.limits import (
     check_id,
     check_item_fields,
     check_k,
+    check_min_score,
 )
 from cbir.metric import Metric
 from cbir.sharding import shard_of
@@ -554,7 +555,7 @@ class IndexerCore:
             raise InvalidInput("ids must not be empty")
         self.check_batch(len(ids), "ids")
         for j, item_id in enumerate(ids):
-            check_id(item_id, f"ids[{j}]")
+            check_id(item_id, f"ids[{j}]: id")
 
     def check_batch(self, n: int, what: str) -> None:
         check_batch(n, self.config.max_batch, what)
@@ -719,8 +720,7 @@ class IndexerCore:
             )
         check_k(k, self.config.max_k)
         check_ef(ef)
-        if min_score is not None and min_score != min_score:
-            raise InvalidInput("min_score must not be NaN")
+        check_min_score(min_score)
         q = as_queries(queries, gen.row.dimension)
         self.check_batch(len(q), "queries")
         flt = item_filter or ItemFilter()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,9 +41,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cbir.config import env_flag
 from cbir.defaults import ROLLOUT_METRICS_PORT, ROLLOUT_PORT
 from cbir.errors import CbirError, FailedPrecondition, InvalidInput, NotReady
+from cbir.metric import METRIC_NAMES
 from cbir.v1 import indexer_pb2
 from indexer.jobs import KubernetesAPI, ReindexJobs
-from indexer.reindex import METRIC_NAMES, ReindexOptions, entry_items, reindex
+from indexer.reindex import ReindexOptions, entry_items, reindex
 from indexer.rollout import EvalSet, QualityGate, compare, evaluate_generation, load_eval_set
 from indexer.store import ItemRow
 
@@ -539,7 +539,7 @@ def add_parser(sub, client_flags: Callable[[argparse.ArgumentParser], None]) -> 
         p,
         "--eval-layout",
         env=f"{ENV}_EVAL_LAYOUT",
-        default="auto",
+        default=CatalogueSource.layout,
         choices=["auto", "folders", "original", "manifest"],
     )
     env_flag(
@@ -570,7 +570,7 @@ def add_parser(sub, client_flags: Callable[[argparse.ArgumentParser], None]) -> 
         p,
         "--catalogue-layout",
         env=f"{ENV}_CATALOGUE_LAYOUT",
-        default="auto",
+        default=CatalogueSource.layout,
         choices=["auto", "folders", "original", "manifest"],
     )
     env_flag(
@@ -799,16 +799,13 @@ def run(args, make_client) -> int:
     from cbir.server import ServerOptions, serve_until_signalled, start_server
     from indexer.reindex import open_embedder
 
-    try:
-        options = options_from_args(args)
-        e = options.eval_set
-        eval_set = load_eval_set(
-            e.path, layout=e.layout, dataset=e.dataset, split=e.split, max_queries=options.eval_max_queries
-        )
-        jobs = ReindexJobs(options.kubernetes, options.reindex_job) if options.reindex_job else None
-    except CbirError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
+    # A CbirError is reported by indexer/cli.py's main (cbir.cli.run_main).
+    options = options_from_args(args)
+    e = options.eval_set
+    eval_set = load_eval_set(
+        e.path, layout=e.layout, dataset=e.dataset, split=e.split, max_queries=options.eval_max_queries
+    )
+    jobs = ReindexJobs(options.kubernetes, options.reindex_job) if options.reindex_job else None
     server_options = ServerOptions.from_args("rollout", args)
     for item_id, why in eval_set.unreadable[:20]:
         log.warning("evaluation image left out", extra={"id": item_id, "reason": why})

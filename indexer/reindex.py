@@ -32,19 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
+from cbir.cli import INTERRUPTED_EXIT
 from cbir.defaults import SERVING_GRPC_PORT
-from cbir.errors import AlreadyExists, CbirError, FailedPrecondition, InvalidInput, NotFound, NotReady
+from cbir.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, NotReady
 from cbir.logs import configure_cli_logging
-from cbir.metric import Metric
+from cbir.metric import METRIC_NAMES, Metric
 from cbir.sharding import shard_of
 from cbir.v1 import indexer_pb2, types_pb2
 from indexer.core import check_item
 from indexer.store import ItemRow
 
 log = logging.getLogger(__name__)
-
-# --metric accepts a metric's own name and hnswlib's ("ip" is what earlier versions documented).
-METRIC_NAMES = {**{m.space: m for m in Metric}, **{m.cli_name: m for m in Metric}}
 
 
 @dataclass(frozen=True)
@@ -103,8 +101,7 @@ class ReindexOptions:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise InvalidInput("--batch-size must be >= 1")
-        if self.metric not in METRIC_NAMES:
-            raise InvalidInput(f"--metric must be one of {sorted(METRIC_NAMES)}, got {self.metric!r}")
+        Metric.from_name(self.metric)  # InvalidInput naming the spellings --metric accepts
 
 
 _DEFAULTS = ReindexOptions(model="")
@@ -388,12 +385,10 @@ def run(args, make_client) -> int:
         options = options_from_args(args)
         with make_client(args) as client, open_embedder(options) as embedder:
             report = reindex(items, options, client, embedder)
-    except CbirError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        # Other failures are reported by indexer/cli.py's main (cbir.cli.run_main).
         print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
     part = f"partition {report.partition}: " if report.partition else ""
     print(
         f"{part}generation {report.generation} (model {options.model} version {report.model_version}): "
@@ -500,7 +495,7 @@ class _Target:
             )
             space = types_pb2.EmbeddingSpace(model_name=o.model, model_version=version)
             try:
-                self.client.create_generation(name, space, METRIC_NAMES[o.metric], dim, params)
+                self.client.create_generation(name, space, Metric.from_name(o.metric), dim, params)
                 self.say(f"created generation {name} (model {o.model} version {version}, dim {dim})")
             except AlreadyExists:
                 self._join(self.client.get_generation(name), version, dim)

@@ -55,7 +55,7 @@ class DemoOptions:
     quick: bool = False
     train_per_class: int | None = None  # None: 200 of Fashion-MNIST, else USER_TRAIN_PER_CLASS
     test_per_class: int | None = None  # None: 30 of Fashion-MNIST, else USER_TEST_PER_CLASS
-    steps: int | None = None  # None: 700 on Fashion-MNIST, the recipe's on a user's catalogue
+    steps: int | None = None  # None: FASHION_STEPS on Fashion-MNIST, the recipe's on a user's catalogue
     seed: int = 0
     install: bool = True
     keep_running: bool = False
@@ -97,7 +97,7 @@ QUICK = {
     "grid_rows": 5,
     "grid_hits": 6,
 }
-FASHION_STEPS = 700
+FASHION_STEPS = 1400
 # The recipe at a test's scale on a user's catalogue (--quick --data): small inputs, few views.
 QUICK_RECIPE = [
     "model.input.height=64",

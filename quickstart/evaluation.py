@@ -128,6 +128,10 @@ def offline_metrics(
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
+    """Unit rows in float64, as ``trainer.metrics`` ranks: near-ties of a barely trained model must
+    order the same way here as in the offline figures, or the exact ranking the tolerance is measured
+    against would not be the one the offline side used."""
+    x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 

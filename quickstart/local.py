@@ -40,7 +40,7 @@ def ensure_model(models: Path, model_name: str, *, seed_from: Path = DEMO_MODELS
     staging = target.with_name(f".{version}.copy")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(seed_from / model_name / str(version), staging)
-    staging.rename(target)  # published atomically (ARCHITECTURE.md, contract 2)
+    staging.rename(target)  # published atomically (docs/architecture.md, Repository)
     print(f"copied the demo's model {model_name} version {version} into {models}")
     return version
 

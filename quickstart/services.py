@@ -3,7 +3,7 @@
 One function says how the three services are started on localhost, for both `make up` and the demo,
 so they cannot drift apart. The model server gets a TF Serving model config that keeps the two latest
 versions loaded: during a hot-swap the active generation's version must stay served until the new
-generation is active (ARCHITECTURE.md, contract 3).
+generation is active (docs/architecture.md, Embedding space).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Every component runs as `python -m <name>` with --help, and each service binary reports SERVING on
-grpc.health.v1 with its service listed by reflection (the foundation's contract 6)."""
+grpc.health.v1 with its service listed by reflection (docs/architecture.md, Plumbing)."""
 
 from __future__ import annotations
 

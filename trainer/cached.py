@@ -8,7 +8,7 @@ are the training augmentation: random crop and flip), runs them through the froz
 the activations at the cut (float16, in ``<run>/activation_cache/``). Training steps then run only the
 tail (the layers from ``train_from`` on, plus the head) on a random view of each P x K batch's images.
 The tail shares its layers with the whole model, so the checkpoint and the exported SavedModel are the
-whole network (contract 1 unchanged); nothing of the cache is exported.
+whole network (docs/architecture.md, Model: unchanged); nothing of the cache is exported.
 
 The cache is keyed by what determines it (image files, views, sizes, cut, seed, and a fingerprint of the
 frozen weights), so a resumed run reuses it and any change rebuilds it.

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from cbir.errors import CbirError, InvalidInput
+from cbir.cli import run_main
+from cbir.errors import InvalidInput
 from cbir.logs import configure_cli_logging
 from trainer.config import ConfigError, DataDirs, TrainingConfig, load_config, resolve_data_dir
 from trainer.recipes import ALTERNATIVES
@@ -226,6 +226,7 @@ class _Context:
         from trainer.runs import RunDir, checkpoint_path, restore_model
 
         if self.args.untrained:
+            _seed_initial_weights()
             model = build_model(self.config, weights=self.config.model.weights)
             print(f"Using the initial weights ({self.config.model.weights or 'random'}), no checkpoint")
             return model, 0
@@ -455,6 +456,16 @@ def cmd_cbir(args) -> int:
     return 0
 
 
+def _seed_initial_weights() -> None:
+    """Random initial weights (and a backbone's random layers) are those a training run with the
+    default seed starts from, so an untrained export can be repeated."""
+    import keras
+
+    from trainer.training import TrainOptions
+
+    keras.utils.set_random_seed(TrainOptions().seed)
+
+
 def cmd_export(args) -> int:
     from trainer.export import export_model
     from trainer.runs import RunDir
@@ -464,6 +475,7 @@ def cmd_export(args) -> int:
         from trainer.models import frozen_backbone_model
 
         m = ctx.config.model
+        _seed_initial_weights()
         model = frozen_backbone_model(m.name, (m.input.height, m.input.width), m.weights)
         path = export_model(
             model,
@@ -529,11 +541,4 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_cli_logging(args.log_level)
-    try:
-        return COMMANDS[args.command](args)
-    except (ConfigError, CbirError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_main(lambda: COMMANDS[args.command](args), also=(ConfigError,))

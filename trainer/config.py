@@ -17,6 +17,7 @@ from typing import Any
 
 from cbir.catalogue import ORIGINAL_DATASETS
 from trainer.loss_names import LOSS_NAMES, PAIR_LOSSES, PROXY_LOSSES, canonical_loss_name
+from trainer.metrics import METRICS
 
 
 class ConfigError(ValueError):
@@ -26,7 +27,6 @@ class ConfigError(ValueError):
 BACKBONES = ("resnet_v1_50", "efficientnet_lite0", "mobilenet_v2", "small_cnn")
 HEADS = ("direct", "direct_normalize", "fc1024", "fc1024_normalize")
 LOSSES = LOSS_NAMES  # the original spellings (angular_loss, semi_hard_triplet, ...) and the added losses
-METRICS = ("euclidean", "cosine")
 OPTIMIZERS = ("adam", "SGD", "sgd")
 SETTINGS_ENV = "CBIR_SETTINGS"
 DATA_DIR_ENV = "CBIR_DATA_DIR"

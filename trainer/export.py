@@ -1,4 +1,4 @@
-"""SavedModel export for TF Serving (ARCHITECTURE.md contracts 1 and 2).
+"""SavedModel export for TF Serving (docs/architecture.md, Model; docs/architecture.md, Repository).
 
 ``<repo>/<name>/<version>/`` with the next integer version, written into a hidden staging folder beside
 it and renamed into place, because TF Serving polls the repository and would load a half-written one.

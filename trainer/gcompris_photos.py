@@ -18,6 +18,9 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from cbir.cli import run_main
+from cbir.errors import NotFound
+
 RCC_DIR = Path("/usr/share/gcompris-qt/rcc")
 # class -> (resource file, folders inside it whose photos are of that class)
 CLASSES = {
@@ -73,9 +76,7 @@ def build(out: Path, rcc_dir: Path = RCC_DIR) -> dict[str, tuple[int, int]]:
         if rcc not in resources:
             path = rcc_dir / rcc
             if not path.is_file():
-                raise SystemExit(
-                    f"error: {path} not found: apt-get install gcompris-qt-data, or pass --rcc-dir"
-                )
+                raise NotFound(f"{path} not found: apt-get install gcompris-qt-data, or pass --rcc-dir")
             resources[rcc] = list(read_rcc(path))
         photos = sorted(
             (path, payload)
@@ -102,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rcc-dir", type=Path, default=RCC_DIR, help=f"folder of the .rcc files (default {RCC_DIR})"
     )
     args = parser.parse_args(argv)
-    for name, (train, test) in build(args.out, args.rcc_dir).items():
+    # Exit 1 on an error, as this script always has.
+    return run_main(lambda: _build(args.out, args.rcc_dir), error_exit=1)
+
+
+def _build(out: Path, rcc_dir: Path) -> int:
+    for name, (train, test) in build(out, rcc_dir).items():
         print(f"{name}: {train} train, {test} test")
     return 0
 

@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
+# The trainer's distances in the original config's spelling (model.fit.metric). They are not
+# cbir.metric.Metric's names on purpose: "euclidean" ranks like an index's Metric.L2 (squared), and
+# "cosine" like Metric.COSINE; inner product is an index metric only.
 METRICS = ("cosine", "euclidean")
 # Float64 cells of one block of the query x gallery score matrix (64 MB).
 DEFAULT_BLOCK_CELLS = 1 << 23

@@ -318,6 +318,9 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
             f"use --set model.batch.P={classes} or fewer"
         )
     finetune = m.finetune or Finetune()
+    # Python's, NumPy's and TensorFlow's generators from the seed: the same seed starts from the same
+    # initial weights (the sampler and augmentation are seeded on their own), so a run can be repeated.
+    keras.utils.set_random_seed(options.seed)
     # The model (and where it is cut) is checked before anything is written.
     model = build_model(config, weights=m.weights)
     parts = split_embedding_model(model, finetune.train_from) if finetune.cached_views else None

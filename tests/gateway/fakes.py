@@ -1,7 +1,7 @@
 """In-process fakes of the gateway's dependencies, answering with the real cbir.v1 protos.
 
-FakeEmbedder follows embedder.client.EmbedderClient's interface (contract B), FakeIndexer follows
-indexer.client.IndexerClient's (contract C) with an exact brute-force search, so the core's answers
+FakeEmbedder follows embedder.client.EmbedderClient's interface (docs/architecture.md, Embedder client), FakeIndexer
+follows indexer.client.IndexerClient's (docs/architecture.md, Indexer client) with an exact brute-force search, so the core's answers
 can be checked exactly.
 """
 

@@ -31,7 +31,7 @@ AUTH = (("authorization", f"Bearer {SEARCH_KEY}"),)
 
 
 def model_config(repo: Path) -> str:
-    # Keep two versions loaded, as contract 3 asks during a hot swap.
+    # Keep two versions loaded during a hot swap (docs/architecture.md, Embedding space).
     return (
         "model_config_list {\n  config {\n"
         f'    name: "{MODEL}"\n    base_path: "{repo / MODEL}"\n    model_platform: "tensorflow"\n'

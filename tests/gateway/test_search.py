@@ -14,9 +14,12 @@ from cbir.errors import (
     NotReady,
     ResourceExhausted,
 )
+from cbir.metric import Metric
 from cbir.v1 import types_pb2
 from gateway.images import ImageLimits
 from gateway.search import Query, SearchCore, SearchLimits
+from indexer.core import IndexerConfig, IndexerCore
+from indexer.server import filter_from_proto
 from tests.gateway.fakes import FakeEmbedder, FakeIndexer, fake_embedding
 from trainer.synthetic import make_image
 
@@ -132,8 +135,8 @@ def test_bad_parameters(world, kwargs, error, fragment):
     [
         (Query(), InvalidInput, "exactly one"),
         (Query(image=b"x", item_id="a"), InvalidInput, "exactly one"),
-        (Query(item_id=""), InvalidInput, "item_id is empty"),
-        (Query(item_id="a" * 300), InvalidInput, "longer than 256"),
+        (Query(item_id=""), InvalidInput, "item_id must be 1..256 bytes of UTF-8, got 0 bytes"),
+        (Query(item_id="a" * 300), InvalidInput, "item_id must be 1..256 bytes of UTF-8, got 300 bytes"),
         (Query(item_id="bad\nid"), InvalidInput, "control characters"),
         (Query(image=b""), InvalidInput, "empty"),
         (Query(image=b"not an image"), InvalidInput, "not a JPEG"),
@@ -284,3 +287,52 @@ def test_results_are_exactly_the_brute_force_neighbours(world):
     stored = indexer.vectors["gen1"]
     expected = sorted(stored, key=lambda i: -float(np.dot(vector, stored[i])))[:7]
     assert [h.id for h in _search(core, image=query, k=7).hits] == expected
+
+
+@pytest.fixture()
+def shard(tmp_path):
+    """An indexer core with an empty active generation of dimension 4."""
+    core = IndexerCore(IndexerConfig(tmp_path))
+    core.load()
+    core.create_generation("g", "m", 1, Metric.COSINE, 4)
+    core.activate_generation("g")
+    yield core
+    core.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(ef=-1),
+        dict(ef=100_001),
+        dict(min_score=float("nan")),
+        dict(min_score=float("inf")),
+        dict(filter=types_pb2.Filter(labels=["x"] * 1025)),
+        dict(filter=types_pb2.Filter(attributes=[types_pb2.AttributeFilter(key="", values=["x"])])),
+        dict(filter=types_pb2.Filter(attributes=[types_pb2.AttributeFilter(key="colour")])),
+    ],
+)
+def test_the_gateway_and_the_indexer_refuse_a_mistake_in_the_same_words(world, shard, kwargs):
+    core, _, _, images = world
+    with pytest.raises(InvalidInput) as at_gateway:
+        _search(core, image=images["item-00"], **kwargs)
+    flt = kwargs.get("filter")
+    with pytest.raises(InvalidInput) as at_indexer:
+        shard.knn(
+            np.ones((1, 4), np.float32),
+            1,
+            ef=kwargs.get("ef", 0),
+            min_score=kwargs.get("min_score"),
+            item_filter=filter_from_proto(flt) if flt is not None else None,
+        )
+    assert at_gateway.value.message == at_indexer.value.message
+
+
+def test_k_out_of_range_reads_the_same_and_the_gateway_adds_what_0_means(world, shard):
+    core, _, _, images = world
+    with pytest.raises(InvalidInput) as at_gateway:
+        _search(core, image=images["item-00"], k=1001)
+    with pytest.raises(InvalidInput) as at_indexer:
+        shard.knn(np.ones((1, 4), np.float32), 1001)
+    assert at_indexer.value.message == "k must be between 1 and 1000, got 1001"
+    assert at_gateway.value.message == "k must be between 1 and 1000 (0 means 10), got 1001"

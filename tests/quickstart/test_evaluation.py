@@ -157,3 +157,30 @@ def test_quality_figures_take_the_spread_from_the_systems_scores(space):
         "per_class_recall@1",
         "confused_pairs",
     }
+
+
+def test_a_collapsed_embedding_ranked_in_float32_is_within_the_bound():
+    # A barely trained model: every vector close to one direction, cosines tied to the last float32
+    # decimals. An index ranks in float32; the offline figures rank in float64. Near-ties that order
+    # differently must count towards the tolerance, not show up as an unexplained difference.
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=16)
+    gallery = (base + 2e-4 * rng.normal(size=(400, 16))).astype(np.float32)
+    queries = (base + 2e-4 * rng.normal(size=(60, 16))).astype(np.float32)
+    g_labels = np.array([f"c{c}" for c in np.arange(400) % 5])
+    q_labels = np.array([f"c{c}" for c in np.arange(60) % 5])
+    ids = [f"item-{i}" for i in range(len(gallery))]
+    unit_g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    unit_q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    float32_order = tm.top_k_indices(unit_q @ unit_g.T, ev.search_depth(g_labels))
+    float64_order = tm.top_k_indices(
+        unit_q.astype(np.float64) @ unit_g.astype(np.float64).T, ev.search_depth(g_labels)
+    )
+    assert (float32_order != float64_order).any()  # the case this test is about
+    hits = [
+        ev.RankedHits([ids[j] for j in row], g_labels[row].tolist(), (unit_q[i] @ unit_g[row].T).tolist())
+        for i, row in enumerate(float32_order)
+    ]
+    result = ev.compare(hits, queries, q_labels, ids, gallery, g_labels, trials=50, seed=3)
+    for row in result["rows"]:
+        assert row["difference"] <= row["tolerance"], row

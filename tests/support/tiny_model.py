@@ -1,4 +1,4 @@
-"""A tiny SavedModel that follows the model contract (ARCHITECTURE.md, contract 1), for tests.
+"""A tiny SavedModel that follows the model contract (docs/architecture.md, Model), for tests.
 
 It lets the serving, indexer and gateway tests run without training: a fixed random projection of a
 small centre-cropped thumbnail, L2-normalised. Different seeds give different embedding spaces.

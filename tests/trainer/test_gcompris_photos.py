@@ -7,6 +7,7 @@ import zlib
 
 import pytest
 
+from cbir.errors import NotFound
 from trainer import gcompris_photos
 
 
@@ -51,7 +52,7 @@ def test_reads_stored_and_zlib_resources(tmp_path):
         list(gcompris_photos.read_rcc(tmp_path / "bad.rcc"))
 
 
-def test_builds_a_folder_per_class_split(tmp_path, monkeypatch):
+def test_builds_a_folder_per_class_split(tmp_path, monkeypatch, capsys):
     rcc_dir = tmp_path / "rcc"
     rcc_dir.mkdir()
     photos = {f"p{i}.webp": bytes([i]) * 20 for i in range(8)}
@@ -67,5 +68,8 @@ def test_builds_a_folder_per_class_split(tmp_path, monkeypatch):
     assert counts == {"things": (6, 2)}
     assert sorted(p.name for p in (tmp_path / "out" / "test" / "things").iterdir()) == ["p3.webp", "p7.webp"]
     assert (tmp_path / "out" / "train" / "things" / "p0.webp").read_bytes() == photos["p0.webp"]
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(NotFound, match="not found"):
         gcompris_photos.build(tmp_path / "out2", tmp_path / "missing")
+    assert gcompris_photos.main([str(tmp_path / "out2"), "--rcc-dir", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cats.rcc not found: apt-get install gcompris-qt-data" in err

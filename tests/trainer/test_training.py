@@ -96,3 +96,25 @@ def test_frozen_batchnorm_keeps_its_statistics_during_a_train_step():
     for layer, mean in zip(norms, before, strict=True):
         np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
     assert not np.array_equal(model.get_layer("embedding_dense").kernel.numpy(), kernel)
+
+
+def _trained_weights(data, run_name: str, seed: int) -> dict[str, np.ndarray]:
+    config = load_config(CONFIG, [*TINY_OVERRIDES, "model.fit.epochs=3", "checkpoint_frequency=3"])
+    result = train(config, data, TrainOptions(progress=False, run_name=run_name, seed=seed))
+    reader = tf.train.load_checkpoint(str(result.run_dir / "tf_ckpts"))
+    return {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        if name.startswith("model/") and "OPTIMIZER_SLOT" not in name
+    }
+
+
+@pytest.mark.slow
+def test_the_same_seed_trains_the_same_weights(data):
+    first = _trained_weights(data, "first", seed=7)
+    again = _trained_weights(data, "again", seed=7)
+    other = _trained_weights(data, "other", seed=8)
+    assert first and first.keys() == again.keys() == other.keys()
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name], err_msg=name)
+    assert any(not np.array_equal(first[name], other[name]) for name in first)
