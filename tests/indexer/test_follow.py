@@ -19,13 +19,13 @@ import urllib.request
 import grpc
 import pytest
 
+from cbir.processes import running_service
 from cbir.v1 import indexer_pb2, search_pb2
 from indexer.cli import main
 from indexer.client import IndexerClient
 from tests.gateway import stack as s
-from tests.support.images import make_image
-from tests.support.processes import running_service
 from tests.support.tiny_model import export_tiny_model
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

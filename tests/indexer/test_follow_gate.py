@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from cbir.errors import InvalidInput
+from cbir.processes import wait_for_health
 from cbir.server import ServerOptions
 from cbir.sharding import shard_of
 from cbir.v1 import indexer_pb2, indexer_pb2_grpc, types_pb2
@@ -17,8 +18,7 @@ from indexer.core import IndexerConfig, IndexerCore
 from indexer.reindex import Partition
 from indexer.rollout import Evaluation, QualityGate, compare, figures, load_eval_set, recorded_figures
 from indexer.server import serve
-from tests.support.images import make_image
-from tests.support.processes import wait_for_health
+from trainer.synthetic import make_image
 
 T, F = True, False
 
