@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/cbir/v1/*.proto)
 GEN    := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
+# TF Serving's config-file formats that tensorflow-serving-api does not ship (read by embedder/).
+TFS_PROTOS := $(wildcard protos/cbir/tfserving/*.proto)
 PYTEST_ARGS ?=
 
 .PHONY: install protos test browser test-fast test-stateful check lint format clean demo up down status bench bench-quick images help
@@ -33,9 +35,14 @@ cbir/v1/descriptors.binpb: $(PROTOS) $(STAMP)
 	mkdir -p cbir/v1
 	$(PY) -m grpc_tools.protoc -Iprotos --include_source_info --descriptor_set_out=$@ $(PROTOS)
 
-install: $(STAMP) cbir/v1/__init__.py cbir/v1/descriptors.binpb ## create .venv with the pinned packages and generate the gRPC stubs
+cbir/tfserving/__init__.py: $(TFS_PROTOS) $(STAMP)
+	mkdir -p cbir/tfserving
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. $(TFS_PROTOS)
+	echo '"""Generated from protos/cbir/tfserving by make protos; do not edit."""' > $@
 
-protos: cbir/v1/__init__.py cbir/v1/descriptors.binpb ## (re)generate the Python stubs from protos/
+install: $(STAMP) cbir/v1/__init__.py cbir/v1/descriptors.binpb cbir/tfserving/__init__.py ## create .venv with the pinned packages and generate the gRPC stubs
+
+protos: cbir/v1/__init__.py cbir/v1/descriptors.binpb cbir/tfserving/__init__.py ## (re)generate the Python stubs from protos/
 
 test: install browser ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -73,7 +80,7 @@ format: install ## ruff format + import sorting
 	$(VENV)/bin/ruff format .
 
 clean: ## remove the virtual environment, generated code and local state
-	rm -rf $(VENV) cbir/v1 var build .pytest_cache .ruff_cache .mypy_cache tests/node/node_modules *.egg-info
+	rm -rf $(VENV) cbir/v1 cbir/tfserving var build .pytest_cache .ruff_cache .mypy_cache tests/node/node_modules *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Quickstart (python -m quickstart) and the benchmark report (python -m benchmarks); see quickstart/README.md.

@@ -18,7 +18,6 @@ server formed (goal <= 0.3 ms at 8 clients), with a py-spy breakdown of where it
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import tempfile
 import time
@@ -30,7 +29,8 @@ import tensorflow as tf
 from PIL import Image
 
 from benchmarks import measure
-from tests.support.processes import ServiceProcess, free_port, wait_for_health, wait_for_port_file
+from cbir.processes import ServiceProcess, free_port, wait_for_health, wait_for_port_file
+from trainer.export import publish_version
 
 CONCURRENCY = (1, 8, 32)
 IMAGE_SIZE = 144
@@ -83,13 +83,21 @@ class BenchEmbedder(tf.Module):
 
 
 def export_bench_model(repo: Path, name: str = "bench", version: int = 1) -> Path:
-    final = repo / name / str(version)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
     module = BenchEmbedder()
-    tf.saved_model.save(module, str(staging), signatures={"serving_default": module.serve_bytes})
-    os.replace(staging, final)
-    return final
+    return publish_version(
+        module,
+        repo,
+        name,
+        version,
+        signatures={"serving_default": module.serve_bytes},
+        metadata={
+            "backbone": "bench_4_convs",
+            "embedding_dim": DIM,
+            "metric": "cosine",
+            "input": {"height": INPUT_SIZE, "width": INPUT_SIZE},
+            "resize": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        },
+    )
 
 
 class TinyEmbedder(tf.Module):
@@ -113,13 +121,15 @@ class TinyEmbedder(tf.Module):
 
 
 def export_tiny_model(repo: Path, name: str = "tiny", version: int = 1) -> Path:
-    final = repo / name / str(version)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
     module = TinyEmbedder()
-    tf.saved_model.save(module, str(staging), signatures={"serving_default": module.serve_bytes})
-    os.replace(staging, final)
-    return final
+    return publish_version(
+        module,
+        repo,
+        name,
+        version,
+        signatures={"serving_default": module.serve_bytes},
+        metadata={"backbone": "bench_8x8_projection", "embedding_dim": DIM, "metric": "cosine"},
+    )
 
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"

@@ -34,8 +34,9 @@ from benchmarks.bench_embedder import (
     predict_requests,
     start_model_server,
 )
+from cbir.processes import ServiceProcess, wait_for_health, wait_for_port_file
+from cbir.tls_certs import make_certs, openssl_available
 from cbir.v1 import indexer_pb2, search_pb2, types_pb2
-from tests.support.processes import ServiceProcess, wait_for_health, wait_for_port_file
 
 CATALOGUE = 1000
 K = 10
@@ -120,10 +121,12 @@ def _start(module: str, args: list[str], work: Path, name: str) -> tuple[Service
 
 
 class Stack:
-    """Model server, indexer and gateway on free ports; with ``certs``, TLS on every hop."""
+    """Model server, indexer and gateway on free ports; with ``certs``, TLS on every hop; with
+    ``http``, the gateway's HTTP port too (its ``127.0.0.1:<port>`` in ``http`` once ready)."""
 
-    def __init__(self, work: Path, models: Path, certs=None):
-        self.work, self.certs = work, certs
+    def __init__(self, work: Path, models: Path, certs=None, *, http: bool = False):
+        self.work, self.certs, self._http = work, certs, http
+        self.http = ""
         work.mkdir(parents=True, exist_ok=True)
         tls = ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key)] if certs else []
         self.serving_proc = start_model_server(work, models, metrics_port=-1, extra=tls, names=("bench",))
@@ -167,8 +170,7 @@ class Stack:
                 self.indexer,
                 "--metrics-port",
                 "-1",
-                "--http-port",
-                "-1",
+                *self._http_flags(),
                 *tls,
             ],
             self.work,
@@ -176,12 +178,20 @@ class Stack:
         )
         self.procs.append(self.gateway_proc)
 
+    def _http_flags(self) -> list[str]:
+        if not self._http:
+            return ["--http-port", "-1"]
+        return ["--http-port", "0", "--http-port-file", str(self.work / "gateway.http-port")]
+
     def ready(self, vectors: np.ndarray) -> None:
         wait_for_health(self.indexer, "", 180, self.indexer_proc, credentials=self.credentials)
         wait_for_health(self.serving, "", 180, self.serving_proc, credentials=self.credentials)
         _load_generation(self.indexer, vectors, tls=self.client_tls())
         self.gateway = f"127.0.0.1:{wait_for_port_file(self._gateway_port, self.gateway_proc, 180)}"
         wait_for_health(self.gateway, "", 180, self.gateway_proc, credentials=self.credentials)
+        if self._http:
+            port = wait_for_port_file(self.work / "gateway.http-port", self.gateway_proc, 30)
+            self.http = f"127.0.0.1:{port}"
 
     @property
     def pids(self) -> dict[str, int]:
@@ -232,14 +242,7 @@ def run(quick: bool, workdir: Path) -> list[dict]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model_dir = export_bench_model(work / "models")
-    certs = None
-    try:
-        from tests.gateway.certs import make_certs, openssl_available
-
-        if openssl_available():
-            certs = make_certs(work / "certs")
-    except ImportError:
-        pass
+    certs = make_certs(work / "certs") if openssl_available() else None
     stacks = {"plain": Stack(work / "plain", work / "models")}
     if certs is not None:
         stacks["tls"] = Stack(work / "tls", work / "models", certs)

@@ -2,79 +2,40 @@
 
 Stack as in bench_gateway (model server with the bench model, indexer with the catalogue's vectors,
 gateway), with the gateway's HTTP port on. Both transports send the same JPEG queries (k=10) to the
-same gateway, one client at a time, in alternating rounds so background load hits both alike:
-- gRPC: ``SearchService/Search`` through the generated stub;
-- HTTP: ``POST /v1/search`` with the proto3 JSON body, over one keep-alive ``http.client`` connection
-  (a light client: the figure is the server's path, not a client library's);
+same gateway from load-generator processes (benchmarks/loadgen.py), in alternating rounds so
+background load hits both alike:
+- gRPC: ``SearchService/Search`` with serialised requests;
+- HTTP: ``POST /v1/search`` with the proto3 JSON body, one keep-alive ``http.client`` connection per
+  client (a light client: the figure is the server's path, not a client library's);
 - HTTP upload: ``POST /v1/search:upload`` with the JPEG as a multipart file.
-CPU per request is the gateway process's own (utime + stime from /proc) over a round. Each figure is
-the best of several alternating rounds (after a warm-up of every path).
+CPU per request is the gateway process's own (utime + stime from /proc) over a load window
+(benchmarks/measure.py). Each figure is the best of several alternating rounds (after a warm-up of
+every path).
 Goal (issue 13): HTTP adds at most 20% to gRPC's p50 at 1 client.
 """
 
 from __future__ import annotations
 
 import base64
-import http.client
 import json
-import os
 import shutil
 import tempfile
-import threading
+import urllib.request
 import uuid
 from pathlib import Path
 
-from benchmarks.bench_embedder import BATCHING, export_bench_model, make_jpegs
-from benchmarks.bench_gateway import K, _closed_loop, _load_generation, build_catalogue
+import grpc
+
+from benchmarks import measure
+from benchmarks.bench_embedder import export_bench_model, make_jpegs
+from benchmarks.bench_gateway import SEARCH, K, Stack, build_catalogue
 from cbir.v1 import search_pb2, search_pb2_grpc
-from tests.support.processes import ServiceProcess, free_port, wait_for_health, wait_for_port_file
+
+JSON = "application/json"
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _with_cpu(pid: int, measure, seconds: float) -> dict:
-    """``measure()``'s figures plus the gateway's CPU milliseconds per call during it."""
-    before = _cpu_seconds(pid)
-    result = measure()
-    calls = result["throughput"] * seconds
-    result["cpu_ms"] = (_cpu_seconds(pid) - before) / max(calls, 1) * 1e3
-    return result
-
-
-class _HttpClient:
-    """One keep-alive connection per thread, as a real client keeps it."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self._connections: dict[int, http.client.HTTPConnection] = {}
-
-    def _connection(self) -> http.client.HTTPConnection:
-        key = threading.get_ident()
-        if key not in self._connections:
-            self._connections[key] = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        return self._connections[key]
-
-    def post(self, path: str, body: bytes, content_type: str) -> bytes:
-        connection = self._connection()
-        connection.request("POST", path, body, {"Content-Type": content_type})
-        answer = connection.getresponse()
-        data = answer.read()
-        if answer.status != 200:
-            raise RuntimeError(f"HTTP {answer.status}: {data[:200]!r}")
-        return data
-
-    def close(self) -> None:
-        for connection in self._connections.values():
-            connection.close()
-
-
-def _multipart(image: bytes) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = (
+def _multipart(image: bytes, boundary: str) -> bytes:
+    return (
         (
             f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
             "Content-Type: image/jpeg\r\n\r\n"
@@ -82,7 +43,14 @@ def _multipart(image: bytes) -> tuple[bytes, str]:
         + image
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _http_hit_ids(target: str, body: bytes) -> list[str]:
+    request = urllib.request.Request(
+        f"http://{target}/v1/search", data=body, headers={"Content-Type": JSON}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return [hit["id"] for hit in json.loads(answer.read())["hits"]]
 
 
 def run(quick: bool, workdir: Path) -> list[dict]:
@@ -94,142 +62,64 @@ def run(quick: bool, workdir: Path) -> list[dict]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model_dir = export_bench_model(work / "models")
-    (work / "batching.config").write_text(BATCHING)
-    procs: list[ServiceProcess] = []
-
-    def start(module: str, args: list[str]) -> tuple[ServiceProcess, Path]:
-        port_file = work / f"{module}.port"
-        proc = ServiceProcess(
-            [
-                "-m",
-                module,
-                "serve",
-                *args,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--port-file",
-                str(port_file),
-                "--log-level",
-                "warning",
-            ],
-            work / f"{module}.log",
-        )
-        procs.append(proc)
-        return proc, port_file
-
-    def ready(proc: ServiceProcess, port_file: Path) -> str:
-        target = f"127.0.0.1:{wait_for_port_file(port_file, proc, 180)}"
-        wait_for_health(target, "", 180, proc)
-        return target
-
+    stack = Stack(work / "stack", work / "models", http=True)
+    results: dict[str, list[measure.LoadRun]] = {
+        "grpc": [],
+        "http": [],
+        "upload": [],
+        "grpc16": [],
+        "http16": [],
+    }
     try:
-        serving_port = free_port()
-        serving_proc = ServiceProcess(
-            [
-                "-m",
-                "embedder",
-                "serve",
-                "--model_name",
-                "bench",
-                "--model_base_path",
-                str(work / "models" / "bench"),
-                "--enable_batching",
-                "--batching_parameters_file",
-                str(work / "batching.config"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(serving_port),
-                "--log-level",
-                "warning",
-            ],
-            work / "embedder.log",
-        )
-        procs.append(serving_proc)
-        indexer_proc, indexer_port_file = start(
-            "indexer", ["--data-dir", str(work / "index"), "--metrics-port", "-1"]
-        )
-        indexer = ready(indexer_proc, indexer_port_file)
-        http_port_file = work / "gateway.http-port"
-        gateway_proc, gateway_port_file = start(
-            "gateway",
-            [
-                "--serving",
-                f"127.0.0.1:{serving_port}",
-                "--indexer",
-                indexer,
-                "--metrics-port",
-                "-1",
-                "--http-port",
-                "0",
-                "--http-port-file",
-                str(http_port_file),
-                "--probe-period",
-                "0.5",
-            ],
-        )
+        stack.start_gateway()
         images = make_jpegs(300 if quick else 1000)
         queries = images[:64]
         vectors = build_catalogue(model_dir, images)
-        wait_for_health(f"127.0.0.1:{serving_port}", "", 180, serving_proc)
-        _load_generation(indexer, vectors)
-        gateway = ready(gateway_proc, gateway_port_file)
-        http_port = wait_for_port_file(http_port_file, gateway_proc, 30)
+        stack.ready(vectors)
 
-        import grpc
+        searches = [search_pb2.SearchRequest(image=q, k=K).SerializeToString() for q in queries]
+        bodies = [json.dumps({"image": base64.b64encode(q).decode(), "k": K}).encode() for q in queries]
+        boundary = uuid.uuid4().hex
+        forms = [_multipart(q, boundary) for q in queries]
+        upload_type = f"multipart/form-data; boundary={boundary}"
 
-        json_bodies = {
-            q: json.dumps({"image": base64.b64encode(q).decode(), "k": K}).encode() for q in queries
+        # Both answer the same hits (the same core behind both ports).
+        with grpc.insecure_channel(stack.gateway) as channel:
+            answer = search_pb2_grpc.SearchServiceStub(channel).Search(
+                search_pb2.SearchRequest(image=queries[0], k=K), timeout=30
+            )
+        assert _http_hit_ids(stack.http, bodies[0]) == [hit.id for hit in answer.hits]
+
+        grpc_load = {"target": stack.gateway, "method": SEARCH, "requests": searches}
+        http_load = {"target": stack.http, "method": "/v1/search", "requests": bodies, "content_type": JSON}
+        upload_load = {
+            "target": stack.http,
+            "method": "/v1/search:upload",
+            "requests": forms,
+            "content_type": upload_type,
         }
-        forms = {q: _multipart(q) for q in queries}
-        client = _HttpClient(http_port)
-        results: dict[str, list[dict]] = {"grpc": [], "http": [], "upload": [], "grpc16": [], "http16": []}
-        with grpc.insecure_channel(gateway) as channel:
-            stub = search_pb2_grpc.SearchServiceStub(channel)
-
-            def grpc_search(image: bytes):
-                return stub.Search(search_pb2.SearchRequest(image=image, k=K), timeout=30)
-
-            def http_search(image: bytes):
-                return client.post("/v1/search", json_bodies[image], "application/json")
-
-            def http_upload(image: bytes):
-                body, content_type = forms[image]
-                return client.post("/v1/search:upload", body, content_type)
-
-            # Both answer the same hits (the same core behind both ports).
-            first = queries[0]
-            assert [h["id"] for h in json.loads(http_search(first))["hits"]] == [
-                h.id for h in grpc_search(first).hits
-            ]
-            pid = gateway_proc.pid
-            for call in (grpc_search, http_search, http_upload):  # first-use costs are not measured
-                for image in queries[:32]:
-                    call(image)
-            for _ in range(rounds):
-                for name, call, clients in (
-                    ("grpc", grpc_search, 1),
-                    ("http", http_search, 1),
-                    ("upload", http_upload, 1),
-                    ("grpc16", grpc_search, 16),
-                    ("http16", http_search, 16),
-                ):
-                    length = seconds if clients == 1 else seconds / 2
-                    results[name].append(
-                        _with_cpu(
-                            pid, lambda c=call, n=clients, t=length: _closed_loop(c, queries, n, t), length
-                        )
-                    )
-        client.close()
+        for load in (grpc_load, http_load, upload_load):  # first-use costs are not measured
+            stack.load(**load, clients=4, seconds=1.0)
+        for _ in range(rounds):
+            for name, load, clients in (
+                ("grpc", grpc_load, 1),
+                ("http", http_load, 1),
+                ("upload", upload_load, 1),
+                ("grpc16", grpc_load, 16),
+                ("http16", http_load, 16),
+            ):
+                length = seconds if clients == 1 else seconds / 2
+                results[name].append(stack.load(**load, clients=clients, seconds=length))
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        stack.stop()
 
     def best(name: str, key: str) -> float:
-        values = [r[key] for r in results[name]]
-        return float(max(values) if key == "throughput" else min(values))
+        runs = results[name]
+        if key == "throughput":
+            return max(r.throughput for r in runs)
+        if key == "cpu_ms":
+            return min(r.cpu_ms("gateway") for r in runs)
+        return min(r.ms(float(key.removeprefix("p"))) for r in runs)
 
     grpc_p50, http_p50, upload_p50 = best("grpc", "p50"), best("http", "p50"), best("upload", "p50")
     grpc_cpu, http_cpu = best("grpc", "cpu_ms"), best("http", "cpu_ms")

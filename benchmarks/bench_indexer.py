@@ -33,10 +33,10 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks import measure
+from cbir.processes import ServiceProcess, running_service, wait_for_health, wait_for_port_file
 from cbir.v1 import indexer_pb2, types_pb2
 from indexer.client import IndexerClient
 from indexer.graph import ExactIndex
-from tests.support.processes import ServiceProcess, running_service, wait_for_health, wait_for_port_file
 
 DIM = 128
 SMALL = 2_000  # items of the generation whose CPU per Knn is measured

@@ -20,10 +20,10 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from cbir.processes import ServiceProcess, running_service
 from cbir.v1 import indexer_pb2
 from embedder.client import EmbedderClient
 from indexer.client import IndexerClient
-from tests.support.processes import ServiceProcess, running_service
 
 MODEL = "bench"
 BATCH = 32

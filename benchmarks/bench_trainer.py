@@ -24,11 +24,11 @@ from pathlib import Path
 
 import keras
 
-from tests.trainer.datasets import TINY_OVERRIDES, write_folder_dataset, write_original_dataset
 from trainer import recipes
 from trainer.config import DataDirs, load_config
 from trainer.data import load_splits
 from trainer.embedding import build_model
+from trainer.synthetic import TINY_OVERRIDES, write_folder_dataset, write_original_dataset
 from trainer.training import TrainOptions, make_loss, make_optimizer, train, training_dataset
 
 CONFIG = "bags_resnet_v1_50_normalize_adam_triplet_semihard_loss_m_0.2"

@@ -131,9 +131,12 @@ def run_load(
     timeout: float = 30.0,
     on_start: Callable[[], None] | None = None,
     workdir: Path | None = None,
+    content_type: str | None = None,
 ) -> LoadRun:
     """``clients`` closed-loop clients calling ``method`` with ``requests`` (serialised, in turn) for
     ``seconds``, spread over load-generator processes of at most ``threads_per_process`` clients.
+    With ``content_type``, ``method`` is an HTTP path and each request the body of a POST of that
+    type (``metadata`` as headers), one keep-alive connection per client.
 
     The CPU of ``services`` (name -> pid) is read when every client is connected and warm and the
     go signal is sent, and again once every client has stopped. ``on_start`` runs right after go
@@ -162,6 +165,7 @@ def run_load(
                 "timeout": timeout,
                 "tls": dict(tls) if tls else None,
                 "metadata": [list(m) for m in metadata],
+                "content_type": content_type,
                 # Each process starts on a different request so that the mix is the same at any size.
                 "offset": i,
             }

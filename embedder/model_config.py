@@ -2,10 +2,10 @@
 
 The model config is parsed with protobuf's text format straight into TF Serving's own
 ``ModelServerConfig`` message (from tensorflow-serving-api), so a file accepted here is accepted by
-``tensorflow_model_server`` and vice versa. ``BatchingParameters`` lives in a proto that the pip
-package does not ship (session_bundle_config.proto, which drags in TensorFlow's config protos), so
-the same message is declared here with TF Serving's field names and wrapper types and parsed the
-same way.
+``tensorflow_model_server`` and vice versa. The batching parameters and the monitoring config live in
+protos that the pip package does not ship (session_bundle_config.proto, which drags in TensorFlow's
+config protos, and monitoring_config.proto), so protos/cbir/tfserving/ declares the same messages
+with TF Serving's field names, numbers and wrapper types, and ``make protos`` generates them.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
+from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from cbir.errors import InvalidInput
+from cbir.tfserving import batching_parameters_pb2, monitoring_config_pb2
 
 # tensorflow-serving-api ships no types: its messages are Any to the type checker.
 ModelServerConfig: TypeAlias = model_server_config_pb2.ModelServerConfig
@@ -172,44 +173,6 @@ def format_model_server_config(entries: Iterable[ModelEntry]) -> str:
 # --------------------------------------------------------------------------- batching parameters
 
 
-def _batching_message_class() -> type[Any]:
-    # Built at run time, so its fields are unknown to the type checker (a Message class otherwise).
-    """TF Serving's ``tensorflow.serving.BatchingParameters`` (session_bundle_config.proto)."""
-    file = descriptor_pb2.FileDescriptorProto(
-        name="cbir_embedder/session_bundle_config_batching.proto",
-        package="tensorflow.serving",
-        syntax="proto3",
-        dependency=["google/protobuf/wrappers.proto"],
-    )
-    message = file.message_type.add(name="BatchingParameters")
-    F = descriptor_pb2.FieldDescriptorProto
-    fields = [
-        ("max_batch_size", 1, ".google.protobuf.Int64Value"),
-        ("batch_timeout_micros", 2, ".google.protobuf.Int64Value"),
-        ("max_enqueued_batches", 3, ".google.protobuf.Int64Value"),
-        ("num_batch_threads", 4, ".google.protobuf.Int64Value"),
-        ("thread_pool_name", 5, ".google.protobuf.StringValue"),
-        ("enable_large_batch_splitting", 9, ".google.protobuf.BoolValue"),
-        ("max_execution_batch_size", 10, ".google.protobuf.Int64Value"),
-    ]
-    for name, number, type_name in fields:
-        message.field.add(
-            name=name, number=number, type=F.TYPE_MESSAGE, type_name=type_name, label=F.LABEL_OPTIONAL
-        )
-    message.field.add(name="allowed_batch_sizes", number=6, type=F.TYPE_INT64, label=F.LABEL_REPEATED)
-    message.field.add(name="pad_variable_length_inputs", number=7, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
-    message.field.add(name="batch_padding_policy", number=11, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
-    pool.Add(file)
-    return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
-    )
-
-
-BatchingParametersProto = _batching_message_class()
-
-
 @dataclass(frozen=True)
 class BatchingParameters:
     """Resolved batching settings with TF Serving's defaults for the fields a file leaves out."""
@@ -265,7 +228,7 @@ class BatchingParameters:
 def parse_batching_parameters(text: str, *, source: str = "batching parameters") -> BatchingParameters:
     """Parses TF Serving's ``--batching_parameters_file`` text format, e.g.
     ``max_batch_size { value: 32 } batch_timeout_micros { value: 2000 }``."""
-    proto = BatchingParametersProto()
+    proto = batching_parameters_pb2.BatchingParameters()
     try:
         text_format.Parse(text, proto)
     except text_format.ParseError as exc:
@@ -308,32 +271,6 @@ def load_batching_parameters(path: str | os.PathLike[str]) -> BatchingParameters
 DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 
 
-def _monitoring_message_class() -> type[Any]:
-    # Built at run time, as _batching_message_class.
-    """TF Serving's ``tensorflow.serving.MonitoringConfig`` (monitoring_config.proto)."""
-    file = descriptor_pb2.FileDescriptorProto(
-        name="cbir_embedder/monitoring_config.proto", package="tensorflow.serving", syntax="proto3"
-    )
-    F = descriptor_pb2.FieldDescriptorProto
-    prometheus = file.message_type.add(name="PrometheusConfig")
-    prometheus.field.add(name="enable", number=1, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
-    prometheus.field.add(name="path", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    monitoring = file.message_type.add(name="MonitoringConfig")
-    monitoring.field.add(
-        name="prometheus_config",
-        number=1,
-        type=F.TYPE_MESSAGE,
-        type_name=".tensorflow.serving.PrometheusConfig",
-        label=F.LABEL_OPTIONAL,
-    )
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
-
-
-MonitoringConfigProto = _monitoring_message_class()
-
-
 @dataclass(frozen=True)
 class MonitoringConfig:
     """Whether (and where) the REST port exposes Prometheus metrics."""
@@ -344,7 +281,7 @@ class MonitoringConfig:
 
 def parse_monitoring_config(text: str, *, source: str = "monitoring config") -> MonitoringConfig:
     """Parses ``--monitoring_config_file``, e.g. ``prometheus_config { enable: true }``."""
-    proto = MonitoringConfigProto()
+    proto = monitoring_config_pb2.MonitoringConfig()
     try:
         text_format.Parse(text, proto)
     except text_format.ParseError as exc:

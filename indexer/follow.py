@@ -46,7 +46,15 @@ from cbir.metric import METRIC_NAMES
 from cbir.v1 import indexer_pb2
 from indexer.jobs import KubernetesAPI, ReindexJobs
 from indexer.reindex import ReindexOptions, ReindexReport, entry_items, reindex
-from indexer.rollout import EvalSet, Evaluation, QualityGate, compare, evaluate_generation, load_eval_set
+from indexer.rollout import (
+    EvalSet,
+    Evaluation,
+    QualityGate,
+    compare,
+    evaluate_generation,
+    load_eval_set,
+    recorded_figures,
+)
 from indexer.store import ItemRow
 
 if TYPE_CHECKING:
@@ -390,6 +398,19 @@ class RolloutController:
                 active_eval, note = None, "no evaluation query was answered by both generations: floors only"
         if candidate_eval.relevance:
             cand, act, queries = compare(candidate_eval, active_eval)
+            if act is None and self._ours(active):
+                # The active generation cannot be measured now (its model version is no longer
+                # served, or no query was answered by both): compare with the figures recorded when
+                # it was rolled out rather than let the floors alone (0 by default) pass anything.
+                recorded = recorded_figures(self.index.list_rollouts(model), active.name)
+                if recorded is not None:
+                    act, note = (
+                        recorded,
+                        (
+                            f"{note.removesuffix(': floors only')}: compared with the figures recorded at "
+                            f"the rollout of {active.name}"
+                        ),
+                    )
             passed, reason = self.options.gate.judge(cand, act)
         else:
             first_id, why = candidate_eval.rejected[0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 
 from cbir.errors import InvalidInput
+from cbir.v1 import indexer_pb2
 from trainer.metrics import average_precision_at_k
 
 if TYPE_CHECKING:
-    from cbir.v1 import indexer_pb2
     from embedder.client import EmbedderClient
     from indexer.client import IndexerClient
 
@@ -175,6 +175,21 @@ def compare(
     cand = figures([candidate.relevance[i] for i in ids])
     act = figures([active.relevance[i] for i in ids]) if active is not None else None
     return cand, act, len(ids)
+
+
+def recorded_figures(
+    decisions: Iterable[indexer_pb2.RolloutDecision], generation: str
+) -> dict[str, float] | None:
+    """The gated figures measured when ``generation`` passed its rollout, or None if it never did
+    (it was activated by hand, or by a controller with another evaluation set it did not record)."""
+    for decision in sorted(decisions, key=lambda d: d.decided_at.ToNanoseconds(), reverse=True):
+        if (
+            decision.generation == generation
+            and decision.verdict == indexer_pb2.ROLLOUT_VERDICT_PASSED
+            and all(name in decision.candidate_metrics for name in GATED)
+        ):
+            return {name: float(decision.candidate_metrics[name]) for name in GATED}
+    return None
 
 
 @dataclass(frozen=True)

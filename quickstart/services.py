@@ -15,8 +15,9 @@ from pathlib import Path
 
 from cbir import defaults
 from cbir.errors import FailedPrecondition, NotReady
+from cbir.processes import free_port
 from cbir.v1 import indexer_pb2, indexer_pb2_grpc, search_pb2, search_pb2_grpc
-from quickstart.stack import ServiceSpec, Stack, free_port
+from quickstart.stack import ServiceSpec, Stack
 
 SERVING, INDEXER, GATEWAY, ROLLOUT = "serving", "indexer", "gateway", "rollout"
 ORDER = (SERVING, INDEXER, GATEWAY, ROLLOUT)

@@ -6,6 +6,8 @@ process runs in its own session, so stopping it (SIGTERM to the group, then SIGK
 anything it started, and Ctrl-C in the terminal that ran ``make up`` does not reach it.
 
 Used by ``make up``/``make down``/``make status`` (root ``var/stack``) and by the demo (its own root).
+Starting, waiting and stopping are cbir/processes.py's, as for the tests' and benchmarks' services;
+this module adds the records that let another command (``make down``) find and stop them.
 """
 
 from __future__ import annotations
@@ -13,23 +15,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from cbir.errors import NotReady
 from cbir.ports import ensure_can_listen
-
-REPO = Path(__file__).resolve().parents[1]
-# Every service of the stack listens here (the stack's services are local by design).
-LOOPBACK = "127.0.0.1"
+from cbir.processes import (
+    LOOPBACK,
+    REPO,
+    health_of,
+    signal_group,
+    spawn,
+    start_ticks,
+    stop_group,
+    wait_for_health,
+)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,14 @@ class ServiceRecord:
     def target(self) -> str:
         return f"{LOOPBACK}:{self.port}"
 
+    @property
+    def log_path(self) -> Path:
+        return Path(self.log)
+
+    def alive(self) -> bool:
+        """The recorded process still runs (not merely a process that got its pid since)."""
+        return start_ticks(self.pid) == self.start_ticks
+
 
 @dataclass(frozen=True)
 class ServiceStatus:
@@ -82,59 +92,6 @@ class ServiceStatus:
     port: int | None
     health: str
     log: str | None
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on localhost."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat); None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after its closing one.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z" and not _other_threads_running(pid):
-        # A zombie has exited; only its exit status is left. (A multi-threaded process killed with
-        # SIGKILL shows its main thread as Z while the others still exit and still hold its sockets.)
-        return None
-    return int(fields[19])
-
-
-def _other_threads_running(pid: int) -> bool:
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return False
-    for task in tasks:
-        try:
-            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X"):
-            return True
-    return False
-
-
-def is_alive(record: ServiceRecord) -> bool:
-    return _start_ticks(record.pid) == record.start_ticks
-
-
-def health_of(target: str, service: str = "", timeout: float = 2.0) -> str:
-    """SERVING / NOT_SERVING / ... or the gRPC error code when the service does not answer."""
-    with grpc.insecure_channel(target) as channel:
-        try:
-            answer = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            return exc.code().name
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
 class Stack:
@@ -172,7 +129,7 @@ class Stack:
         record = self.record(name)
         if record is None:
             return None
-        if is_alive(record):
+        if record.alive():
             return record
         self._record_path(name).unlink(missing_ok=True)
         return None
@@ -203,30 +160,20 @@ class Stack:
         """
         existing = self.running(spec.name)
         if existing is not None:
-            wait_healthy(existing, timeout=timeout, require_serving=require_serving)
+            wait_for_health(
+                existing.target, existing.health_service, timeout, existing, require_serving=require_serving
+            )
             return existing, False
         self.check_ports(spec)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{spec.name}.log"
         command = [self.python, "-m", spec.module, *spec.args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **spec.env}
-        with open(log_path, "ab") as log:
-            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(
-                command,
-                cwd=self.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
+        proc = spawn(command, log_path, env=spec.env, cwd=self.cwd, append=True)
         self._children[spec.name] = proc
         ticks = None
         for _ in range(100):  # /proc appears a moment after fork
-            ticks = _start_ticks(proc.pid)
+            ticks = start_ticks(proc.pid)
             if ticks is not None or proc.poll() is not None:
                 break
             time.sleep(0.01)
@@ -244,7 +191,9 @@ class Stack:
         staging.write_text(json.dumps(asdict(record), indent=2))
         os.replace(staging, self._record_path(spec.name))
         try:
-            wait_healthy(record, timeout=timeout, require_serving=require_serving)
+            wait_for_health(
+                record.target, record.health_service, timeout, record, require_serving=require_serving
+            )
         except BaseException:
             self.stop(spec.name)
             raise
@@ -256,29 +205,25 @@ class Stack:
         """SIGTERM to the service's process group, SIGKILL after ``grace``. True if it was running."""
         record = self.record(name)
         child = self._children.pop(name, None)
-        was_running = record is not None and is_alive(record)
-        if was_running:
-            _signal_group(record.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and is_alive(record):
+        was_running = record is not None and record.alive()
+        if record is not None:
+
+            def alive() -> bool:
                 if child is not None:
                     child.poll()  # reaps it, so it stops looking alive
-                time.sleep(0.05)
-            if is_alive(record):
-                _signal_group(record.pid, signal.SIGKILL)
-        if record is not None:
-            # Anything left in the group (a grandchild that ignored SIGTERM) goes too.
-            _signal_group(record.pid, signal.SIGKILL)
+                return record.alive()
+
+            if was_running:
+                stop_group(record.pid, alive=alive, grace=grace)
+            else:
+                # Anything left in the group (a grandchild that ignored SIGTERM) goes too.
+                signal_group(record.pid, signal.SIGKILL)
+        elif child is not None and child.poll() is None:
+            # Interrupted between starting it and writing its pid file.
+            was_running = True
+            stop_group(child.pid, alive=lambda: child.poll() is None, grace=grace)
         if child is not None:
-            if record is None and child.poll() is None:
-                # Interrupted between starting it and writing its pid file.
-                was_running = True
-                _signal_group(child.pid, signal.SIGTERM)
-            try:
-                child.wait(grace if record is None else 5)
-            except subprocess.TimeoutExpired:
-                _signal_group(child.pid, signal.SIGKILL)
-                child.wait(5)
+            child.wait(5)
         self._record_path(name).unlink(missing_ok=True)
         return was_running
 
@@ -296,55 +241,10 @@ class Stack:
     def status(self) -> list[ServiceStatus]:
         answer = []
         for record in self.records():
-            alive = is_alive(record)
+            alive = record.alive()
             health = health_of(record.target, record.health_service) if alive else "STOPPED"
             answer.append(ServiceStatus(record.name, record.pid, alive, record.port, health, record.log))
         return answer
 
     def pids(self) -> list[int]:
         return [r.pid for r in self.records()]
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def wait_healthy(record: ServiceRecord, *, timeout: float, require_serving: bool = True) -> None:
-    """Polls grpc.health.v1 until SERVING (or any answer, if not ``require_serving``); fails early, with
-    the log's tail, if the process exits."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if not is_alive(record):
-            raise NotReady(
-                f"{record.name} exited while starting; last lines of {record.log}:\n{tail(record.log)}"
-            )
-        last = health_of(record.target, record.health_service)
-        if last == "SERVING" or (not require_serving and last in ("NOT_SERVING", "SERVICE_UNKNOWN")):
-            return
-        time.sleep(0.2)
-    raise NotReady(
-        f"{record.name} on {record.target} not SERVING after {timeout:.0f}s ({last}); "
-        f"last lines of {record.log}:\n{tail(record.log)}"
-    )
-
-
-def tail(path: str | Path, lines: int = 25) -> str:
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def pids_alive(pids: Sequence[int]) -> list[int]:
-    """The pids of ``pids`` that still run (zombies count as gone)."""
-    alive = []
-    for pid in pids:
-        ticks = _start_ticks(pid)
-        if ticks is not None:
-            alive.append(pid)
-    return alive

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cbir.processes import REPO, running_service, wait_for_health
 from cbir.v1 import indexer_pb2, types_pb2
-from tests.support.processes import REPO, running_service, wait_for_health
 
 pytestmark = pytest.mark.slow
 

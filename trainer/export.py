@@ -5,6 +5,9 @@ it and renamed into place, because TF Serving polls the repository and would loa
 Signatures: ``serving_default`` (encoded ``image_bytes`` -> L2-normalised ``embedding``, decoding and the
 inference preprocessing inside the graph) and ``serving_pixels`` (preprocessed float ``pixels``).
 ``assets.extra/`` holds ``cbir_model.json`` (metadata) and ``tf_serving_warmup_requests``.
+
+:func:`publish_version` is the one writer of that layout: :func:`export_model` publishes a trained
+Keras model through it, and so do the tests' tiny model and the benchmarks' models.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -133,6 +138,53 @@ def _warmup_records(path: Path, model_name: str, resize: Size) -> int:
     return count
 
 
+def publish_version(
+    module: tf.Module,
+    model_repo: Path,
+    model_name: str,
+    version: int,
+    *,
+    signatures: Mapping[str, Callable[..., Any]],
+    metadata: Mapping[str, Any],
+    warmup: Callable[[Path], object] | None = None,
+) -> Path:
+    """Publishes ``module`` as ``<model_repo>/<model_name>/<version>/`` atomically and returns its path.
+
+    ``assets.extra/cbir_model.json`` holds ``metadata`` after the format, name and version;
+    ``warmup(path)``, when given, writes TF Serving's warmup requests to ``path``. Which version
+    numbers are allowed is the caller's rule (the trainer's: they only grow), except that an existing
+    version is never replaced.
+    """
+    model_dir = _model_dir(model_repo, model_name)
+    if version < 1:
+        raise InvalidInput(f"--version must be a positive integer, got {version}")
+    final = model_dir / str(version)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-staging-", dir=model_dir))
+    try:
+        tf.saved_model.save(module, str(staging), signatures=dict(signatures))
+        extra = staging / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        if warmup is not None:
+            warmup(extra / WARMUP_FILE)
+        described = {"format": FORMAT, "model_name": model_name, "version": version, **metadata}
+        (extra / METADATA_FILE).write_text(json.dumps(described, indent=2) + "\n")
+        if final.exists():
+            raise AlreadyExists(f"{final} appeared while exporting (another export?); nothing was changed")
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _model_dir(model_repo: Path, model_name: str) -> Path:
+    if not _MODEL_NAME.match(model_name):
+        raise InvalidInput(f"model name {model_name!r}: use letters, digits, '_', '-' and '.'")
+    model_dir = Path(model_repo) / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    return model_dir
+
+
 def export_model(
     model: keras.Model,
     config: TrainingConfig,
@@ -143,65 +195,48 @@ def export_model(
     evaluation: dict | None = None,
     extra_metadata: dict | None = None,
 ) -> Path:
-    """Publishes ``<model_repo>/<model_name>/<version>/`` atomically and returns its path."""
-    if not _MODEL_NAME.match(model_name):
-        raise InvalidInput(f"model name {model_name!r}: use letters, digits, '_', '-' and '.'")
-    model_dir = Path(model_repo) / model_name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    newest = next_version(model_dir) - 1
+    """Publishes ``<model_repo>/<model_name>/<version>/`` atomically and returns its path; versions
+    only grow (``version`` None is the next one)."""
+    newest = next_version(_model_dir(model_repo, model_name)) - 1
     if version is None:
         version = newest + 1
-    elif version < 1:
-        raise InvalidInput(f"--version must be a positive integer, got {version}")
-    elif version <= newest:
+    elif 1 <= version <= newest:  # below 1 is publish_version's error
         raise AlreadyExists(
-            f"{model_dir} already has version {newest}; versions only grow (omit --version for {newest + 1})"
+            f"{Path(model_repo) / model_name} already has version {newest}; versions only grow "
+            f"(omit --version for {newest + 1})"
         )
-    final = model_dir / str(version)
     m = config.model
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-staging-", dir=model_dir))
-    try:
-        module = EmbeddingExport(model, m.input, m.resize)
-        tf.saved_model.save(
-            module,
-            str(staging),
-            signatures={"serving_default": module.serve_bytes, "serving_pixels": module.serve_pixels},
-        )
-        extra = staging / "assets.extra"
-        extra.mkdir(exist_ok=True)
-        _warmup_records(extra / WARMUP_FILE, model_name, m.resize)
-        metadata = {
-            "format": FORMAT,
-            "model_name": model_name,
-            "version": version,
-            "backbone": m.name,
-            "head": m.head,
-            "embedding_dim": int(model.output_shape[-1]),
-            "metric": "cosine",
-            "input": {"height": m.input.height, "width": m.input.width},
-            "resize": {"height": m.resize.height, "width": m.resize.width},
-            "preprocessing": describe(m.input, m.resize),
-            "backbone_preprocessing": backbone_spec(m.name).preprocessing,
-            "signatures": {
-                "serving_default": {
-                    "inputs": {INPUT_BYTES: "string [batch]"},
-                    "outputs": {OUTPUT: "float32 [batch, D]"},
-                },
-                "serving_pixels": {
-                    "inputs": {INPUT_PIXELS: f"float32 [batch, {m.input.height}, {m.input.width}, 3]"},
-                    "outputs": {OUTPUT: "float32 [batch, D]"},
-                },
+    module = EmbeddingExport(model, m.input, m.resize)
+    metadata = {
+        "backbone": m.name,
+        "head": m.head,
+        "embedding_dim": int(model.output_shape[-1]),
+        "metric": "cosine",
+        "input": {"height": m.input.height, "width": m.input.width},
+        "resize": {"height": m.resize.height, "width": m.resize.width},
+        "preprocessing": describe(m.input, m.resize),
+        "backbone_preprocessing": backbone_spec(m.name).preprocessing,
+        "signatures": {
+            "serving_default": {
+                "inputs": {INPUT_BYTES: "string [batch]"},
+                "outputs": {OUTPUT: "float32 [batch, D]"},
             },
-            "config": config.to_json(),
-            "evaluation": evaluation or {},
-            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            **(extra_metadata or {}),
-        }
-        (extra / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if final.exists():
-            raise AlreadyExists(f"{final} appeared while exporting (another export?); nothing was changed")
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
+            "serving_pixels": {
+                "inputs": {INPUT_PIXELS: f"float32 [batch, {m.input.height}, {m.input.width}, 3]"},
+                "outputs": {OUTPUT: "float32 [batch, D]"},
+            },
+        },
+        "config": config.to_json(),
+        "evaluation": evaluation or {},
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(extra_metadata or {}),
+    }
+    return publish_version(
+        module,
+        model_repo,
+        model_name,
+        version,
+        signatures={"serving_default": module.serve_bytes, "serving_pixels": module.serve_pixels},
+        metadata=metadata,
+        warmup=lambda path: _warmup_records(path, model_name, m.resize),
+    )

@@ -27,8 +27,11 @@ RUN /opt/cbir/bin/pip install . \
  && /opt/cbir/bin/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/cbir/v1/*.proto \
  && /opt/cbir/bin/python -m grpc_tools.protoc -Iprotos --include_source_info --descriptor_set_out=cbir/v1/descriptors.binpb protos/cbir/v1/*.proto \
  && echo '"""Generated from protos/cbir/v1 at image build; do not edit."""' > cbir/v1/__init__.py \
+ && mkdir -p cbir/tfserving \
+ && /opt/cbir/bin/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. protos/cbir/tfserving/*.proto \
+ && echo '"""Generated from protos/cbir/tfserving at image build; do not edit."""' > cbir/tfserving/__init__.py \
  && /opt/cbir/bin/pip install --no-deps --force-reinstall . \
- && /opt/cbir/bin/python -c "from cbir.v1 import search_pb2, indexer_pb2; import gateway, indexer, embedder; from gateway.openapi import proto_comments; assert proto_comments()"
+ && /opt/cbir/bin/python -c "from cbir.v1 import search_pb2, indexer_pb2; import gateway, indexer, embedder.model_config; from gateway.openapi import proto_comments; assert proto_comments()"
 COPY deploy/docker/health_check.py /opt/cbir/bin/cbir-health-check
 
 FROM ${PYTHON_IMAGE}

@@ -16,8 +16,8 @@ import pytest
 
 from cbir.errors import FailedPrecondition
 from cbir.ports import DEFAULT_HOST, bind_problem, ensure_can_listen
+from cbir.processes import REPO, free_port
 from cbir.server import ServerOptions, add_common_flags, start_server
-from tests.support.processes import REPO, free_port
 
 
 @contextmanager

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from cbir.processes import free_port
 from tests.deploy.rendering import DEPLOY, REPO
-from tests.support.processes import free_port
 
 DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
 HEALTH_CHECK = DEPLOY / "docker" / "health_check.py"

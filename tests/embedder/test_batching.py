@@ -12,9 +12,9 @@ import pytest
 import tensorflow as tf
 
 from cbir.errors import InvalidInput
+from cbir.processes import free_port, running_service
 from embedder.client import EmbedderClient
-from tests.support.images import make_image
-from tests.support.processes import free_port, running_service
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

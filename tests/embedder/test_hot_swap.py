@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cbir.processes import running_service
 from embedder.client import EmbedderClient, ModelVersionUnavailable
 from embedder.model_config import ModelEntry, VersionPolicy, format_model_server_config
-from tests.support.images import make_image
-from tests.support.processes import running_service
 from tests.support.tiny_model import export_tiny_model, reference_embedding
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 
@@ -154,7 +154,7 @@ def test_new_versions_swap_in_without_failures(tmp_path):
 
 
 def test_health_waits_for_the_first_version(tmp_path):
-    from tests.support.processes import ServiceProcess, free_port, wait_for_health
+    from cbir.processes import ServiceProcess, free_port, wait_for_health
 
     repo = tmp_path / "models"
     (repo / "tiny").mkdir(parents=True)

@@ -12,8 +12,8 @@ from cbir.errors import FailedPrecondition, InvalidInput, NotFound
 from embedder.model_config import ModelEntry, VersionPolicy
 from embedder.model_manager import ModelManager, ModelRef, State
 from embedder.servable import Servable
-from tests.support.images import make_image
 from tests.support.tiny_model import reference_embedding
+from trainer.synthetic import make_image
 
 IMAGES = np.array([make_image(i) for i in range(3)], dtype=object)
 

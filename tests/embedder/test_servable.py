@@ -10,8 +10,8 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 from cbir.errors import FailedPrecondition, InvalidInput
 from embedder.model_manager import scan_versions
 from embedder.servable import WARMUP_FILE, Servable
-from tests.support.images import make_image
 from tests.support.tiny_model import export_tiny_model, reference_embedding
+from trainer.synthetic import make_image
 
 IMAGES = [make_image(i) for i in range(4)]
 

@@ -24,11 +24,11 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from cbir.processes import free_port, running_service
 from embedder.client import EmbedderClient
 from embedder.model_config import ModelEntry, VersionPolicy, format_model_server_config
-from tests.support.images import make_image
-from tests.support.processes import free_port, running_service
 from tests.support.tiny_model import reference_embedding
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

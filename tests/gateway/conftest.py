@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cbir.processes import ServiceProcess
 from tests.gateway import stack as s
-from tests.support.processes import ServiceProcess
 
 
 @dataclass
@@ -90,7 +90,7 @@ def e2e():
 @pytest.fixture(scope="session")
 def unavailable_gateway(e2e):
     """A gateway whose indexer does not exist: NOT_SERVING, every search UNAVAILABLE (HTTP on a free port)."""
-    from tests.support.processes import free_port, wait_for_port_file
+    from cbir.processes import free_port, wait_for_port_file
 
     logs = e2e.workdir / "logs"
     http_port_file = logs / "unavailable.http-port"

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 
+from cbir.processes import ServiceProcess, wait_for_health, wait_for_port_file
 from cbir.sharding import shard_of
 from cbir.v1 import indexer_pb2, search_pb2_grpc, types_pb2
-from tests.support.images import make_image
-from tests.support.processes import ServiceProcess, wait_for_health, wait_for_port_file
+from trainer.synthetic import make_image
 
 MODEL = "tiny"
 DIM = 8

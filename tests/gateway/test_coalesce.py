@@ -8,7 +8,7 @@ from cbir.errors import DeadlineExceeded, InvalidInput
 from cbir.v1 import types_pb2
 from gateway.search import Query, SearchCore, SearchLimits
 from tests.gateway.fakes import FakeEmbedder, FakeIndexer, fake_embedding
-from tests.support.images import make_image
+from trainer.synthetic import make_image
 
 N = 24
 

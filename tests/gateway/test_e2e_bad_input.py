@@ -13,7 +13,7 @@ from PIL import Image
 from cbir.v1 import search_pb2, types_pb2
 from tests.gateway import badimages as bad
 from tests.gateway.stack import AUTH
-from tests.support.images import make_image
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from cbir.processes import REPO
 from tests.gateway import stack as s
 from tests.support.node import node_available, run_node
-from tests.support.processes import REPO
 
 pytestmark = pytest.mark.slow
 

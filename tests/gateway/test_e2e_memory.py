@@ -16,10 +16,10 @@ import grpc
 import pytest
 from PIL import Image
 
+from cbir.processes import ServiceProcess, free_port, wait_for_port_file
 from cbir.v1 import search_pb2, search_pb2_grpc
 from gateway.images import DEFAULT_MAX_PIXELS
 from tests.gateway import badimages as bad
-from tests.support.processes import ServiceProcess, free_port, wait_for_port_file
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cbir.tls import ClientTLS
+from cbir.tls_certs import make_certs, openssl_available
 from cbir.v1 import search_pb2, types_pb2
 from tests.gateway import stack as s
-from tests.gateway.certs import make_certs, openssl_available
 
 pytestmark = [
     pytest.mark.slow,

@@ -18,7 +18,7 @@ from gateway.http_server import HttpServer, listen
 from gateway.items import CatalogueItems
 from gateway.search import SearchCore
 from tests.gateway.fakes import FakeEmbedder, FakeIndexer, fake_embedding
-from tests.support.images import make_image
+from trainer.synthetic import make_image
 
 
 class ScriptedCore(SearchCore):

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import requests
 
+from cbir.processes import wait_for_port_file
+from cbir.tls_certs import make_certs, openssl_available
 from cbir.v1 import indexer_pb2, search_pb2, types_pb2
 from tests.gateway import stack as s
-from tests.gateway.certs import make_certs, openssl_available
-from tests.support.images import make_image
-from tests.support.processes import wait_for_port_file
+from trainer.synthetic import make_image
 
 pytestmark = [
     pytest.mark.slow,

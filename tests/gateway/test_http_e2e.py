@@ -18,7 +18,7 @@ from openapi_spec_validator import validate
 from cbir.v1 import search_pb2, types_pb2
 from tests.gateway import stack as s
 from tests.gateway.stack import AUTH, INFO_KEY, SEARCH_KEY
-from tests.support.images import make_image
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+from cbir.processes import REPO
 from cbir.v1 import search_pb2
 from tests.gateway.stack import AUTH, SEARCH_KEY
 from tests.support.browser import chromium, set_viewport
-from tests.support.images import make_image
-from tests.support.processes import REPO
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

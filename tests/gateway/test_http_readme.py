@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
+from cbir.processes import REPO
 from cbir.v1 import search_pb2
 from tests.gateway.stack import AUTH, SEARCH_KEY
 from tests.support.browser import chromium
-from tests.support.processes import REPO
 
 pytestmark = pytest.mark.slow
 

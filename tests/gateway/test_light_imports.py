@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from tests.support.processes import REPO
+from cbir.processes import REPO
 
 SCRIPT = """
 import sys

@@ -21,7 +21,7 @@ from gateway.search import Query, SearchCore, SearchLimits
 from indexer.core import IndexerConfig, IndexerCore
 from indexer.server import filter_from_proto
 from tests.gateway.fakes import FakeEmbedder, FakeIndexer, fake_embedding
-from tests.support.images import make_image
+from trainer.synthetic import make_image
 
 N_ITEMS = 30
 

@@ -14,7 +14,7 @@ from gateway.health import DependencyProber
 from gateway.search import SearchCore
 from gateway.server import SERVICE_NAME, SearchServicer
 from tests.gateway.fakes import FakeEmbedder, FakeIndexer, fake_embedding
-from tests.support.images import make_image
+from trainer.synthetic import make_image
 
 FULL_KEY = "full-access-key-123"
 INFO_KEY = "info-only-key-456"

@@ -19,13 +19,13 @@ import urllib.request
 import grpc
 import pytest
 
+from cbir.processes import running_service
 from cbir.v1 import indexer_pb2, search_pb2
 from indexer.cli import main
 from indexer.client import IndexerClient
 from tests.gateway import stack as s
-from tests.support.images import make_image
-from tests.support.processes import running_service
 from tests.support.tiny_model import export_tiny_model
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 
@@ -256,6 +256,15 @@ def test_follow_activates_a_better_version_and_rejects_a_broken_one(world, capsy
         fourth = wait_for(lambda: settled(indexer, 4), "version 4's decision", proc=again)
         assert fourth.verdict == indexer_pb2.ROLLOUT_VERDICT_PASSED and fourth.active_generation == "tiny-v2"
         assert fourth.evaluation_queries == N_ITEMS
+        # Judged against version 2 even when Serving already unloaded it (two versions loaded: 3, 4):
+        # then against the figures recorded at version 2's rollout, never by the floors alone.
+        assert "floors only" not in fourth.reason and set(fourth.active_metrics) >= {"recall@1", "map@10"}
+        if "no longer served" in fourth.reason:
+            assert "figures recorded at the rollout of tiny-v2" in fourth.reason
+            assert (
+                dict(fourth.active_metrics).items()
+                >= {k: second.candidate_metrics[k] for k in ("recall@1", "map@10")}.items()
+            )
         with IndexerClient([indexer]) as client:
             states = {g.name: g.state for g in client.list_generations()}
             assert client.get_generation("tiny-v4").item_count == N_ITEMS

@@ -9,16 +9,16 @@ import grpc
 import pytest
 
 from cbir.errors import InvalidInput
+from cbir.processes import wait_for_health
 from cbir.server import ServerOptions
 from cbir.sharding import shard_of
 from cbir.v1 import indexer_pb2, indexer_pb2_grpc, types_pb2
 from indexer.client import IndexerClient
 from indexer.core import IndexerConfig, IndexerCore
 from indexer.reindex import Partition
-from indexer.rollout import Evaluation, QualityGate, compare, figures, load_eval_set
+from indexer.rollout import Evaluation, QualityGate, compare, figures, load_eval_set, recorded_figures
 from indexer.server import serve
-from tests.support.images import make_image
-from tests.support.processes import wait_for_health
+from trainer.synthetic import make_image
 
 T, F = True, False
 
@@ -73,6 +73,25 @@ def test_gate_floors_apply_with_and_without_an_active_generation():
     passed, reason = gate.judge({"recall@1": 0.7, "map@10": 0.5}, None)
     assert passed and "floor" in reason and "active" not in reason
     assert not gate.judge({"recall@1": 0.7, "map@10": 0.49}, None)[0]
+
+
+def test_recorded_figures_are_those_of_the_generations_latest_passed_rollout():
+    def decision(generation, verdict, decided, **metrics):
+        d = indexer_pb2.RolloutDecision(generation=generation, verdict=verdict, candidate_metrics=metrics)
+        d.decided_at.FromSeconds(decided)
+        return d
+
+    passed, rejected = indexer_pb2.ROLLOUT_VERDICT_PASSED, indexer_pb2.ROLLOUT_VERDICT_REJECTED
+    decisions = [
+        decision("g2", passed, 10, **{"recall@1": 0.5, "map@10": 0.4, "recall@5": 0.9}),
+        decision("g2", passed, 30, **{"recall@1": 0.8, "map@10": 0.7}),  # the same generation, later
+        decision("g2", rejected, 40, **{"recall@1": 0.1, "map@10": 0.1}),
+        decision("g3", passed, 50, **{"recall@1": 0.9, "map@10": 0.9}),
+        decision("g4", passed, 60, **{"recall@1": 0.9}),  # an incomplete record is not a baseline
+    ]
+    assert recorded_figures(decisions, "g2") == pytest.approx({"recall@1": 0.8, "map@10": 0.7})
+    assert recorded_figures(decisions, "g4") is None
+    assert recorded_figures(decisions, "activated-by-hand") is None
 
 
 @pytest.mark.parametrize("field", ["tolerance", "min_recall_at_1", "min_map_at_10"])

@@ -17,14 +17,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import kubernetes_validate
 import pytest
 
+from cbir.processes import ServiceProcess, running_service
 from cbir.v1 import indexer_pb2
 from indexer.client import IndexerClient
 from tests.deploy import rendering
 from tests.gateway import stack as s
 from tests.indexer.test_follow import settled, wait_for
-from tests.support.images import make_image
-from tests.support.processes import ServiceProcess, running_service
 from tests.support.tiny_model import export_tiny_model
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

@@ -16,13 +16,13 @@ import time
 import pytest
 
 from cbir.errors import NotReady
+from cbir.processes import ServiceProcess, free_port, wait_for_health, wait_for_port_file
 from cbir.v1 import indexer_pb2, types_pb2
 from indexer.client import IndexerClient
 from tests.gateway import stack as s
 from tests.indexer.test_follow import follow_args, metrics_text, settled, wait_for, write_catalogue
-from tests.support.images import make_image
-from tests.support.processes import ServiceProcess, free_port, wait_for_health, wait_for_port_file
 from tests.support.tiny_model import export_tiny_model
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

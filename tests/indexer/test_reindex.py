@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
+from cbir.processes import running_service
 from cbir.v1 import indexer_pb2, types_pb2
 from embedder.client import EmbedderClient
 from indexer.cli import main
 from indexer.client import IndexerClient
-from tests.support.images import make_image
-from tests.support.processes import running_service
 from tests.support.tiny_model import export_tiny_model
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cbir.processes import ServiceProcess, running_service
 from cbir.sharding import shard_of
 from cbir.v1 import indexer_pb2
 from embedder.client import EmbedderClient
@@ -15,9 +16,8 @@ from indexer.reindex import Partition
 from tests.gateway import stack as s
 from tests.indexer.test_follow import wait_for, write_catalogue
 from tests.indexer.test_follow_recovery import SlowImage
-from tests.support.images import make_image
-from tests.support.processes import ServiceProcess, running_service
 from tests.support.tiny_model import export_tiny_model
+from trainer.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 

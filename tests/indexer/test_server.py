@@ -8,11 +8,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cbir.processes import wait_for_health
 from cbir.server import ServerOptions
 from cbir.v1 import indexer_pb2, indexer_pb2_grpc
 from indexer.core import IndexerConfig, IndexerCore
 from indexer.server import SERVICE_NAME, serve
-from tests.support.processes import wait_for_health
 
 
 def test_not_serving_until_loaded_then_serving(tmp_path):

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from cbir import errors
-from cbir.sharding import shard_of
-from cbir.v1 import indexer_pb2, indexer_pb2_grpc, types_pb2
-from indexer.client import IndexerClient
-from tests.support.processes import (
+from cbir.processes import (
     ServiceProcess,
     free_port,
     running_service,
     wait_for_health,
     wait_for_port_file,
 )
+from cbir.sharding import shard_of
+from cbir.v1 import indexer_pb2, indexer_pb2_grpc, types_pb2
+from indexer.client import IndexerClient
 
 pytestmark = pytest.mark.slow
 SPACE = types_pb2.EmbeddingSpace(model_name="m", model_version=1)

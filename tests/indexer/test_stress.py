@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from cbir import errors
+from cbir.processes import ServiceProcess, wait_for_health, wait_for_port_file
 from cbir.v1 import indexer_pb2, types_pb2
 from indexer.client import IndexerClient
-from tests.support.processes import ServiceProcess, wait_for_health, wait_for_port_file
 
 pytestmark = pytest.mark.slow
 

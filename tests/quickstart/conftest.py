@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from quickstart import data
-from tests.support.images import make_image
+from trainer.synthetic import make_image
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:

@@ -264,6 +264,74 @@ def test_run_load_fails_loudly_when_calls_fail(echo_server, tmp_path):
         measure.run_load(target, "/t.Echo/Nope", [b"x"], clients=1, seconds=0.5, workdir=tmp_path)
 
 
+@pytest.fixture
+def http_echo():
+    """An HTTP/1.1 (keep-alive) server answering a POST with its body; a body of ``fail`` gets a 500."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: dict[str, set | int] = {"posts": 0, "types": set(), "keys": set(), "paths": set(), "ports": set()}
+    lock = threading.Lock()
+
+    class Echo(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                seen["posts"] += 1
+                seen["types"].add(self.headers["Content-Type"])
+                seen["keys"].add(self.headers["x-api-key"])
+                seen["paths"].add(self.path)
+                seen["ports"].add(self.client_address[1])
+            self.send_response(500 if body == b"fail" else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow
+def test_run_load_posts_http_bodies_over_keep_alive_connections(http_echo, tmp_path):
+    target, seen = http_echo
+    run = measure.run_load(
+        target,
+        "/v1/echo",
+        [b'{"a": 1}', b'{"b": 2}'],
+        clients=3,
+        seconds=1.0,
+        threads_per_process=2,
+        metadata=[("x-api-key", "secret")],
+        workdir=tmp_path,
+        content_type="application/json",
+    )
+    # Two load processes (2 + 1 clients), each warming up with 3 calls per client before the window.
+    assert run.clients == 3 and run.calls == seen["posts"] - 3 * 3
+    assert len(run.latencies) == run.calls and (run.latencies > 0).all()
+    assert (
+        seen["types"] == {"application/json"} and seen["keys"] == {"secret"} and seen["paths"] == {"/v1/echo"}
+    )
+    assert len(seen["ports"]) == 3, "one keep-alive connection per client"
+
+
+@pytest.mark.slow
+def test_run_load_fails_loudly_on_http_errors(http_echo, tmp_path):
+    target, _ = http_echo
+    with pytest.raises(RuntimeError, match="HTTP 500"):
+        measure.run_load(
+            target, "/v1/echo", [b"fail"], clients=1, seconds=0.5, workdir=tmp_path, content_type="text/plain"
+        )
+
+
 def test_request_files_round_trip(tmp_path):
     from benchmarks.loadgen import read_requests, write_requests
 

@@ -10,7 +10,7 @@ import pytest
 from cbir.catalogue import read_catalogue
 from cbir.errors import InvalidInput, NotReady
 from quickstart import data
-from tests.support.images import make_image
+from trainer.synthetic import make_image
 
 
 def write_idx(folder, split, images, labels):

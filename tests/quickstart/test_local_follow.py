@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from quickstart.stack import free_port, health_of
+from cbir.processes import free_port, health_of
 from tests.quickstart.conftest import generated_catalogue, processes_mentioning
 from tests.quickstart.test_local_stack import quickstart
 from tests.support.tiny_model import export_tiny_model

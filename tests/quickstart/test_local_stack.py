@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from quickstart.stack import free_port, health_of, pids_alive
+from cbir.processes import free_port, health_of, pids_alive
 from tests.quickstart.conftest import generated_catalogue, processes_mentioning
 from tests.support.tiny_model import export_tiny_model
 

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from cbir.errors import FailedPrecondition, NotReady
-from quickstart.stack import ServiceSpec, Stack, free_port, health_of, pids_alive
+from cbir.processes import free_port, health_of, pids_alive
+from quickstart.stack import ServiceSpec, Stack
 
 pytestmark = pytest.mark.slow
 

@@ -6,14 +6,12 @@ small centre-cropped thumbnail, L2-normalised. Different seeds give different em
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+
+from trainer.export import publish_version
 
 INPUT_SIZE = 16
 RESIZE_SIZE = 20
@@ -41,7 +39,7 @@ class TinyEmbedder(tf.Module):
         pixels = pixels / 255.0 - 0.5
         if self.broken:
             # Each image's own mean colour removed: only its noise is left, which says nothing of
-            # its class (tests/support/images.py gives a class its colour).
+            # its class (trainer/synthetic.py gives a class its colour).
             pixels = pixels - tf.reduce_mean(pixels, axis=(1, 2), keepdims=True)
         flat = tf.reshape(pixels, (-1, INPUT_SIZE * INPUT_SIZE * 3))
         return tf.math.l2_normalize(tf.matmul(flat, self.projection), axis=1)
@@ -61,46 +59,30 @@ class TinyEmbedder(tf.Module):
 def export_tiny_model(
     model_repo: Path, name: str = "tiny", version: int = 1, dim: int = 8, seed: int = 0, broken: bool = False
 ) -> Path:
-    """Writes ``<model_repo>/<name>/<version>/`` atomically (temp dir + rename) and returns it.
+    """Publishes ``<model_repo>/<name>/<version>/`` with trainer/export.py's writer and returns it.
 
     ``broken``: a model that follows the contract but ranks images of a class no better than chance
     (what an export of a failed training run looks like to the rollout's quality gate).
     """
-    final = Path(model_repo) / name / str(version)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
-    try:
-        module = TinyEmbedder(dim, seed, broken)
-        tf.saved_model.save(
-            module,
-            str(staging),
-            signatures={"serving_default": module.serve_bytes, "serving_pixels": module.serve_pixels},
-        )
-        extra = staging / "assets.extra"
-        extra.mkdir(exist_ok=True)
-        (extra / "cbir_model.json").write_text(
-            json.dumps(
-                {
-                    "format": "cbir.model.v1",
-                    "model_name": name,
-                    "version": version,
-                    "backbone": "tiny_projection",
-                    "embedding_dim": dim,
-                    "metric": "cosine",
-                    "input": {"height": INPUT_SIZE, "width": INPUT_SIZE},
-                    "resize": {"height": RESIZE_SIZE, "width": RESIZE_SIZE},
-                    "preprocessing": "decode, resize to 20x20, center crop 16x16, /255 - 0.5",
-                    "seed": seed,
-                    "broken": broken,
-                },
-                indent=2,
-            )
-        )
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
+    module = TinyEmbedder(dim, seed, broken)
+    return publish_version(
+        module,
+        model_repo,
+        name,
+        version,
+        signatures={"serving_default": module.serve_bytes, "serving_pixels": module.serve_pixels},
+        metadata={
+            "backbone": "tiny_projection",
+            "embedding_dim": dim,
+            "metric": "cosine",
+            "input": {"height": INPUT_SIZE, "width": INPUT_SIZE},
+            "resize": {"height": RESIZE_SIZE, "width": RESIZE_SIZE},
+            "preprocessing": f"decode, resize to {RESIZE_SIZE}x{RESIZE_SIZE}, center crop "
+            f"{INPUT_SIZE}x{INPUT_SIZE}, /255 - 0.5",
+            "seed": seed,
+            "broken": broken,
+        },
+    )
 
 
 def reference_embedding(model_dir: Path, images: list[bytes]) -> np.ndarray:

@@ -7,11 +7,11 @@ import pytest
 import tensorflow as tf
 
 from cbir.errors import InvalidInput
-from tests.support.images import make_image
 from trainer import cached
 from trainer.config import Size
 from trainer.models import build_embedding_model
 from trainer.preprocessing import preprocess_image_bytes, random_crop_flip, resize_decoded
+from trainer.synthetic import make_image
 
 INPUT, RESIZE = Size(32, 32), Size(40, 40)
 # float16 keeps 11 significant bits: a cached activation is within this of the float32 one (relative).

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.support.images import make_image
-from tests.trainer.datasets import TINY_OVERRIDES, write_original_dataset
 from trainer.cli import build_parser, main
+from trainer.synthetic import TINY_OVERRIDES, make_image, write_original_dataset
 
 CONFIG = "bags_resnet_v1_50_normalize_adam_angular_loss_alpha_45"
 RUN = "bags_small_cnn_direct_normalize_adam_angular_loss_alpha_45"

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from cbir.errors import InvalidInput
-from tests.support.images import make_image
-from tests.trainer.datasets import CLASS_NAMES, write_original_dataset
 from trainer.config import DataDirs
 from trainer.data import load_splits
+from trainer.synthetic import CLASS_NAMES, make_image, write_original_dataset
 
 
 def test_original_layout_gives_one_label_mapping_for_all_splits(tmp_path):

@@ -9,12 +9,11 @@ import pytest
 import tensorflow as tf
 
 from cbir.errors import AlreadyExists, InvalidInput
-from tests.support.images import make_image
-from tests.trainer.datasets import TINY_OVERRIDES
 from trainer.config import load_config
 from trainer.embedding import build_model
 from trainer.export import METADATA_FILE, WARMUP_FILE, export_model
 from trainer.preprocessing import preprocess_image_bytes
+from trainer.synthetic import TINY_OVERRIDES, make_image
 
 CONFIG = "bags_resnet_v1_50_normalize_adam_triplet_semihard_loss_m_0.2"
 

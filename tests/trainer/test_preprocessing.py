@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tests.support.images import make_image
 from trainer.config import Size
 from trainer.preprocessing import augment_image_bytes, inference_dataset, preprocess_image_bytes
+from trainer.synthetic import make_image
 
 INPUT, RESIZE = Size(24, 20), Size(32, 28)
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.trainer.datasets import TINY_RECIPE, write_folder_dataset
 from trainer import recipes
 from trainer.cli import main
 from trainer.config import DataDirs
@@ -17,6 +16,7 @@ from trainer.embedding import build_model
 from trainer.export import METADATA_FILE
 from trainer.preprocessing import preprocess_image_bytes
 from trainer.runs import RunDir, checkpoint_path, restore_model
+from trainer.synthetic import TINY_RECIPE, write_folder_dataset
 
 CLOTHING = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "clothing-small"
 

@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 from cbir.errors import InvalidInput
-from tests.trainer.datasets import TINY_OVERRIDES, write_original_dataset
 from trainer.config import DataDirs, load_config
+from trainer.synthetic import TINY_OVERRIDES, write_original_dataset
 from trainer.training import END_LEARNING_RATE, DelayedLinearDecay, TrainOptions, learning_rate, train
 
 CONFIG = "bags_resnet_v1_50_normalize_adam_triplet_semihard_loss_m_0.2"

@@ -1,10 +1,27 @@
-"""Tiny generated datasets in the original layout (CSV splits + images) for trainer tests."""
+"""Generated images and tiny datasets, in the original layout (CSV splits + images) and as a
+folder-per-class catalogue, with configs at their scale: for tests, benchmarks and smoke runs."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from tests.support.images import make_image
+import numpy as np
+from PIL import Image
+
+
+def make_image(seed: int, size: int = 32, fmt: str = "PNG", label: int | None = None) -> bytes:
+    """An encoded image; images with the same ``label`` share a base colour, ``seed`` adds noise."""
+    rng = np.random.default_rng(seed)
+    base = np.array(
+        [(label or 0) * 53 % 256, (label or 0) * 97 % 256, (label or 0) * 151 % 256], dtype=np.float32
+    )
+    noise = rng.normal(0, 25 if label is not None else 80, (size, size, 3))
+    pixels = np.clip(base + noise + (0 if label is not None else 128), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
 
 CLASS_NAMES = ("tote", "clutch", "satchel", "backpack")
 
@@ -20,7 +37,7 @@ def write_original_dataset(
     """<data_dir>/datasets/<dataset_dir>/ with images/, bags_train.csv, bags_test.csv, bags_labels.csv."""
     base = data_dir / "datasets" / dataset_dir
     images = base / "images"
-    rows = {"train": [], "test": []}
+    rows: dict[str, list[str]] = {"train": [], "test": []}
     seed = 0
     for pid, name in enumerate(CLASS_NAMES, start=1):
         folder = images / name
@@ -39,6 +56,7 @@ def write_original_dataset(
     return base
 
 
+# A config at the scale of these datasets: 32x32 inputs, a small CNN, a 16-d head, 6 epochs.
 TINY_OVERRIDES = [
     "model.name=small_cnn",
     "model.weights=null",

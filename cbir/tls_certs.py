@@ -1,4 +1,5 @@
-"""Throw-away CA, server and client certificates for TLS tests (openssl CLI; skipped if it is absent)."""
+"""Throw-away CA, server and client certificates (openssl CLI) for TLS in tests, benchmarks and local
+trials; callers skip TLS when :func:`openssl_available` says there is no openssl."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Certs:
+    """PEM files: a CA, and a server (localhost, 127.0.0.1) and a client pair signed by it."""
+
     ca: Path
     server_cert: Path
     server_key: Path
@@ -18,6 +21,7 @@ class Certs:
 
 
 def openssl_available() -> bool:
+    """Whether the openssl command that :func:`make_certs` runs is on PATH."""
     return shutil.which("openssl") is not None
 
 
