@@ -11,7 +11,7 @@ GEN    := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 TFS_PROTOS := $(wildcard protos/cbir/tfserving/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: install protos test browser test-fast test-stateful lint format clean demo up down status bench bench-quick images help
+.PHONY: install protos test browser test-fast test-stateful check lint format clean demo up down status bench bench-quick images help
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -67,6 +67,11 @@ test-fast: install ## run the tests not marked slow
 test-stateful: install ## the indexer's randomized state-machine test with a long budget (~10 min)
 	CBIR_STATEFUL_EXAMPLES=$${CBIR_STATEFUL_EXAMPLES:-1500} $(PY) -m pytest tests/indexer/test_core_stateful.py $(PYTEST_ARGS)
 
+check: install ## what CI checks before the tests: ruff lint, ruff format --check, mypy (strict on the services, lenient on the trainer)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 lint: install ## ruff
 	$(VENV)/bin/ruff check .
 
@@ -75,7 +80,7 @@ format: install ## ruff format + import sorting
 	$(VENV)/bin/ruff format .
 
 clean: ## remove the virtual environment, generated code and local state
-	rm -rf $(VENV) cbir/v1 cbir/tfserving var build .pytest_cache .ruff_cache tests/node/node_modules *.egg-info
+	rm -rf $(VENV) cbir/v1 cbir/tfserving var build .pytest_cache .ruff_cache .mypy_cache tests/node/node_modules *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Quickstart (python -m quickstart) and the benchmark report (python -m benchmarks); see quickstart/README.md.

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cbir.errors import InvalidInput
 
@@ -67,7 +68,10 @@ def read_catalogue(
     ids = [e.id for e in entries]
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
-        dup = next(i for i in ids if i in seen or seen.add(i))
+        for dup in ids:
+            if dup in seen:
+                break
+            seen.add(dup)
         raise InvalidInput(f"catalogue {source} has the id {dup!r} more than once")
     return sorted(entries, key=lambda e: e.id)
 
@@ -117,7 +121,7 @@ def _read_folders(root: Path, split: str | None) -> list[CatalogueEntry]:
 
 
 def _read_original(data_dir: Path, dataset: str | None, split: str | None) -> list[CatalogueEntry]:
-    if dataset not in ORIGINAL_DATASETS:
+    if dataset is None or dataset not in ORIGINAL_DATASETS:
         raise InvalidInput(
             f"unknown dataset {dataset!r} for the original layout (known: {', '.join(ORIGINAL_DATASETS)})"
         )
@@ -206,7 +210,7 @@ def _read_manifest(path: Path, split: str | None) -> list[CatalogueEntry]:
     return entries
 
 
-def _jsonl_rows(path: Path):
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open() as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
@@ -220,7 +224,7 @@ def _jsonl_rows(path: Path):
             yield f"{path}:{line_no}", row
 
 
-def _csv_rows(path: Path):
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     reserved = {"id", "path", "uri", "label", "split"}
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)

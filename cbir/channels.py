@@ -8,8 +8,10 @@ from cbir.defaults import MAX_MESSAGE_BYTES
 from cbir.tls import ClientTLS
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, round_robin: bool = True) -> list:
-    options = [
+def channel_options(
+    max_message_bytes: int = MAX_MESSAGE_BYTES, round_robin: bool = True
+) -> list[tuple[str, int | str]]:
+    options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),

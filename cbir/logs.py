@@ -7,7 +7,7 @@ import datetime as _dt
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -57,7 +57,7 @@ class TextFormatter(logging.Formatter):
         return text
 
 
-class CurrentStderrHandler(logging.StreamHandler):
+class CurrentStderrHandler(logging.StreamHandler[TextIO]):
     """Writes to whatever ``sys.stderr`` is when a record is emitted.
 
     A plain StreamHandler keeps the stream it was built with; when that stream is swapped and closed
@@ -69,11 +69,11 @@ class CurrentStderrHandler(logging.StreamHandler):
         super().__init__(sys.stderr)
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, _value) -> None:
+    def stream(self, _value: TextIO) -> None:
         pass
 
 

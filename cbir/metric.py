@@ -69,12 +69,15 @@ class Metric(enum.IntEnum):
         ``unit_vectors``: cosine's vectors are already normalised (ExactIndex does it once, instead
         of on every query, which cost an exact scan ten times its matrix product)."""
         q = np.asarray(queries, dtype=np.float32)
+        distances: np.ndarray
         if self is Metric.COSINE:
-            return 1.0 - normalise(q) @ (vectors if unit_vectors else normalise(vectors)).T
-        if self is Metric.INNER_PRODUCT:
-            return 1.0 - q @ vectors.T
-        sq = (q * q).sum(1)[:, None] + (vectors * vectors).sum(1)[None, :] - 2.0 * q @ vectors.T
-        return np.maximum(sq, 0.0)
+            distances = 1.0 - normalise(q) @ (vectors if unit_vectors else normalise(vectors)).T
+        elif self is Metric.INNER_PRODUCT:
+            distances = 1.0 - q @ vectors.T
+        else:
+            sq = (q * q).sum(1)[:, None] + (vectors * vectors).sum(1)[None, :] - 2.0 * q @ vectors.T
+            distances = np.maximum(sq, 0.0)
+        return distances
 
     def self_score(self, vector: np.ndarray) -> float:
         """The score of a vector against itself: what an item scores when it finds itself."""

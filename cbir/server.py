@@ -8,6 +8,7 @@ A service's ``main`` parses flags, builds its servicers, and hands them to :func
 from __future__ import annotations
 
 import argparse
+import contextvars
 import logging
 import os
 import signal
@@ -16,7 +17,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from types import FrameType
+from typing import Any, TypeAlias, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -220,7 +222,13 @@ def _decoded_each(requests: Iterable[Any]) -> Iterator[Any]:
         yield _decoded(request)
 
 
-def _rebuilt(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMethodHandler:
+# A string: grpc.RpcMethodHandler is generic only in its stubs.
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# A method's behaviour: (request or request iterator, context) -> response or response iterator.
+_Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+def _rebuilt(handler: _Handler, wrap: Callable[[_Behavior], _Behavior]) -> _Handler:
     """``handler`` with its behaviour replaced by ``wrap(behaviour)`` and a tolerant deserializer."""
     deserializer = tolerant_deserializer(handler.request_deserializer)
     serializer = handler.response_serializer
@@ -230,7 +238,9 @@ def _rebuilt(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMethodHa
         return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), deserializer, serializer)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), deserializer, serializer)
-    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), deserializer, serializer)
+    # A handler has exactly one of the four behaviours: the last one is set when the others are not.
+    stream_stream = cast(_Behavior, handler.stream_stream)
+    return grpc.stream_stream_rpc_method_handler(wrap(stream_stream), deserializer, serializer)
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
@@ -252,11 +262,15 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self._in_flight = metrics.GRPC_IN_FLIGHT.labels(service_name)
         # method -> (the handler gRPC found, our wrapper of it); a different handler (another
         # interceptor's per-call rejection, say) is wrapped afresh.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
         self._requests: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._latency: dict[str, Any] = {}
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
@@ -268,7 +282,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: _Handler, method: str) -> _Handler:
         short = method.rsplit("/", 1)[-1]
         request_streaming, response_streaming = handler.request_streaming, handler.response_streaming
 
@@ -277,7 +291,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
         if method.startswith(("/grpc.health.", "/grpc.reflection.")):
 
-            def unobserved(behavior: Callable) -> Callable:
+            def unobserved(behavior: _Behavior) -> _Behavior:
                 def run_unobserved(request: Any, context: grpc.ServicerContext) -> Any:
                     try:
                         answer = behavior(decode(request), context)
@@ -289,7 +303,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
             return _rebuilt(handler, unobserved)
 
-        def observed(behavior: Callable) -> Callable:
+        def observed(behavior: _Behavior) -> _Behavior:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
                 request_id = request_id_from(context.invocation_metadata())
                 token = request_id_var.set(request_id)
@@ -322,7 +336,14 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         except InvalidInput as exc:
             context.abort(exc.code, exc.message)
 
-    def _stream(self, iterator, context, short, started, token):
+    def _stream(
+        self,
+        iterator: Iterator[Any],
+        context: grpc.ServicerContext,
+        short: str,
+        started: float,
+        token: contextvars.Token[str],
+    ) -> Iterator[Any]:
         code = grpc.StatusCode.OK
         try:
             yield from iterator
@@ -342,15 +363,23 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 extra={"method": short, "code": code.name, "error": message},
             )
             context.abort(code, message)
-        if context.code() not in (None, grpc.StatusCode.OK):
+        # ServicerContext.code() exists since grpcio 1.38; types-grpcio does not declare it.
+        if context.code() not in (None, grpc.StatusCode.OK):  # type: ignore[attr-defined]
             # The servicer already aborted the call itself: keep its status.
             raise exc
         log.exception("unhandled error", extra={"method": short})
         context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()})")
         raise AssertionError("unreachable")  # abort always raises
 
-    def _finish(self, context, short, started, code, token):
-        final = context.code() or code or grpc.StatusCode.OK
+    def _finish(
+        self,
+        context: grpc.ServicerContext,
+        short: str,
+        started: float,
+        code: grpc.StatusCode,
+        token: contextvars.Token[str],
+    ) -> None:
+        final = context.code() or code or grpc.StatusCode.OK  # type: ignore[attr-defined]  # as in _abort
         if isinstance(final, int):
             final = grpc.StatusCode.OK
         self._in_flight.dec()
@@ -492,7 +521,7 @@ def write_port_file(path: str, port: int) -> None:
 def serve_until_signalled(running: RunningServer) -> int:
     """Blocks until SIGTERM or SIGINT, then stops gracefully. Returns the process exit code."""
 
-    def handle(signum, _frame):
+    def handle(signum: int, _frame: FrameType | None) -> None:
         log.info("signal received, shutting down", extra={"signal": signal.Signals(signum).name})
         threading.Thread(target=running.stop, name="shutdown", daemon=True).start()
 

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cbir.cli import run_main
 from cbir.config import _parse_bool, env_flag
@@ -22,13 +23,18 @@ from cbir.ports import ensure_can_listen
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from embedder.settings import ModelServerSettings
 
+if TYPE_CHECKING:
+    import embedder.client
+
 ENV_PREFIX = "CBIR_EMBEDDER"
 DEFAULT_MAX_WORKERS = 64
 
 log = logging.getLogger("embedder")
 
 
-def _tf_bool_flag(parser: argparse.ArgumentParser, flag: str, *, default: bool, help: str) -> None:
+def _tf_bool_flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, *, default: bool, help: str
+) -> None:
     """A boolean flag written the TF Serving way: ``--flag``, ``--flag=true`` or ``--flag=false``."""
     env = f"{ENV_PREFIX}_{flag.lstrip('-').upper()}"
     env_flag(parser, flag, env=env, default=default, type=_parse_bool, nargs="?", const=True, help=help)
@@ -247,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_until_signalled(running)
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace) -> embedder.client.EmbedderClient:
     from embedder.client import EmbedderClient
 
     return EmbedderClient(args.target, args.model_name, timeout=args.timeout)

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -215,7 +215,8 @@ class EmbedderClient:
                 deadline,
             )
             parts.append(vectors)
-        return EmbedResult(np.concatenate(parts, axis=0), self.model_name, int(answered))
+        # There was at least one chunk, so the first one's answer set ``answered``.
+        return EmbedResult(np.concatenate(parts, axis=0), self.model_name, int(cast(int, answered)))
 
     def signature(
         self, version: int | None = None, *, version_label: str | None = None, timeout: float | None = None
@@ -376,7 +377,16 @@ class EmbedderClient:
             )
         return vectors, answered
 
-    def _raise_for_bad_image(self, images, offset, info, version, label, deadline, batch_error) -> None:
+    def _raise_for_bad_image(
+        self,
+        images: list[bytes],
+        offset: int,
+        info: SignatureInfo,
+        version: int | None,
+        label: str | None,
+        deadline: float,
+        batch_error: errors.InvalidInput,
+    ) -> None:
         """The batch was rejected: find which image(s) are at fault by sending each alone."""
         for index, image in enumerate(images):
             request = self._predict_request([image], info, version, label)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
@@ -20,8 +21,9 @@ from tensorflow_serving.config import model_server_config_pb2
 from cbir.errors import InvalidInput
 from cbir.tfserving import batching_parameters_pb2, monitoring_config_pb2
 
-ModelServerConfig = model_server_config_pb2.ModelServerConfig
-ModelConfig = model_server_config_pb2.ModelConfig
+# tensorflow-serving-api ships no types: its messages are Any to the type checker.
+ModelServerConfig: TypeAlias = model_server_config_pb2.ModelServerConfig
+ModelConfig: TypeAlias = model_server_config_pb2.ModelConfig
 
 POLICY_LATEST = "latest"
 POLICY_ALL = "all"
@@ -128,7 +130,7 @@ def model_entries(config: ModelServerConfig, *, source: str = "model config") ->
     return entries
 
 
-def load_model_server_config(path: str | os.PathLike) -> list[ModelEntry]:
+def load_model_server_config(path: str | os.PathLike[str]) -> list[ModelEntry]:
     """Reads and parses a ``--model_config_file``; relative base paths resolve against the CWD as
     in TF Serving."""
     try:
@@ -231,7 +233,7 @@ def parse_batching_parameters(text: str, *, source: str = "batching parameters")
         text_format.Parse(text, proto)
     except text_format.ParseError as exc:
         raise InvalidInput(f"{source}: {exc}") from exc
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}
     for name in (
         "max_batch_size",
         "batch_timeout_micros",
@@ -253,7 +255,7 @@ def parse_batching_parameters(text: str, *, source: str = "batching parameters")
         raise InvalidInput(f"{source}: {exc.message}") from exc
 
 
-def load_batching_parameters(path: str | os.PathLike) -> BatchingParameters:
+def load_batching_parameters(path: str | os.PathLike[str]) -> BatchingParameters:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -290,7 +292,7 @@ def parse_monitoring_config(text: str, *, source: str = "monitoring config") -> 
     return MonitoringConfig(bool(proto.prometheus_config.enable), path)
 
 
-def load_monitoring_config(path: str | os.PathLike) -> MonitoringConfig:
+def load_monitoring_config(path: str | os.PathLike[str]) -> MonitoringConfig:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()

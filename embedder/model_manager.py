@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import prometheus_client
 import tensorflow as tf
 
 from cbir.errors import CbirError, FailedPrecondition, InvalidInput, NotFound
@@ -83,7 +84,7 @@ class _Series:
         self.latency = metrics.PREDICT_LATENCY.labels(name)
         self._requests = {"OK": metrics.PREDICT_REQUESTS.labels(name, self.version, "OK")}
 
-    def requests(self, status: str):
+    def requests(self, status: str) -> prometheus_client.Counter:
         series = self._requests.get(status)
         if series is None:
             series = self._requests[status] = metrics.PREDICT_REQUESTS.labels(self.name, self.version, status)

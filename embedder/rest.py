@@ -72,7 +72,7 @@ def _to_array(values: Any) -> np.ndarray:
     return np.asarray(values)
 
 
-def predict_inputs(body: dict, input_names: list[str]) -> tuple[dict[str, np.ndarray], bool]:
+def predict_inputs(body: dict[str, Any], input_names: list[str]) -> tuple[dict[str, np.ndarray], bool]:
     """The request's tensors and whether it used the row ("instances") format."""
     if ("instances" in body) == ("inputs" in body):
         raise InvalidInput(

@@ -133,7 +133,8 @@ class Servable:
     @property
     def signature_defs(self) -> Mapping[str, meta_graph_pb2.SignatureDef]:
         """The SignatureDefs as stored in saved_model.pb, as GetModelMetadata reports them."""
-        return self.meta_graph.signature_def
+        signature_defs: Mapping[str, meta_graph_pb2.SignatureDef] = self.meta_graph.signature_def
+        return signature_defs
 
     def signature(self, name: str) -> Signature:
         key = name or DEFAULT_SIGNATURE
@@ -251,13 +252,18 @@ class Servable:
                 predict(signature, self.check_inputs(signature, inputs))
                 count += 1
             return count
-        signature = self.signatures.get(DEFAULT_SIGNATURE)
-        if signature is not None and [s.dtype for s in signature.inputs.values()] == [tf.string]:
+        default_signature = self.signatures.get(DEFAULT_SIGNATURE)
+        if default_signature is not None and [s.dtype for s in default_signature.inputs.values()] == [
+            tf.string
+        ]:
             # Not TF Serving behaviour but cheap: the first real request does not pay for the
             # first run. Best effort, since a model may accept only some image formats.
             image = tf.io.encode_jpeg(tf.fill((64, 64, 3), tf.constant(128, tf.uint8))).numpy()
             try:
-                predict(signature, {next(iter(signature.inputs)): np.array([image], dtype=object)})
+                predict(
+                    default_signature,
+                    {next(iter(default_signature.inputs)): np.array([image], dtype=object)},
+                )
             except (InvalidInput, tf.errors.OpError) as exc:
                 log.warning(
                     "default warmup skipped",
@@ -268,14 +274,15 @@ class Servable:
         return 0
 
 
-def _castable(have: np.dtype, want: np.dtype) -> bool:
+def _castable(have: np.dtype, want: np.dtype | None) -> bool:
     """Whether ``have`` is the very dtype the signature takes (TF Serving casts nothing either)."""
     return have == want
 
 
 def _tf_type_name(dtype: tf.DType) -> str:
     """TensorFlow's own spelling in error messages: DT_FLOAT -> "float", DT_STRING -> "string"."""
-    return types_pb2.DataType.Name(dtype.as_datatype_enum)[3:].lower()
+    name: str = types_pb2.DataType.Name(dtype.as_datatype_enum)
+    return name[3:].lower()
 
 
 def _dtype_name(array: np.ndarray) -> str:

@@ -7,7 +7,9 @@ raise domain errors (the shared interceptor turns them into TF Serving's status 
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
+import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
@@ -41,14 +43,15 @@ def model_ref(spec: model_pb2.ModelSpec) -> ModelRef:
     return ModelRef(spec.name, version, label or None)
 
 
-def tensor_to_array(alias: str, proto) -> np.ndarray:
+def tensor_to_array(alias: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
     """TensorProto -> NumPy. Encoded images (strings) take a direct path: ``tf.make_ndarray`` costs
     more than the rest of a small request."""
     dims = proto.tensor_shape.dim
     if proto.dtype == types_pb2.DT_STRING and len(dims) == 1 and dims[0].size == len(proto.string_val):
         return np.array(list(proto.string_val), dtype=object)
     try:
-        return tf.make_ndarray(proto)
+        array: np.ndarray = tf.make_ndarray(proto)
+        return array
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"input {alias!r} is not a readable tensor: {exc}") from None
 
@@ -79,11 +82,14 @@ def array_to_tensor(value: np.ndarray) -> tensor_pb2.TensorProto:
     return proto
 
 
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, manager: ModelManager):
+# tensorflow-serving-api ships no types, so its servicer bases are Any to the type checker.
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):  # type: ignore[misc]
+    def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
 
-    def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
+    def Predict(
+        self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext
+    ) -> predict_pb2.PredictResponse:
         inputs = {alias: tensor_to_array(alias, proto) for alias, proto in request.inputs.items()}
         result = self.manager.predict(
             model_ref(request.model_spec),
@@ -99,7 +105,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             fill_tensor(response.outputs[alias], value)
         return response
 
-    def GetModelMetadata(self, request, context) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.ServicerContext
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         fields = list(request.metadata_field)
         if not fields:
             raise InvalidInput("GetModelMetadataRequest must specify at least one metadata_field")
@@ -116,27 +124,29 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
         return response
 
-    def Classify(self, request, context):
+    def Classify(self, request: object, context: grpc.ServicerContext) -> NoReturn:
         raise Unimplemented(
             "Classify is not implemented by this model server; embedding models are served by Predict"
         )
 
-    def Regress(self, request, context):
+    def Regress(self, request: object, context: grpc.ServicerContext) -> NoReturn:
         raise Unimplemented(
             "Regress is not implemented by this model server; embedding models are served by Predict"
         )
 
-    def MultiInference(self, request, context):
+    def MultiInference(self, request: object, context: grpc.ServicerContext) -> NoReturn:
         raise Unimplemented(
             "MultiInference is not implemented by this model server; embedding models are served by Predict"
         )
 
 
-class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, manager: ModelManager):
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):  # type: ignore[misc]  # as above
+    def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
 
-    def GetModelStatus(self, request, context) -> get_model_status_pb2.GetModelStatusResponse:
+    def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.ServicerContext
+    ) -> get_model_status_pb2.GetModelStatusResponse:
         ref = model_ref(request.model_spec)
         if not ref.name:
             raise InvalidInput("Missing ModelSpec: the model name is empty")
@@ -150,7 +160,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             )
         return response
 
-    def HandleReloadConfigRequest(self, request, context) -> model_management_pb2.ReloadConfigResponse:
+    def HandleReloadConfigRequest(
+        self, request: model_management_pb2.ReloadConfigRequest, context: grpc.ServicerContext
+    ) -> model_management_pb2.ReloadConfigResponse:
         if request.config.WhichOneof("config") != "model_config_list":
             raise InvalidInput("ReloadConfigRequest.config must hold a model_config_list")
         self.manager.apply_config(model_entries(request.config, source="ReloadConfigRequest"))

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -109,7 +110,7 @@ def presented_key(metadata: Iterable[tuple[str, object]] | None) -> str | None:
     return None
 
 
-def check(keys: ApiKeys, method: str, metadata) -> None:
+def check(keys: ApiKeys, method: str, metadata: Iterable[tuple[str, object]] | None) -> None:
     """Raises Unauthenticated / PermissionDenied unless the call may run ``method``."""
     presented = presented_key(metadata)
     if presented is None:
@@ -130,7 +131,11 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
     def __init__(self, keys: ApiKeys):
         self.keys = keys
 
-    def intercept_service(self, continuation: Callable, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or not method.startswith(PROTECTED_SERVICE) or not handler.unary_unary:
@@ -138,7 +143,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         metadata = handler_call_details.invocation_metadata
         behavior = handler.unary_unary
 
-        def guarded(request, context):
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
             # Raised inside the RPC so the shared interceptor (outermost) maps, counts and logs it.
             check(self.keys, method, metadata)
             return behavior(request, context)

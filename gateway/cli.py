@@ -30,7 +30,7 @@ def _targets(values: list[str] | str | None) -> list[str]:
     return [t.strip() for v in values for t in v.split(",") if t.strip()]
 
 
-def _client_tls(args, prefix: str) -> ClientTLS | None:
+def _client_tls(args: argparse.Namespace, prefix: str) -> ClientTLS | None:
     ca, cert, key, name = (
         getattr(args, f"{prefix}_tls_{part}") for part in ("ca", "cert", "key", "server_name")
     )
@@ -39,7 +39,7 @@ def _client_tls(args, prefix: str) -> ClientTLS | None:
     return ClientTLS(ca_file=ca, cert_file=cert, key_file=key, server_name=name)
 
 
-def _add_client_tls_flags(parser, prefix: str, what: str) -> None:
+def _add_client_tls_flags(parser: argparse.ArgumentParser, prefix: str, what: str) -> None:
     up = prefix.upper()
     env_flag(
         parser,
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(args) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from gateway.light_imports import use_tensorflow_protos_only
 
     use_tensorflow_protos_only()
@@ -336,7 +336,7 @@ def _serve(args) -> int:
     return serve_until_signalled(running)
 
 
-def _search(args) -> int:
+def _search(args: argparse.Namespace) -> int:
     from cbir.channels import open_channel
     from cbir.v1 import search_pb2, search_pb2_grpc, types_pb2
 

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 from cbir.errors import DeadlineExceeded, InvalidInput
 from gateway import metrics
 
+
+class _Deadline(Protocol):
+    def remaining(self) -> float | None: ...
+
+
 Q = TypeVar("Q")
 R = TypeVar("R")
+D = TypeVar("D", bound=_Deadline)
 
 
 class QueriesRejected(InvalidInput):
@@ -29,10 +35,10 @@ class QueriesRejected(InvalidInput):
         self.rejected = rejected or {}
 
 
-class _Entry(Generic[Q, R]):
+class _Entry(Generic[Q, R, D]):
     __slots__ = ("query", "deadline", "wake", "lead", "done", "result", "error")
 
-    def __init__(self, query: Q, deadline):
+    def __init__(self, query: Q, deadline: D):
         self.query = query
         self.deadline = deadline
         self.wake = threading.Event()
@@ -42,13 +48,13 @@ class _Entry(Generic[Q, R]):
         self.error: BaseException | None = None
 
 
-class Coalescer(Generic[Q, R]):
+class Coalescer(Generic[Q, R, D]):
     """Runs ``run_batch(queries, deadline) -> results`` over whatever searches are waiting."""
 
     def __init__(
         self,
-        run_batch: Callable[[list[Q], object], list[R]],
-        merge_deadlines: Callable[[list], object],
+        run_batch: Callable[[list[Q], D], list[R]],
+        merge_deadlines: Callable[[list[D]], D],
         *,
         max_batch: int = 64,
         max_in_flight: int = 1,
@@ -58,11 +64,11 @@ class Coalescer(Generic[Q, R]):
         self.max_batch = max(1, max_batch)
         self.max_in_flight = max(1, max_in_flight)
         self._lock = threading.Lock()
-        self._queue: list[_Entry] = []
+        self._queue: list[_Entry[Q, R, D]] = []
         self._in_flight = 0
 
-    def submit(self, query: Q, deadline) -> R:
-        entry = _Entry(query, deadline)
+    def submit(self, query: Q, deadline: D) -> R:
+        entry: _Entry[Q, R, D] = _Entry(query, deadline)
         with self._lock:
             if self._in_flight < self.max_in_flight:
                 self._in_flight += 1
@@ -75,9 +81,10 @@ class Coalescer(Generic[Q, R]):
             self._lead(entry)
         if entry.error is not None:
             raise entry.error
-        return entry.result
+        # Answered without an error, so the result is set (R itself may include None).
+        return cast(R, entry.result)
 
-    def _wait(self, entry: _Entry) -> None:
+    def _wait(self, entry: _Entry[Q, R, D]) -> None:
         """Until the entry is answered or asked to lead; DeadlineExceeded if its deadline passes in the queue."""
         if entry.wake.wait(entry.deadline.remaining()):
             return
@@ -88,7 +95,7 @@ class Coalescer(Generic[Q, R]):
         # A leader took it meanwhile: the answer is on its way (bounded by the dependency timeout).
         entry.wake.wait()
 
-    def _lead(self, entry: _Entry) -> None:
+    def _lead(self, entry: _Entry[Q, R, D]) -> None:
         with self._lock:
             take = self._queue[: self.max_batch - 1]
             del self._queue[: len(take)]
@@ -107,7 +114,7 @@ class Coalescer(Generic[Q, R]):
             if successor is not None:
                 successor.wake.set()
 
-    def _answer(self, batch: list[_Entry]) -> None:
+    def _answer(self, batch: list[_Entry[Q, R, D]]) -> None:
         try:
             results = self._run_batch(
                 [e.query for e in batch], self._merge_deadlines([e.deadline for e in batch])
@@ -142,7 +149,7 @@ class Coalescer(Generic[Q, R]):
                 e.wake.set()
 
 
-def _fail(batch: list[_Entry], exc: Exception) -> None:
+def _fail(batch: list[_Entry[Q, R, D]], exc: Exception) -> None:
     for e in batch:
         # Each caller raises its own instance, so tracebacks of different threads do not interleave.
         try:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from cbir.errors import CbirError
 from gateway import metrics
+from gateway.search import Embedder, Indexer, SearchCore
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +21,14 @@ log = logging.getLogger(__name__)
 class DependencyProber:
     def __init__(
         self,
-        core,
-        embedder_for: Callable[[str], object],
-        indexer,
+        core: SearchCore,
+        embedder_for: Callable[[str], Embedder],
+        indexer: Indexer,
         set_serving: Callable[[bool], None],
         *,
         period: float = 2.0,
         timeout: float = 2.0,
-    ):
+    ) -> None:
         self._core = core
         self._embedder_for = embedder_for
         self._indexer = indexer

@@ -24,11 +24,11 @@ import logging
 import math
 import mimetypes
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 from aiohttp import web
@@ -95,7 +95,7 @@ class Route:
     doc: dict[str, Any] = field(default_factory=dict)
 
 
-def _query_parameter(name: str, schema: dict, description: str) -> dict:
+def _query_parameter(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
@@ -244,7 +244,11 @@ def _aiohttp_path(path: str) -> str:
     return path.replace("{id}", "{id:.+}")
 
 
-def parse_json(body: bytes, message_class: type[Message]) -> Message:
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+
+def parse_json(body: bytes, message_class: type[M]) -> M:
     """``body`` in the proto3 JSON mapping; InvalidInput naming the problem otherwise."""
     name = message_class.DESCRIPTOR.full_name
     if not body.strip():
@@ -261,7 +265,7 @@ def to_json(message: Message) -> bytes:
     return json_format.MessageToJson(message, indent=None, ensure_ascii=False).encode("utf-8")
 
 
-def upload_request(image: bytes, fields: MultiDict | MultiDictProxy) -> search_pb2.SearchRequest:
+def upload_request(image: bytes, fields: MultiDict[str] | MultiDictProxy[str]) -> search_pb2.SearchRequest:
     """The SearchRequest of an upload: the image plus k / label / min_score / ef from form or query."""
     unknown = sorted(set(fields) - set(UPLOAD_FIELDS))
     if unknown:
@@ -276,7 +280,7 @@ def upload_request(image: bytes, fields: MultiDict | MultiDictProxy) -> search_p
             raise InvalidInput(f"{name} is given {len(values)} times; give it once")
         return values[0] if values else None
 
-    def number(name: str, parse: Callable[[str], Any], what: str):
+    def number(name: str, parse: Callable[[str], T], what: str) -> T | None:
         raw = single(name)
         if raw is None:
             return None
@@ -373,7 +377,9 @@ class HttpApi:
     # ----------------------------------------------------------------------------- plumbing
 
     @web.middleware
-    async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request_id_from(((REQUEST_ID_HEADER, request.headers.get(REQUEST_ID_HEADER)),))
         token = request_id_var.set(request_id)
@@ -431,7 +437,7 @@ class HttpApi:
             response.headers["WWW-Authenticate"] = 'Bearer realm="cbir"'
         return response
 
-    async def _in_thread(self, func: Callable, *args):
+    async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
         """Runs blocking work on the gateway's HTTP thread pool, with this request's context variables."""
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(self._executor, context.run, func, *args)
@@ -505,7 +511,7 @@ class HttpApi:
         message = upload_request(image, fields)
         return self._json(await self._in_thread(self._search, message, deadline))
 
-    async def _form_image(self, request: web.Request, fields: MultiDict) -> bytes:
+    async def _form_image(self, request: web.Request, fields: MultiDict[str]) -> bytes:
         try:
             form = await request.post()
         except web.HTTPException:
@@ -525,7 +531,9 @@ class HttpApi:
             elif name == "image":
                 raise InvalidInput("the field 'image' must be a file (curl -F image=@photo.jpg)")
             else:
-                fields.add(name, value)
+                # A field with a non-text Content-Type arrives as bytes, which int(), float() and the
+                # proto's string fields accept as well; the annotation says what browsers and curl send.
+                fields.add(name, value)  # type: ignore[arg-type]
         if image is None:
             raise InvalidInput(
                 "the form has no file field 'image'; send the photo as image=@photo.jpg (curl -F)"
@@ -554,7 +562,8 @@ class HttpApi:
         source = await self._in_thread(self._items.image_source, item_id, deadline)
         if source.url is not None:
             return web.Response(status=302, headers={"Location": source.url})
-        return web.FileResponse(source.path, headers={"Cache-Control": "private, max-age=300"})
+        # An ImageSource holds exactly one of url and path.
+        return web.FileResponse(cast(Path, source.path), headers={"Cache-Control": "private, max-age=300"})
 
     # ----------------------------------------------------------------------------- health, docs, page
 

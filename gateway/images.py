@@ -329,7 +329,7 @@ def check_png_stream(data: bytes) -> None:
         raise _png_error(f"is truncated (its image data ends after {rows.seen} of {rows.total} bytes)")
 
 
-def _inflate(inflater, compressed: memoryview | bytes, rows: _PngRows) -> None:
+def _inflate(inflater: zlib._Decompress, compressed: memoryview | bytes, rows: _PngRows) -> None:
     pending = compressed
     while not rows.complete and not inflater.eof:
         try:

@@ -63,13 +63,13 @@ class _Stage:
 
     __slots__ = ("_series", "_started")
 
-    def __init__(self, series):
+    def __init__(self, series: prometheus_client.Histogram) -> None:
         self._series = series
 
     def __enter__(self) -> None:
         self._started = time.perf_counter()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._series.observe(time.perf_counter() - self._started)
 
 

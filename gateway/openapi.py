@@ -15,10 +15,10 @@ import re
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import descriptor_pb2
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, OneofDescriptor
 
 from cbir.v1 import search_pb2, types_pb2
 
@@ -76,8 +76,8 @@ def _names_by_path(file: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, 
 
     for i, item in enumerate(file.message_type):
         message(item, (4, i), prefix)
-    for i, item in enumerate(file.enum_type):
-        enum(item, (5, i), prefix)
+    for i, enum_item in enumerate(file.enum_type):
+        enum(enum_item, (5, i), prefix)
     for i, service in enumerate(file.service):
         names[(6, i)] = prefix + service.name
         for j, method in enumerate(service.method):
@@ -126,8 +126,12 @@ def _enum_schema(enum: EnumDescriptor) -> dict[str, Any]:
 
 
 def _field_schema(field: FieldDescriptor, pending: list[Descriptor | EnumDescriptor]) -> dict[str, Any]:
-    if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
-        value = field.message_type.fields_by_name["value"]
+    # message_type is set for message fields, enum_type for enum fields (the stubs allow None).
+    if (
+        field.type == FieldDescriptor.TYPE_MESSAGE
+        and cast(Descriptor, field.message_type).GetOptions().map_entry
+    ):
+        value = cast(Descriptor, field.message_type).fields_by_name["value"]
         return {"type": "object", "additionalProperties": _scalar_schema(value, pending)}
     schema = _scalar_schema(field, pending)
     return {"type": "array", "items": schema} if field.is_repeated else schema
@@ -136,14 +140,16 @@ def _field_schema(field: FieldDescriptor, pending: list[Descriptor | EnumDescrip
 def _scalar_schema(field: FieldDescriptor, pending: list[Descriptor | EnumDescriptor]) -> dict[str, Any]:
     kind = field.type
     if kind == FieldDescriptor.TYPE_MESSAGE:
-        name = field.message_type.full_name
+        message_type = cast(Descriptor, field.message_type)  # as in _field_schema
+        name = message_type.full_name
         if name in _WELL_KNOWN:
             return dict(_WELL_KNOWN[name])
-        pending.append(field.message_type)
+        pending.append(message_type)
         return ref(name)
     if kind == FieldDescriptor.TYPE_ENUM:
-        pending.append(field.enum_type)
-        return ref(field.enum_type.full_name)
+        enum_type = cast(EnumDescriptor, field.enum_type)
+        pending.append(enum_type)
+        return ref(enum_type.full_name)
     if kind in _INT32:
         return {"type": "integer", "format": "int32"}
     if kind in _INT64:
@@ -160,7 +166,7 @@ def _scalar_schema(field: FieldDescriptor, pending: list[Descriptor | EnumDescri
     return {"type": "string"}
 
 
-def _real_oneofs(message: Descriptor) -> list:
+def _real_oneofs(message: Descriptor) -> list[OneofDescriptor]:
     proto = descriptor_pb2.DescriptorProto()
     message.CopyToProto(proto)
     synthetic = {f.oneof_index for f in proto.field if f.proto3_optional}
@@ -245,7 +251,8 @@ def document(
     """The whole document: ``operations`` are (method, path, operation) with ``x-auth`` saying whether
     the operation needs an API key when the gateway has keys; error responses are added to each."""
     paths: dict[str, dict[str, Any]] = {}
-    roots: list[Descriptor] = [types_pb2.Item.DESCRIPTOR, *extra_schemas]
+    # Message.DESCRIPTOR is typed as descriptor.Descriptor or upb's, which is the same class at run time.
+    roots: list[Descriptor] = [cast(Descriptor, types_pb2.Item.DESCRIPTOR), *extra_schemas]
     for method in SEARCH_SERVICE.methods:
         roots += [method.input_type, method.output_type]
     for http_method, path, operation in operations:

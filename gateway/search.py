@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -40,10 +40,22 @@ from gateway.coalesce import Coalescer, QueriesRejected
 from gateway.images import DecodeBudget, ImageLimits, explain_undecodable, prepare_image
 
 
+class Embedding(Protocol):
+    """What the core reads of embedder.client.EmbedResult."""
+
+    @property
+    def vectors(self) -> np.ndarray: ...
+
+    @property
+    def model_version(self) -> int: ...
+
+
 class Embedder(Protocol):
     """What the core needs from embedder.client.EmbedderClient (docs/architecture.md, Embedder client)."""
 
-    def embed(self, images: Sequence[bytes], *, version: int | None = None, timeout: float | None = None): ...
+    def embed(
+        self, images: Sequence[bytes], *, version: int | None = None, timeout: float | None = None
+    ) -> Embedding: ...
 
     def model_versions(self, timeout: float | None = None) -> dict[int, str]: ...
 
@@ -51,7 +63,8 @@ class Embedder(Protocol):
 class Indexer(Protocol):
     """What the core needs from indexer.client.IndexerClient (docs/architecture.md, Indexer client)."""
 
-    shard_count: int
+    @property
+    def shard_count(self) -> int: ...
 
     def active_generation(self, timeout: float | None = None) -> indexer_pb2.Generation: ...
 
@@ -146,7 +159,7 @@ class Deadline:
         """The most generous of several deadlines (for work done on behalf of all of them)."""
         if any(d._end is None for d in deadlines):
             return deadlines[[d._end for d in deadlines].index(None)]
-        return max(deadlines, key=lambda d: d._end)
+        return max(deadlines, key=lambda d: cast(float, d._end))  # none is None here
 
     def timeout(self, before: str) -> float:
         """Seconds for the next dependency call; DeadlineExceeded if nothing is left."""
@@ -281,7 +294,7 @@ class SearchCore:
                 metrics.REENCODED_IMAGES.labels(prepared.reason.split(":")[0]).inc()
             image = prepared.data
         else:
-            check_id(query.item_id, "item_id")
+            check_id(cast(str, query.item_id), "item_id")  # exactly one of image and item_id is set
         return _Prepared(
             image=image,
             item_id=query.item_id,
@@ -324,7 +337,7 @@ class SearchCore:
         images = [p for p in prepared if p.image is not None]
         if images:
             try:
-                embedded = self._embed(generation, [p.image for p in images], deadline)
+                embedded = self._embed(generation, [p.image for p in images if p.image is not None], deadline)
             except InvalidInput as exc:
                 raise self._explained(exc, images, deadline, several=len(prepared) > 1) from None
             vectors[[p.index for p in images]] = embedded
@@ -333,7 +346,7 @@ class SearchCore:
                 vectors[p.index] = self._stored_vector(generation, p, deadline)
 
         # One Knn per distinct set of parameters: a batch of similar image queries is one fan-out.
-        groups: dict[tuple, list[_Prepared]] = {}
+        groups: dict[tuple[object, ...], list[_Prepared]] = {}
         for p in prepared:
             key = (
                 p.k,
@@ -390,7 +403,7 @@ class SearchCore:
         rejected = {}
         for p in images:
             reason = explain_undecodable(
-                p.image,
+                cast(bytes, p.image),  # ``images`` holds the image queries
                 self.limits.images,
                 self._decode_budget,
                 deadline.timeout("explaining a rejected image"),
@@ -441,7 +454,7 @@ class SearchCore:
         try:
             with metrics.stage("lookup"):
                 records = self._indexer.get(
-                    [p.item_id],
+                    [cast(str, p.item_id)],  # called for the queries by item id
                     generation=generation.name,
                     include_vectors=True,
                     timeout=deadline.timeout("reading the item's stored vector"),

@@ -7,7 +7,9 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import grpc
 from grpc_health.v1 import health_pb2
 
 from cbir import defaults
@@ -18,6 +20,11 @@ from cbir.v1 import search_pb2, search_pb2_grpc, types_pb2
 from gateway.auth import ApiKeyInterceptor, ApiKeys
 from gateway.health import DependencyProber
 from gateway.search import Query, SearchCore, SearchLimits, SearchResult, ServingInfo
+
+if TYPE_CHECKING:
+    from embedder.client import EmbedderClient
+    from gateway.http_server import HttpServer
+    from indexer.client import IndexerClient
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +71,25 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     The HTTP/JSON API (gateway/http_api.py) uses the same conversions over the same core.
     """
 
-    def __init__(self, core: SearchCore):
+    def __init__(self, core: SearchCore) -> None:
         self.core = core
 
-    def Search(self, request, context):
+    def Search(
+        self, request: search_pb2.SearchRequest, context: grpc.ServicerContext
+    ) -> search_pb2.SearchResponse:
         result = self.core.search(to_query(request), self.core.deadline(context.time_remaining()))
         return to_response(result, request_id_var.get())
 
-    def BatchSearch(self, request, context):
+    def BatchSearch(
+        self, request: search_pb2.BatchSearchRequest, context: grpc.ServicerContext
+    ) -> search_pb2.BatchSearchResponse:
         queries = [to_query(q) for q in request.queries]
         results, generation = self.core.batch_search(queries, self.core.deadline(context.time_remaining()))
         return to_batch_response(results, generation, request_id_var.get())
 
-    def GetServingInfo(self, request, context):
+    def GetServingInfo(
+        self, request: search_pb2.GetServingInfoRequest, context: grpc.ServicerContext
+    ) -> search_pb2.ServingInfo:
         return to_serving_info(self.core.serving_info(self.core.deadline(context.time_remaining())))
 
 
@@ -112,7 +125,9 @@ class GatewayConfig:
     http: HttpOptions = HttpOptions(port=-1)
 
 
-def _embedder_factory(config: GatewayConfig) -> tuple[Callable[[str], object], Callable[[], None]]:
+def _embedder_factory(
+    config: GatewayConfig,
+) -> tuple[Callable[[str], EmbedderClient], Callable[[], None]]:
     """One EmbedderClient per model name (normally one), created on first use; and a closer."""
     from embedder.client import EmbedderClient
 
@@ -198,11 +213,19 @@ def build_gateway(options: ServerOptions, config: GatewayConfig) -> RunningServe
 
 def _grpc_serving(running: RunningServer) -> bool:
     """The gRPC health state of the whole server (what Kubernetes' gRPC probe sees)."""
-    answer = running.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+    # HealthServicer.Check never reads its context.
+    answer = running.health.Check(health_pb2.HealthCheckRequest(service=""), None)  # type: ignore[arg-type]
     return answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _start_http(options: ServerOptions, config: GatewayConfig, core, indexer, keys, running: RunningServer):
+def _start_http(
+    options: ServerOptions,
+    config: GatewayConfig,
+    core: SearchCore,
+    indexer: IndexerClient,
+    keys: ApiKeys | None,
+    running: RunningServer,
+) -> HttpServer:
     """The HTTP/JSON API and search page over the same core, keys, TLS and limits as the gRPC port."""
     from concurrent.futures import ThreadPoolExecutor
 

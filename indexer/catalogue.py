@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from indexer.store import ItemRow
 
@@ -116,7 +117,10 @@ class Catalogue:
             return set(self.items) if result is None else result
 
 
-def _discard(index: dict, key, item_id: str) -> None:
+K = TypeVar("K")
+
+
+def _discard(index: dict[K, set[str]], key: K, item_id: str) -> None:
     ids = index.get(key)
     if ids is not None:
         ids.discard(item_id)

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cbir.cli import run_main
 from cbir.config import env_flag
@@ -15,6 +16,10 @@ from cbir.logs import configure_cli_logging
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
 from indexer.core import IndexerConfig
+
+if TYPE_CHECKING:
+    from cbir.v1 import indexer_pb2
+    from indexer.client import IndexerClient
 
 ENV = "CBIR_INDEXER"
 log = logging.getLogger("indexer")
@@ -155,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_client(args):
+def make_client(args: argparse.Namespace) -> IndexerClient:
     """An IndexerClient for the --indexer/--tls-ca/--timeout flags."""
     from indexer.client import IndexerClient
 
@@ -207,7 +212,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _generations(client, args, parser) -> int:
+def _generations(client: IndexerClient, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cbir.v1 import indexer_pb2, types_pb2
 
     if args.action == "list":
@@ -246,7 +251,7 @@ def _figure_order(pair: tuple[str, float]) -> tuple[str, int]:
     return (name, int(depth) if depth.isdigit() else 0)
 
 
-def _describe_rollout(d) -> str:
+def _describe_rollout(d: indexer_pb2.RolloutDecision) -> str:
     """One line: verdict, when, both generations' figures, timings, reason."""
     from cbir.v1 import indexer_pb2
 
@@ -265,7 +270,7 @@ def _describe_rollout(d) -> str:
     )
 
 
-def _serve(args) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from indexer.core import IndexerCore
     from indexer.server import serve
 

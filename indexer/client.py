@@ -11,9 +11,11 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
+from typing import Any, cast
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
 from cbir import errors
 from cbir.channels import open_channel
@@ -55,7 +57,7 @@ class IndexerClient:
     def __enter__(self) -> IndexerClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -65,7 +67,8 @@ class IndexerClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _call(self, shard: int, method: str, request, timeout: float | None):
+    # The stub's methods are looked up by name, so the answer's type is the caller's to state.
+    def _call(self, shard: int, method: str, request: Message, timeout: float | None) -> Any:
         try:
             return getattr(self._stubs[shard], method)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
@@ -81,9 +84,10 @@ class IndexerClient:
         )
         if code == grpc.StatusCode.UNAVAILABLE:
             return errors.NotReady(f"{where} is unavailable: {details}")
-        return errors.error_for(code, f"{where}: {details}" if self.shard_count > 1 else details)
+        # details() is None for a status sent without details; the error's message is then None too.
+        return errors.error_for(code, f"{where}: {details}" if self.shard_count > 1 else details)  # type: ignore[arg-type]
 
-    def _all(self, method: str, request, timeout: float | None) -> list:
+    def _all(self, method: str, request: Message, timeout: float | None) -> list[Any]:
         """The answers of every shard. Raises the first shard's error only once every call has ended,
         so no call is still running behind an error (e.g. a CreateGeneration that another worker raced:
         when AlreadyExists comes back, every shard has the generation)."""
@@ -95,7 +99,10 @@ class IndexerClient:
 
     def active_generation(self, timeout: float | None = None) -> indexer_pb2.Generation:
         try:
-            return self._call(0, "GetGeneration", indexer_pb2.GetGenerationRequest(), timeout)
+            active: indexer_pb2.Generation = self._call(
+                0, "GetGeneration", indexer_pb2.GetGenerationRequest(), timeout
+            )
+            return active
         except errors.NotFound as exc:
             raise errors.FailedPrecondition(f"no generation is active: {exc.message}") from None
 
@@ -115,7 +122,7 @@ class IndexerClient:
         q = np.asarray(queries, dtype="<f4")
         if q.ndim == 1:
             q = q[None, :]
-        base = dict(k=k, ef=ef, generation=generation, exclude_ids=exclude_ids)
+        base: dict[str, Any] = dict(k=k, ef=ef, generation=generation, exclude_ids=exclude_ids)
         if filter is not None:
             base["filter"] = filter
         if min_score is not None:
@@ -128,14 +135,14 @@ class IndexerClient:
             if self._packed[shard]:
                 request = indexer_pb2.KnnRequest(packed_queries=packed, require_active=active, **base)
                 try:
-                    return self._call(shard, "Knn", request, timeout)
+                    return cast(indexer_pb2.KnnResponse, self._call(shard, "Knn", request, timeout))
                 except errors.InvalidInput as exc:
                     if "at least one query vector" not in exc.message:
                         raise
                     self._packed[shard] = False  # an indexer older than packed_queries
             vectors = [indexer_pb2.Vector(values=row) for row in q.tolist()]
             request = indexer_pb2.KnnRequest(queries=vectors, require_active=active, **base)
-            return self._call(shard, "Knn", request, timeout)
+            return cast(indexer_pb2.KnnResponse, self._call(shard, "Knn", request, timeout))
 
         if self.shard_count == 1:
             return ask(0)
@@ -182,7 +189,10 @@ class IndexerClient:
     def get_generation(
         self, name: str = "", *, shard: int = 0, timeout: float | None = None
     ) -> indexer_pb2.Generation:
-        return self._call(shard, "GetGeneration", indexer_pb2.GetGenerationRequest(name=name), timeout)
+        generation: indexer_pb2.Generation = self._call(
+            shard, "GetGeneration", indexer_pb2.GetGenerationRequest(name=name), timeout
+        )
+        return generation
 
     def list_pending(
         self, generation: str, *, page_size: int = 1000, timeout: float | None = None
@@ -257,7 +267,7 @@ class IndexerClient:
             if not part:
                 return 0
 
-            def messages():
+            def messages() -> Iterator[indexer_pb2.UpsertRequest]:
                 for start in range(0, len(part), batch_size):
                     yield indexer_pb2.UpsertRequest(
                         generation=generation, records=part[start : start + batch_size]
@@ -269,7 +279,7 @@ class IndexerClient:
                 )
             except grpc.RpcError as exc:
                 raise self._error(shard, exc) from None
-            return answer.upserted
+            return int(answer.upserted)
 
         return sum(f.result() for f in [self._pool.submit(stream, s) for s in range(self.shard_count)])
 
@@ -297,9 +307,15 @@ class IndexerClient:
         timeout: float | None = None,
     ) -> indexer_pb2.Generation:
         request = indexer_pb2.CreateGenerationRequest(
-            name=name, space=space, metric=metric, dimension=dimension, params=params
+            # The proto enums are ints at run time; their stubs type them as int subclasses.
+            name=name,
+            space=space,
+            metric=cast(types_pb2.Metric, metric),
+            dimension=dimension,
+            params=params,
         )
-        return self._all("CreateGeneration", request, timeout)[0]
+        created: indexer_pb2.Generation = self._all("CreateGeneration", request, timeout)[0]
+        return created
 
     def activate_generation(
         self,
@@ -314,7 +330,7 @@ class IndexerClient:
         With ``expected_active``, each shard switches only from that generation (compare-and-swap,
         ABORTED otherwise); a shard already on ``name`` (an earlier, interrupted attempt) is left as is.
         """
-        answer = None
+        answer: indexer_pb2.Generation | None = None
         for shard in reversed(range(self.shard_count)):
             request = indexer_pb2.ActivateGenerationRequest(
                 name=name, allow_pending=allow_pending, expected_active=expected_active
@@ -326,18 +342,18 @@ class IndexerClient:
                 if current.state != indexer_pb2.GENERATION_STATE_ACTIVE:
                     raise
                 answer = current
-        return answer
+        return cast(indexer_pb2.Generation, answer)  # set by the last shard (there is at least one)
 
     def record_rollout(
         self, decision: indexer_pb2.RolloutDecision, timeout: float | None = None
     ) -> indexer_pb2.RolloutDecision:
         """Records a rollout decision on shards n-1..1, then 0 (shard 0, which lists them, last)."""
-        answer = None
+        answer: indexer_pb2.RolloutDecision | None = None
         for shard in reversed(range(self.shard_count)):
             answer = self._call(
                 shard, "RecordRollout", indexer_pb2.RecordRolloutRequest(decision=decision), timeout
             )
-        return answer
+        return cast(indexer_pb2.RolloutDecision, answer)  # as in activate_generation
 
     def list_rollouts(
         self, model_name: str = "", timeout: float | None = None

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -470,7 +471,7 @@ class IndexerCore:
 
     def list_items(
         self, generation: str = "", page_size: int = 0, page_token: str = "", include_vectors: bool = False
-    ):
+    ) -> tuple[list[tuple[ItemRow, np.ndarray | None]], str, GenerationRow]:
         """(items with vectors or None, next token, generation row): one page in id order."""
         self._check_ready()
         gen = self._resolve(generation)
@@ -623,7 +624,7 @@ class IndexerCore:
         current = self.catalogue.get(row.id)
         return current if current == row else row
 
-    def _apply(self, change: Callable, *args) -> None:
+    def _apply(self, change: Callable[..., None], *args: Any) -> None:
         """Applies a committed write to memory; a failure here means memory != store (see _fatal)."""
         try:
             change(*args)
@@ -684,7 +685,9 @@ class IndexerCore:
             graph.applied_seq = seq
         self.catalogue.remove(ids)
 
-    def get(self, ids: Sequence[str], generation: str = "", include_vectors: bool = False):
+    def get(
+        self, ids: Sequence[str], generation: str = "", include_vectors: bool = False
+    ) -> tuple[list[tuple[ItemRow, np.ndarray | None]], GenerationRow | None]:
         """(items with vectors or None, generation row or None) in the order asked."""
         self._check_ready()
         self._check_ids(ids)
@@ -701,7 +704,7 @@ class IndexerCore:
 
     def knn(
         self,
-        queries: np.ndarray | Sequence[Sequence[float]] | PackedVectors,
+        queries: np.ndarray | Sequence[np.ndarray | Sequence[float]] | PackedVectors,
         k: int,
         *,
         generation: str = "",

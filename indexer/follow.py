@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 import prometheus_client
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -44,9 +45,10 @@ from cbir.errors import CbirError, FailedPrecondition, InvalidInput, NotReady
 from cbir.metric import METRIC_NAMES
 from cbir.v1 import indexer_pb2
 from indexer.jobs import KubernetesAPI, ReindexJobs
-from indexer.reindex import ReindexOptions, entry_items, reindex
+from indexer.reindex import ReindexOptions, ReindexReport, entry_items, reindex
 from indexer.rollout import (
     EvalSet,
+    Evaluation,
     QualityGate,
     compare,
     evaluate_generation,
@@ -54,6 +56,10 @@ from indexer.rollout import (
     recorded_figures,
 )
 from indexer.store import ItemRow
+
+if TYPE_CHECKING:
+    from embedder.client import EmbedderClient
+    from indexer.client import IndexerClient
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +167,13 @@ class RolloutController:
     def __init__(
         self,
         options: FollowOptions,
-        index,
-        embedder,
+        index: IndexerClient,
+        embedder: EmbedderClient,
         eval_set: EvalSet,
         *,
         jobs: ReindexJobs | None = None,
         set_healthy: Callable[[bool], None] = lambda _healthy: None,
-    ):
+    ) -> None:
         self.options = options
         self.index = index
         self.embedder = embedder
@@ -258,10 +264,16 @@ class RolloutController:
         self._decide(version, generations, active)
         return True
 
-    def _ours(self, generation) -> bool:
+    def _ours(self, generation: indexer_pb2.Generation | None) -> TypeGuard[indexer_pb2.Generation]:
         return generation is not None and generation.space.model_name == self.options.model
 
-    def _next_version(self, versions: dict[int, str], decisions, generations, active) -> int | None:
+    def _next_version(
+        self,
+        versions: dict[int, str],
+        decisions: dict[int, indexer_pb2.RolloutDecision],
+        generations: list[indexer_pb2.Generation],
+        active: indexer_pb2.Generation | None,
+    ) -> int | None:
         """The newest AVAILABLE version without a decision, newer than the active generation's."""
         for version, state in sorted(versions.items()):
             if state != "AVAILABLE" and self._reported.get(version) != state:
@@ -278,7 +290,9 @@ class RolloutController:
         todo = [v for v, state in versions.items() if state == "AVAILABLE" and v not in done and v > floor]
         return max(todo) if todo else None
 
-    def _generation_for(self, version: int, generations) -> indexer_pb2.Generation | None:
+    def _generation_for(
+        self, version: int, generations: list[indexer_pb2.Generation]
+    ) -> indexer_pb2.Generation | None:
         """The building generation of ``version`` to resume, preferring the controller's own name."""
         building = [
             g
@@ -288,9 +302,9 @@ class RolloutController:
             and g.state == indexer_pb2.GENERATION_STATE_BUILDING
         ]
         own = [g for g in building if g.name == f"{self.options.model}-v{version}"]
-        return (own or building or [None])[0]
+        return next(iter(own or building), None)
 
-    def _catalogue_items(self, active) -> list[ItemRow]:
+    def _catalogue_items(self, active: indexer_pb2.Generation | None) -> list[ItemRow]:
         source = self.options.catalogue
         if source is not None:
             from cbir.catalogue import read_catalogue
@@ -313,7 +327,7 @@ class RolloutController:
             message, extra={"model": self.options.model, "model_version": version}
         )
 
-    def _build(self, name: str, version: int, items: list[ItemRow]):
+    def _build(self, name: str, version: int, items: list[ItemRow]) -> ReindexReport:
         options = replace(
             self.options.reindex,
             model_version=version,
@@ -332,21 +346,22 @@ class RolloutController:
             )
         return report
 
-    def _build_with_job(self, name: str, version: int):
+    def _build_with_job(self, name: str, version: int) -> ReindexReport:
         """Starts (or finds) the Indexed Job of ``version``, waits for it, then drains what is left."""
-        job = self.jobs.name(version)
+        jobs = cast(ReindexJobs, self.jobs)  # called only when the controller has them
+        job = jobs.name(version)
         while True:
-            state = self.jobs.state(job)
+            state = jobs.state(job)
             if state == "succeeded":
                 break
             if state == "failed":
-                self.jobs.delete(job)
+                jobs.delete(job)
                 raise FailedPrecondition(
                     f"reindex Job {job} failed (its pods' logs say why); it is deleted and started again, "
                     "and its workers resume"
                 )
             if state == "missing":
-                self.jobs.start(version, name)
+                jobs.start(version, name)
             if self._stopped.wait(self.options.poll_seconds):
                 raise NotReady(
                     f"stopping while reindex Job {job} runs; it goes on, and is picked up on restart"
@@ -354,7 +369,9 @@ class RolloutController:
         # Writes made while the workers ran are pending in the generation; then the counts are checked.
         return self._build(name, version, [])
 
-    def _decide(self, version: int, generations, active) -> None:
+    def _decide(
+        self, version: int, generations: list[indexer_pb2.Generation], active: indexer_pb2.Generation | None
+    ) -> None:
         model = self.options.model
         existing = self._generation_for(version, generations)
         name = existing.name if existing is not None else f"{model}-v{version}"
@@ -422,7 +439,7 @@ class RolloutController:
         if passed:
             self._activate(decision)
 
-    def _evaluate(self, generation):
+    def _evaluate(self, generation: indexer_pb2.Generation) -> Evaluation:
         o = self.options
         return evaluate_generation(
             self.eval_set,
@@ -434,7 +451,7 @@ class RolloutController:
             timeout=o.reindex.serving_timeout,
         )
 
-    def _evaluate_active(self, active):
+    def _evaluate_active(self, active: indexer_pb2.Generation | None) -> tuple[Evaluation | None, str]:
         """The active generation's evaluation, or None and why the gate applies the floors only."""
         if active is None:
             return None, "no generation was active: floors only"
@@ -526,7 +543,10 @@ _GATE = QualityGate()
 _REINDEX = ReindexOptions(model="")
 
 
-def add_parser(sub, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    client_flags: Callable[[argparse.ArgumentParser], None],
+) -> None:
     from cbir.server import add_common_flags
 
     d = FollowOptions(reindex=_REINDEX, eval_set=CatalogueSource(""))
@@ -814,7 +834,7 @@ def options_from_args(args: argparse.Namespace) -> FollowOptions:
     )
 
 
-def run(args, make_client) -> int:
+def run(args: argparse.Namespace, make_client: Callable[[argparse.Namespace], IndexerClient]) -> int:
     """The follow command: health + metrics server, the controller in a thread, until SIGTERM."""
     from cbir.server import ServerOptions, serve_until_signalled, start_server
     from indexer.reindex import open_embedder

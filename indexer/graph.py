@@ -22,7 +22,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +46,7 @@ class RWLock:
         self._writers_waiting = 0
 
     @contextmanager
-    def read(self):
+    def read(self) -> Iterator[None]:
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
@@ -60,7 +60,7 @@ class RWLock:
                     self._cond.notify_all()
 
     @contextmanager
-    def write(self):
+    def write(self) -> Iterator[None]:
         with self._cond:
             self._writers_waiting += 1
             while self._writer or self._readers:
@@ -150,11 +150,11 @@ class HnswGraph:
 
     @property
     def deleted_slots(self) -> int:
-        return self.index.element_count - len(self.label_of)
+        return int(self.index.element_count) - len(self.label_of)
 
     @property
     def capacity(self) -> int:
-        return self.index.max_elements
+        return int(self.index.max_elements)
 
     def id_at(self, label: int) -> str | None:
         row = self.rows[label]
@@ -171,7 +171,9 @@ class HnswGraph:
         upper = (p.m * 4 + 4) / max(math.log(p.m), 1.0)
         return int(self.capacity * (level0 + 8) + self.index.element_count * upper)
 
-    def search(self, queries: np.ndarray, k: int, accept: Callable[[int], bool] | None = None):
+    def search(
+        self, queries: np.ndarray, k: int, accept: Callable[[int], bool] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(labels, distances) from hnswlib; raises RuntimeError if fewer than k are found.
 
         The search width is the index's ef (hnswlib raises it to k itself). It is one setting for
@@ -179,12 +181,16 @@ class HnswGraph:
         """
         if accept is None:
             # hnswlib's thread pool costs more than it saves for a handful of queries.
-            return self.index.knn_query(queries, k=k, num_threads=1 if len(queries) < 8 else -1)
+            found: tuple[np.ndarray, np.ndarray] = self.index.knn_query(
+                queries, k=k, num_threads=1 if len(queries) < 8 else -1
+            )
+            return found
         # hnswlib calls the filter with the GIL held; one thread avoids contention (hnswlib docs).
-        return self.index.knn_query(queries, k=k, num_threads=1, filter=accept)
+        found = self.index.knn_query(queries, k=k, num_threads=1, filter=accept)
+        return found
 
     @contextmanager
-    def custom_ef(self, ef: int):
+    def custom_ef(self, ef: int) -> Iterator[None]:
         """Searches with another ef. hnswlib's ef belongs to the index, not to a query, so the caller
         must hold the write lock: the override must not leak into concurrent queries."""
         self.index.set_ef(ef)

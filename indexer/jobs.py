@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cbir.errors import AlreadyExists, CbirError, FailedPrecondition, InvalidInput, NotFound, NotReady
 
@@ -135,7 +136,7 @@ class ReindexJobs:
         except NotFound:
             pass
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         url = f"{self.api.url}/apis/batch/v1/namespaces/{self.api.namespace}/{path}"
         try:
             # Read on every call: a projected token is rotated by the kubelet.
@@ -156,7 +157,8 @@ class ReindexJobs:
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self._tls) as answer:
-                return json.loads(answer.read() or b"{}")
+                decoded: dict[str, Any] = json.loads(answer.read() or b"{}")
+                return decoded
         except urllib.error.HTTPError as exc:
             detail = _message(exc)
             what = f"Kubernetes API {method} {path}: HTTP {exc.code}: {detail}"
@@ -179,6 +181,7 @@ class ReindexJobs:
 
 def _message(exc: urllib.error.HTTPError) -> str:
     try:
-        return json.loads(exc.read()).get("message", "")
+        message: str = json.loads(exc.read()).get("message", "")
+        return message
     except (ValueError, OSError):
         return exc.reason or ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client.core import GaugeMetricFamily
 
 from indexer.core import IndexerCore
@@ -10,10 +12,10 @@ from indexer.core import IndexerCore
 class IndexCollector:
     """Items, per-generation vectors, deleted slots, graph memory and the last durable sequence."""
 
-    def __init__(self, core: IndexerCore):
+    def __init__(self, core: IndexerCore) -> None:
         self.core = core
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         if not self.core.ready:
             return
         items = GaugeMetricFamily("cbir_indexer_items", "Live items in this shard's catalogue.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -76,6 +77,11 @@ def search(
     ]
 
 
+# Per query: the rows found and their distances. Both searches return live items only, so the
+# graph's None (a deleted label) never appears; the casts below say so once per search.
+_Found = tuple[list[list[ItemRow]], np.ndarray]
+
+
 def _search(
     graph: HnswGraph,
     metric: Metric,
@@ -83,7 +89,7 @@ def _search(
     catalogue: Catalogue,
     exact_threshold: int,
     exact_below: int,
-):
+) -> _Found:
     """(rows, distances) per query; the caller holds the graph's lock."""
     q, k, flt, exclude = query.vectors, query.k, query.item_filter, query.exclude_ids
     live = len(graph)
@@ -126,19 +132,21 @@ def _hnsw_or_exact(
     k: int,
     accept: Callable[[int], bool] | None,
     candidates: Callable[[], list[str]],
-):
+) -> _Found:
     try:
         labels, dists = graph.search(q, k, accept)
     except RuntimeError:
         # hnswlib found fewer than k (deletes, a narrow filter): answer exactly instead.
         return _exact(graph, metric, q, k, candidates())
     rows = graph.rows
-    return [[rows[label] for label in row] for row in labels.tolist()], dists
+    found = [[rows[label] for label in row] for row in labels.tolist()]
+    return cast("list[list[ItemRow]]", found), dists
 
 
-def _exact(graph: HnswGraph, metric: Metric, q: np.ndarray, k: int, ids: list[str]):
+def _exact(graph: HnswGraph, metric: Metric, q: np.ndarray, k: int, ids: list[str]) -> _Found:
     found, dists = ExactIndex(metric, ids, graph.vectors_of(ids)).search(q, k)
-    return [[graph.row_of(i) for i in row] for row in found], dists
+    rows = [[graph.row_of(i) for i in row] for row in found]
+    return cast("list[list[ItemRow]]", rows), dists
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,9 @@ class PackedVectors:
     data: bytes
 
 
-def as_queries(queries: np.ndarray | Sequence[Sequence[float]] | PackedVectors, dim: int) -> np.ndarray:
+def as_queries(
+    queries: np.ndarray | Sequence[np.ndarray | Sequence[float]] | PackedVectors, dim: int
+) -> np.ndarray:
     """A float32 [n, dim] matrix of finite query vectors, or InvalidInput naming the bad one."""
     if isinstance(queries, PackedVectors):
         if len(queries.data) % (4 * dim):

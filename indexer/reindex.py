@@ -25,10 +25,11 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
@@ -41,6 +42,18 @@ from cbir.sharding import shard_of
 from cbir.v1 import indexer_pb2, types_pb2
 from indexer.core import check_item
 from indexer.store import ItemRow
+
+if TYPE_CHECKING:
+    from cbir.catalogue import CatalogueEntry
+    from embedder.client import EmbedderClient
+    from indexer.client import IndexerClient
+
+
+class Progress(Protocol):
+    """What the pipeline needs of a progress bar (tqdm's)."""
+
+    def update(self, n: int) -> object: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +120,10 @@ class ReindexOptions:
 _DEFAULTS = ReindexOptions(model="")
 
 
-def add_parser(sub, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    client_flags: Callable[[argparse.ArgumentParser], None],
+) -> None:
     d = _DEFAULTS
     p = sub.add_parser(
         "reindex",
@@ -208,7 +224,7 @@ def options_from_args(args: argparse.Namespace) -> ReindexOptions:
     )
 
 
-def open_embedder(options: ReindexOptions):
+def open_embedder(options: ReindexOptions) -> EmbedderClient:
     """The Serving client the options describe (model, address, signature, timeout)."""
     from embedder.client import EmbedderClient
 
@@ -246,7 +262,7 @@ class ReindexReport:
         return done / self.stream_seconds if self.stream_seconds > 0 else 0.0
 
 
-def entry_items(entries) -> list[ItemRow]:
+def entry_items(entries: Iterable[CatalogueEntry]) -> list[ItemRow]:
     """Catalogue entries -> items, validated, duplicate ids refused (naming both paths)."""
     seen: dict[str, str] = {}
     items = []
@@ -271,7 +287,7 @@ def _record(item: ItemRow, vector: np.ndarray) -> indexer_pb2.Record:
 
 
 def embed_keeping_good(
-    embedder, images: Sequence[bytes], *, version: int | None, timeout: float
+    embedder: EmbedderClient, images: Sequence[bytes], *, version: int | None, timeout: float
 ) -> tuple[list[int], np.ndarray, int | None, list[tuple[int, str]]]:
     """Embeds ``images``, leaving out the ones Serving rejects instead of failing the batch.
 
@@ -296,7 +312,13 @@ def embed_keeping_good(
 class Pipeline:
     """Reads images ahead in a thread pool, embeds batch by batch at a pinned version, upserts behind."""
 
-    def __init__(self, embedder, client, options: ReindexOptions, progress=None):
+    def __init__(
+        self,
+        embedder: EmbedderClient,
+        client: IndexerClient,
+        options: ReindexOptions,
+        progress: Progress | None = None,
+    ) -> None:
         self.embedder = embedder
         self.client = client
         self.batch_size = options.batch_size
@@ -309,11 +331,16 @@ class Pipeline:
         # Time spent streaming (read -> embed -> upsert), without the set-up, drain and check.
         self.stream_seconds = 0.0
 
-    def embed_items(self, items: Sequence[ItemRow], images: Sequence[bytes | None]):
+    def embed_items(
+        self, items: Sequence[ItemRow], images: Sequence[bytes | None]
+    ) -> tuple[list[ItemRow], np.ndarray]:
         """Vectors for the items whose image could be read and embedded; bad ones are recorded."""
         readable = [j for j, img in enumerate(images) if img is not None]
         kept, vectors, answered, rejected = embed_keeping_good(
-            self.embedder, [images[j] for j in readable], version=self.version, timeout=self.timeout
+            self.embedder,
+            [img for img in images if img is not None],  # the images at ``readable``
+            version=self.version,
+            timeout=self.timeout,
         )
         for position, reason in rejected:
             self.failed.append((items[readable[position]].id, reason))
@@ -348,7 +375,7 @@ class Pipeline:
             futures.ThreadPoolExecutor(1, thread_name_prefix="reindex-upsert") as writer,
         ):
             reads = [reader.submit(self.read, b) for b in batches[: self.prefetch]]
-            upsert: futures.Future | None = None
+            upsert: futures.Future[int] | None = None
             name = None
             for n, batch in enumerate(batches):
                 images = reads[n].result()
@@ -357,7 +384,8 @@ class Pipeline:
                 good, vectors = self.embed_items(batch, images)
                 if good:
                     if name is None:
-                        name = generation(vectors.shape[1], self.version)
+                        # Set by embed_items, which embedded this batch.
+                        name = generation(vectors.shape[1], cast(int, self.version))
                     records = [_record(item, vec) for item, vec in zip(good, vectors, strict=True)]
                     if upsert is not None:
                         written += upsert.result()
@@ -370,7 +398,7 @@ class Pipeline:
         return written
 
 
-def run(args, make_client) -> int:
+def run(args: argparse.Namespace, make_client: Callable[[argparse.Namespace], IndexerClient]) -> int:
     """The reindex command; returns the exit code."""
     configure_cli_logging("INFO", "%(message)s")
     from cbir.catalogue import read_catalogue
@@ -409,7 +437,7 @@ def run(args, make_client) -> int:
     return 1 if report.failed else 0
 
 
-def _dry_run(items: list[ItemRow], args) -> int:
+def _dry_run(items: list[ItemRow], args: argparse.Namespace) -> int:
     missing = [i for i in items if not Path(i.uri).is_file()]
     labels = {i.label for i in items}
     shards = len([t for t in args.indexer.split(",") if t.strip()])
@@ -434,7 +462,7 @@ def generation_name(options: ReindexOptions, version: int) -> str:
     return f"{options.model}-v{version}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
 
 
-def _find_generation(client, options: ReindexOptions) -> indexer_pb2.Generation | None:
+def _find_generation(client: IndexerClient, options: ReindexOptions) -> indexer_pb2.Generation | None:
     """The generation to resume, if any."""
     name = options.generation
     if not name and options.partition is not None and options.model_version is not None:
@@ -460,7 +488,7 @@ def _find_generation(client, options: ReindexOptions) -> indexer_pb2.Generation 
     return candidates[0]
 
 
-def _latest_available(embedder, model: str) -> int:
+def _latest_available(embedder: EmbedderClient, model: str) -> int:
     versions = [v for v, state in embedder.model_versions().items() if state == "AVAILABLE"]
     if not versions:
         raise NotReady(f"Serving has no AVAILABLE version of model {model!r} yet")
@@ -476,11 +504,11 @@ class _Target:
 
     def __init__(
         self,
-        client,
+        client: IndexerClient,
         options: ReindexOptions,
         existing: indexer_pb2.Generation | None,
         say: Callable[[str], None],
-    ):
+    ) -> None:
         self.client = client
         self.options = options
         self.name = existing.name if existing is not None else None
@@ -519,7 +547,12 @@ class _Target:
 
 
 def reindex(
-    items: list[ItemRow], options: ReindexOptions, client, embedder, *, say: Callable[[str], None] = print
+    items: list[ItemRow],
+    options: ReindexOptions,
+    client: IndexerClient,
+    embedder: EmbedderClient,
+    *,
+    say: Callable[[str], None] = print,
 ) -> ReindexReport:
     """Embeds ``items`` (this worker's partition of them) into a generation; checks and activates it.
 
@@ -557,7 +590,7 @@ def reindex(
         # catalogue is empty still drains its pending items into it.
         dim = embedder.signature(pipeline.version).dim
         if dim > 0:
-            target(dim, pipeline.version)
+            target(dim, cast(int, pipeline.version))  # a partition worker pinned it above
 
     progress = None
     if options.progress and todo:
@@ -597,7 +630,7 @@ def reindex(
     )
 
 
-def _still_to_do(client, generation: str, items: list[ItemRow]) -> list[ItemRow]:
+def _still_to_do(client: IndexerClient, generation: str, items: list[ItemRow]) -> list[ItemRow]:
     """Items without a current vector in the generation (missing, pending, or changed in the catalogue)."""
     if not items:
         return []
@@ -618,7 +651,7 @@ def _still_to_do(client, generation: str, items: list[ItemRow]) -> list[ItemRow]
 
 
 def _drain_pending(
-    client,
+    client: IndexerClient,
     pipeline: Pipeline,
     generation: str,
     target: _Target,
@@ -645,7 +678,9 @@ def _drain_pending(
     return done
 
 
-def _complete(client, generation: str, catalogue_items: int, say: Callable[[str], None]) -> bool:
+def _complete(
+    client: IndexerClient, generation: str, catalogue_items: int, say: Callable[[str], None]
+) -> bool:
     """Whether every partition is in: a current vector for every catalogue item, on every shard."""
     gens = [client.get_generation(generation, shard=s) for s in range(client.shard_count)]
     vectors = sum(g.item_count for g in gens)
@@ -661,7 +696,11 @@ def _complete(client, generation: str, catalogue_items: int, say: Callable[[str]
 
 
 def _check(
-    client, generation: str, samples: int, allow_pending: bool = False, say: Callable[[str], None] = print
+    client: IndexerClient,
+    generation: str,
+    samples: int,
+    allow_pending: bool = False,
+    say: Callable[[str], None] = print,
 ) -> None:
     """Counts match across shards, nothing pending, and sampled items are their own nearest neighbour."""
     gens = [client.get_generation(generation, shard=s) for s in range(client.shard_count)]
@@ -702,7 +741,7 @@ def _check(
             )
 
 
-def export(client, generation: str, output: Path) -> int:
+def export(client: IndexerClient, generation: str, output: Path) -> int:
     """Writes ids, labels, uris and vectors of a generation to an .npz (plus the space it came from)."""
     gen = client.get_generation(generation) if generation else client.active_generation()
     ids, labels, uris, vectors = [], [], [], []

@@ -18,12 +18,20 @@ import os
 from collections.abc import Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from cbir.errors import InvalidInput
 from cbir.v1 import indexer_pb2
 from trainer.metrics import average_precision_at_k
+
+if TYPE_CHECKING:
+    from embedder.client import EmbedderClient
+    from indexer.client import IndexerClient
+
+# What embed_keeping_good returns: (positions embedded, vectors, version that answered, rejected).
+_Embedded = tuple[list[int], np.ndarray, int | None, list[tuple[int, str]]]
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +114,9 @@ def _same_item(query: EvalQuery, hit_id: str, hit_uri: str) -> bool:
 
 def evaluate_generation(
     eval_set: EvalSet,
-    generation,
-    index,
-    embedder,
+    generation: indexer_pb2.Generation,
+    index: IndexerClient,
+    embedder: EmbedderClient,
     *,
     k: int = MAP_DEPTH,
     batch_size: int = 32,
@@ -126,7 +134,7 @@ def evaluate_generation(
     rejected: list[tuple[str, str]] = []
     batches = [range(s, min(s + batch_size, len(eval_set))) for s in range(0, len(eval_set), batch_size)]
 
-    def embed(rows: range):
+    def embed(rows: range) -> _Embedded:
         return embed_keeping_good(
             embedder, [eval_set.images[i] for i in rows], version=version, timeout=timeout
         )
@@ -135,7 +143,8 @@ def evaluate_generation(
     with futures.ThreadPoolExecutor(1, thread_name_prefix="rollout-embed") as pool:
         pending = pool.submit(embed, batches[0]) if batches else None
         for n, rows in enumerate(batches):
-            kept, vectors, _answered, bad = pending.result()
+            # ``pending`` is set for every batch.
+            kept, vectors, _answered, bad = cast("futures.Future[_Embedded]", pending).result()
             pending = pool.submit(embed, batches[n + 1]) if n + 1 < len(batches) else None
             queries = [eval_set.queries[rows[j]] for j in kept]
             rejected.extend((eval_set.queries[rows[j]].id, why) for j, why in bad)
@@ -158,7 +167,9 @@ def figures(relevance: Sequence[Sequence[bool]]) -> dict[str, float]:
     return out
 
 
-def compare(candidate: Evaluation, active: Evaluation | None) -> tuple[dict, dict | None, int]:
+def compare(
+    candidate: Evaluation, active: Evaluation | None
+) -> tuple[dict[str, float], dict[str, float] | None, int]:
     """Figures of both on the queries both answered: (candidate, active or None, number of queries)."""
     ids = sorted(candidate.relevance if active is None else set(candidate.relevance) & set(active.relevance))
     cand = figures([candidate.relevance[i] for i in ids])
@@ -166,7 +177,9 @@ def compare(candidate: Evaluation, active: Evaluation | None) -> tuple[dict, dic
     return cand, act, len(ids)
 
 
-def recorded_figures(decisions: Iterable[indexer_pb2.RolloutDecision], generation: str) -> dict | None:
+def recorded_figures(
+    decisions: Iterable[indexer_pb2.RolloutDecision], generation: str
+) -> dict[str, float] | None:
     """The gated figures measured when ``generation`` passed its rollout, or None if it never did
     (it was activated by hand, or by a controller with another evaluation set it did not record)."""
     for decision in sorted(decisions, key=lambda d: d.decided_at.ToNanoseconds(), reverse=True):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator, Sequence
+from typing import cast
 
+import grpc
 import numpy as np
 import prometheus_client
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -14,7 +17,7 @@ from cbir.server import RunningServer, ServerOptions, start_server
 from cbir.v1 import indexer_pb2, indexer_pb2_grpc, types_pb2
 from indexer.core import GenerationInfo, IndexerCore, ItemFilter
 from indexer.metrics import IndexCollector
-from indexer.queries import PackedVectors
+from indexer.queries import Hit, PackedVectors
 from indexer.store import GenerationRow, ItemRow, RolloutRow
 
 log = logging.getLogger(__name__)
@@ -37,13 +40,16 @@ def filter_from_proto(flt: types_pb2.Filter) -> ItemFilter:
     return ItemFilter(tuple(flt.labels), tuple((a.key, tuple(a.values)) for a in flt.attributes))
 
 
+# The rows hold the proto enums' numbers; the stubs type those enums as int subclasses, hence the casts.
+
+
 def generation_ref(row: GenerationRow | None) -> types_pb2.GenerationRef:
     if row is None:
         return types_pb2.GenerationRef()
     return types_pb2.GenerationRef(
         name=row.name,
         space=types_pb2.EmbeddingSpace(model_name=row.model_name, model_version=row.model_version),
-        metric=row.metric,
+        metric=cast(types_pb2.Metric, row.metric),
     )
 
 
@@ -64,7 +70,7 @@ def rollout_to_proto(row: RolloutRow) -> indexer_pb2.RolloutDecision:
         model_name=row.model_name,
         model_version=row.model_version,
         generation=row.generation,
-        verdict=row.verdict,
+        verdict=cast(indexer_pb2.RolloutVerdict, row.verdict),
         reason=row.reason,
         candidate_metrics=row.candidate_metrics,
         active_generation=row.active_generation,
@@ -106,9 +112,9 @@ def generation_to_proto(info: GenerationInfo) -> indexer_pb2.Generation:
     return indexer_pb2.Generation(
         name=row.name,
         space=types_pb2.EmbeddingSpace(model_name=row.model_name, model_version=row.model_version),
-        metric=row.metric,
+        metric=cast(types_pb2.Metric, row.metric),
         dimension=row.dimension,
-        state=row.state,
+        state=cast(indexer_pb2.GenerationState, row.state),
         item_count=info.item_count,
         deleted_slots=info.deleted_slots,
         pending_count=info.pending_count,
@@ -123,7 +129,7 @@ def generation_to_proto(info: GenerationInfo) -> indexer_pb2.Generation:
 _NO_FILTER = ItemFilter()
 
 
-def knn_queries(request: indexer_pb2.KnnRequest):
+def knn_queries(request: indexer_pb2.KnnRequest) -> list[np.ndarray] | PackedVectors:
     """The request's query vectors, packed or one message per vector (never both)."""
     if request.packed_queries:
         if request.queries:
@@ -132,7 +138,7 @@ def knn_queries(request: indexer_pb2.KnnRequest):
     return [np.asarray(q.values, np.float32) for q in request.queries]
 
 
-def knn_response(results, row: GenerationRow) -> indexer_pb2.KnnResponse:
+def knn_response(results: Sequence[Sequence[Hit]], row: GenerationRow) -> indexer_pb2.KnnResponse:
     """Hits written straight into the response (building a Hit, then Neighbors, then the response
     from them copies every hit twice)."""
     response = indexer_pb2.KnnResponse()
@@ -156,10 +162,12 @@ def knn_response(results, row: GenerationRow) -> indexer_pb2.KnnResponse:
 class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
     """Converts requests for :class:`IndexerCore` and its answers back; no logic of its own."""
 
-    def __init__(self, core: IndexerCore):
+    def __init__(self, core: IndexerCore) -> None:
         self.core = core
 
-    def Upsert(self, request_iterator, context):
+    def Upsert(
+        self, request_iterator: Iterator[indexer_pb2.UpsertRequest], context: grpc.ServicerContext
+    ) -> indexer_pb2.UpsertResponse:
         written, generation, row = 0, None, None
         for message in request_iterator:
             if generation is None:
@@ -181,11 +189,13 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             row = self.core.generation_row(generation or "")
         return indexer_pb2.UpsertResponse(upserted=written, generation=generation_ref(row))
 
-    def Delete(self, request, context):
+    def Delete(
+        self, request: indexer_pb2.DeleteRequest, context: grpc.ServicerContext
+    ) -> indexer_pb2.DeleteResponse:
         deleted, missing = self.core.delete(list(request.ids), request.allow_missing)
         return indexer_pb2.DeleteResponse(deleted=deleted, not_found=missing)
 
-    def Get(self, request, context):
+    def Get(self, request: indexer_pb2.GetRequest, context: grpc.ServicerContext) -> indexer_pb2.GetResponse:
         found, row = self.core.get(list(request.ids), request.generation, request.include_vectors)
         return indexer_pb2.GetResponse(
             records=[
@@ -195,7 +205,7 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             generation=generation_ref(row),
         )
 
-    def Knn(self, request, context):
+    def Knn(self, request: indexer_pb2.KnnRequest, context: grpc.ServicerContext) -> indexer_pb2.KnnResponse:
         results, row = self.core.knn(
             knn_queries(request),
             request.k,
@@ -208,7 +218,9 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
         )
         return knn_response(results, row)
 
-    def Stats(self, request, context):
+    def Stats(
+        self, request: indexer_pb2.StatsRequest, context: grpc.ServicerContext
+    ) -> indexer_pb2.StatsResponse:
         s = self.core.stats()
         return indexer_pb2.StatsResponse(
             item_count=s.item_count,
@@ -221,7 +233,9 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             last_sequence=s.last_sequence,
         )
 
-    def CreateGeneration(self, request, context):
+    def CreateGeneration(
+        self, request: indexer_pb2.CreateGenerationRequest, context: grpc.ServicerContext
+    ) -> indexer_pb2.Generation:
         p = request.params
         return generation_to_proto(
             self.core.create_generation(
@@ -236,15 +250,21 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             )
         )
 
-    def GetGeneration(self, request, context):
+    def GetGeneration(
+        self, request: indexer_pb2.GetGenerationRequest, context: grpc.ServicerContext
+    ) -> indexer_pb2.Generation:
         return generation_to_proto(self.core.get_generation(request.name))
 
-    def ListGenerations(self, request, context):
+    def ListGenerations(
+        self, request: indexer_pb2.ListGenerationsRequest, context: grpc.ServicerContext
+    ) -> indexer_pb2.ListGenerationsResponse:
         return indexer_pb2.ListGenerationsResponse(
             generations=[generation_to_proto(g) for g in self.core.list_generations()]
         )
 
-    def ListPending(self, request, context):
+    def ListPending(
+        self, request: indexer_pb2.ListPendingRequest, context: grpc.ServicerContext
+    ) -> indexer_pb2.ListPendingResponse:
         items, token, total = self.core.list_pending(
             request.generation, request.page_size, request.page_token
         )
@@ -252,7 +272,9 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             items=[item_to_proto(i) for i in items], next_page_token=token, total=total
         )
 
-    def ListItems(self, request, context):
+    def ListItems(
+        self, request: indexer_pb2.ListItemsRequest, context: grpc.ServicerContext
+    ) -> indexer_pb2.ListItemsResponse:
         rows, token, row = self.core.list_items(
             request.generation, request.page_size, request.page_token, request.include_vectors
         )
@@ -265,19 +287,27 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             generation=generation_ref(row),
         )
 
-    def ActivateGeneration(self, request, context):
+    def ActivateGeneration(
+        self, request: indexer_pb2.ActivateGenerationRequest, context: grpc.ServicerContext
+    ) -> indexer_pb2.Generation:
         return generation_to_proto(
             self.core.activate_generation(request.name, request.allow_pending, request.expected_active)
         )
 
-    def DropGeneration(self, request, context):
+    def DropGeneration(
+        self, request: indexer_pb2.DropGenerationRequest, context: grpc.ServicerContext
+    ) -> indexer_pb2.DropGenerationResponse:
         self.core.drop_generation(request.name)
         return indexer_pb2.DropGenerationResponse()
 
-    def RecordRollout(self, request, context):
+    def RecordRollout(
+        self, request: indexer_pb2.RecordRolloutRequest, context: grpc.ServicerContext
+    ) -> indexer_pb2.RolloutDecision:
         return rollout_to_proto(self.core.record_rollout(rollout_from_proto(request.decision)))
 
-    def ListRollouts(self, request, context):
+    def ListRollouts(
+        self, request: indexer_pb2.ListRolloutsRequest, context: grpc.ServicerContext
+    ) -> indexer_pb2.ListRolloutsResponse:
         return indexer_pb2.ListRolloutsResponse(
             decisions=[rollout_to_proto(r) for r in self.core.list_rollouts(request.model_name)]
         )

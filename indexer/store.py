@@ -24,6 +24,8 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import TypeVar, cast
 
 import numpy as np
 
@@ -274,18 +276,21 @@ class ItemStore:
         )
         return [GenerationRow(*r) for r in rows]
 
+    # sqlite3 rows are untyped: the counts are read into annotated names.
     def item_count(self) -> int:
-        return self._reader().execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        count: int = self._reader().execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        return count
 
     def vector_count(self, generation: str) -> int:
-        return (
+        count: int = (
             self._reader()
             .execute("SELECT COUNT(*) FROM vectors WHERE generation = ?", (generation,))
             .fetchone()[0]
         )
+        return count
 
     def pending_count(self, generation: str) -> int:
-        return (
+        count: int = (
             self._reader()
             .execute(
                 "SELECT COUNT(*) FROM items i LEFT JOIN vectors v ON v.generation = ? AND v.id = i.id"
@@ -294,6 +299,7 @@ class ItemStore:
             )
             .fetchone()[0]
         )
+        return count
 
     def pending_page(self, generation: str, after: str, limit: int) -> list[ItemRow]:
         rows = (
@@ -368,7 +374,7 @@ class ItemStore:
 
     # ------------------------------------------------------------------ writes
 
-    def _transaction(self):
+    def _transaction(self) -> _Transaction:
         return _Transaction(self._writer, self._lock)
 
     def upsert(
@@ -392,7 +398,7 @@ class ItemStore:
                 cur = conn.execute(
                     "INSERT INTO changes (generation, id) VALUES (?, ?)", (generation, item.id)
                 )
-                seq = cur.lastrowid
+                seq = cast(int, cur.lastrowid)  # an INSERT sets it
                 old = existing.get(item.id)
                 if old is None or bump_unchanged or not old.same_content(item):
                     revision = seq
@@ -424,9 +430,12 @@ class ItemStore:
         with self._transaction() as conn:
             seq = 0
             for item_id in ids:
-                seq = conn.execute(
-                    "INSERT INTO changes (generation, id) VALUES (NULL, ?)", (item_id,)
-                ).lastrowid
+                seq = cast(
+                    int,  # an INSERT sets lastrowid
+                    conn.execute(
+                        "INSERT INTO changes (generation, id) VALUES (NULL, ?)", (item_id,)
+                    ).lastrowid,
+                )
                 conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
                 conn.execute("DELETE FROM vectors WHERE id = ?", (item_id,))
         return seq
@@ -504,7 +513,12 @@ class _Transaction:
             raise
         return self.conn
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             if exc_type is None:
                 try:
@@ -532,6 +546,9 @@ def _items_in(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, ItemRow
     return found
 
 
-def _chunks(values: list, size: int) -> Iterable[list]:
+T = TypeVar("T")
+
+
+def _chunks(values: list[T], size: int) -> Iterable[list[T]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]

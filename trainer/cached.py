@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import keras
 import numpy as np
@@ -167,7 +168,7 @@ def build_activation_cache(
     folder: Path | None,
     batch_size: int = 32,
     threads: int = tf.data.AUTOTUNE,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> ActivationCache:
     """The frozen part's activations of ``views`` views of every image; loaded from ``folder`` if cached.
 
@@ -192,7 +193,8 @@ def build_activation_cache(
         return ActivationCache(np.load(target, mmap_mode="r"), np.asarray(labels), 0.0)
     started = time.monotonic()
     shape = (len(paths), views, *(int(d) for d in frozen.output.shape[1:]))
-    if target is not None:
+    activations: np.ndarray
+    if folder is not None and target is not None:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("*.npy"):  # an older cache of this run (other settings): replace it
             stale.unlink()
@@ -219,7 +221,7 @@ def build_activation_cache(
         if progress is not None:
             progress(len(out))
     if target is not None:
-        activations.flush()
+        cast(np.memmap, activations).flush()  # the file-backed array made above
         del flat, activations
         os.replace(partial, target)
         activations = np.load(target, mmap_mode="r")

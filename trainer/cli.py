@@ -7,6 +7,7 @@ import json
 import logging
 from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -324,7 +325,7 @@ def cmd_test(args) -> int:
     ctx = _Context(args)
     gallery = read_gallery(ctx.dirs.embeddings_file(ctx.run_name))
     split = load_splits(ctx.config.dataset, ctx.dirs, ("test",))["test"]
-    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % (2**31))
+    seed = args.seed if args.seed is not None else int(cast(int, np.random.SeedSequence().entropy) % (2**31))
     pick = int(np.random.default_rng(seed).integers(len(split)))
     model, _ = ctx.load_model()
     query = embed_paths(model, [split.paths[pick]], ctx.config)[0]

@@ -74,10 +74,10 @@ def build(out: Path, rcc_dir: Path = RCC_DIR) -> dict[str, tuple[int, int]]:
     resources: dict[str, list[tuple[str, bytes]]] = {}
     for name, (rcc, folders) in CLASSES.items():
         if rcc not in resources:
-            path = rcc_dir / rcc
-            if not path.is_file():
-                raise NotFound(f"{path} not found: apt-get install gcompris-qt-data, or pass --rcc-dir")
-            resources[rcc] = list(read_rcc(path))
+            rcc_path = rcc_dir / rcc
+            if not rcc_path.is_file():
+                raise NotFound(f"{rcc_path} not found: apt-get install gcompris-qt-data, or pass --rcc-dir")
+            resources[rcc] = list(read_rcc(rcc_path))
         photos = sorted(
             (path, payload)
             for path, payload in resources[rcc]

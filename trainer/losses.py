@@ -567,9 +567,9 @@ def get_loss(
     if canonical in ("proxy_anchor", "normalized_softmax"):
         unused("alpha", alpha)
         unused("soft", soft)
-        cls = ProxyAnchorLoss if canonical == "proxy_anchor" else NormalizedSoftmaxLoss
+        proxy_loss = ProxyAnchorLoss if canonical == "proxy_anchor" else NormalizedSoftmaxLoss
         try:
-            return cls(margin=margin, **kwargs)
+            return proxy_loss(margin=margin, **kwargs)
         except TypeError as exc:
             raise InvalidInput(f"loss {name!r}: {exc}") from None
     if canonical == "npair":

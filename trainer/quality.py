@@ -43,7 +43,7 @@ def _measure(vectors_of, config: TrainingConfig, catalogue, queries) -> dict:
     spread = metrics.score_spread(
         asked, queries.labels, gallery_embeddings=gallery, gallery_labels=catalogue.labels
     )
-    row = {k: round(float(v), 4) for k, v in result.items()}
+    row: dict[str, float | list[float]] = {k: round(float(v), 4) for k, v in result.items()}
     row["different_class_cosine"] = round(spread["random_pairs"]["different"]["mean"], 3)
     row["top_hits_same_vs_other"] = [
         round(spread["top_hits"]["same"]["mean"], 3),

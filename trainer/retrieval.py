@@ -26,7 +26,7 @@ def search(query: np.ndarray, gallery: np.ndarray, r: int, metric: str = "euclid
     query = np.asarray(query, np.float64).reshape(1, -1)
     gallery = np.asarray(gallery, np.float64)
     if metric == "cosine":
-        q = query / max(np.linalg.norm(query), 1e-12)
+        q = query / max(float(np.linalg.norm(query)), 1e-12)
         g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
         distances = 1.0 - (g @ q.T).ravel()
     else:
@@ -47,9 +47,9 @@ def _load_thumbnail(path: str, size: int = 256) -> np.ndarray | None:
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((size, size))
-            return np.asarray(image)
+            rgb = image.convert("RGB")
+            rgb.thumbnail((size, size))
+            return np.asarray(rgb)
     except (OSError, UnidentifiedImageError):
         return None
 

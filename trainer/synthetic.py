@@ -37,7 +37,7 @@ def write_original_dataset(
     """<data_dir>/datasets/<dataset_dir>/ with images/, bags_train.csv, bags_test.csv, bags_labels.csv."""
     base = data_dir / "datasets" / dataset_dir
     images = base / "images"
-    rows = {"train": [], "test": []}
+    rows: dict[str, list[str]] = {"train": [], "test": []}
     seed = 0
     for pid, name in enumerate(CLASS_NAMES, start=1):
         folder = images / name

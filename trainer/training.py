@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any, cast
 
 import keras
 import numpy as np
@@ -116,7 +117,7 @@ def make_loss(config: TrainingConfig, num_classes: int | None = None) -> keras.l
     if losses.canonical_loss_name(fit.loss) in losses.PROXY_LOSSES:
         if num_classes is None:
             raise InvalidInput(f"{fit.loss} needs the number of classes")
-        extra = {"scale": fit.scale} if fit.scale is not None else {}
+        extra: dict[str, Any] = {"scale": fit.scale} if fit.scale is not None else {}
         return losses.get_loss(
             fit.loss,
             margin=fit.margin,
@@ -323,7 +324,8 @@ def train(config: TrainingConfig, dirs: DataDirs, options: TrainOptions | None =
     keras.utils.set_random_seed(options.seed)
     # The model (and where it is cut) is checked before anything is written.
     model = build_model(config, weights=m.weights)
-    parts = split_embedding_model(model, finetune.train_from) if finetune.cached_views else None
+    # The config checked that cached_views comes with train_from.
+    parts = split_embedding_model(model, cast(str, finetune.train_from)) if finetune.cached_views else None
     if finetune.train_from:
         freeze_backbone_before(model, finetune.train_from)
     if finetune.freeze_batchnorm:
@@ -461,10 +463,11 @@ def _activation_cache(
     frozen: keras.Model, split: Split, config: TrainingConfig, folder: Path, options: TrainOptions
 ):
     m = config.model
-    views = m.finetune.cached_views
+    finetune = cast(Finetune, m.finetune)  # only called for a run that fine-tunes from a cache
+    views = finetune.cached_views
     bar = tqdm(
         total=len(split) * views,
-        desc=f"caching {views} views per image up to {m.finetune.train_from}",
+        desc=f"caching {views} views per image up to {finetune.train_from}",
         unit="view",
         disable=not options.progress,
         dynamic_ncols=True,
@@ -477,7 +480,7 @@ def _activation_cache(
             views=views,
             input_size=m.input,
             resize=m.resize,
-            train_from=m.finetune.train_from,
+            train_from=cast(str, finetune.train_from),
             seed=options.seed,
             folder=folder,
             batch_size=options.eval_batch_size,
