@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,15 @@ def _parse_bool(text: str) -> bool:
     if lowered in {"0", "false", "no", "off", ""}:
         return False
     raise ValueError(f"not a boolean: {text!r} (use true/false)")
+
+
+def _usage_error(parser: argparse.ArgumentParser | Any, message: str) -> None:
+    """argparse's usage error (message on stderr, exit 2), also for an argument group, which has no
+    ``error`` of its own and does not know its parser."""
+    if isinstance(parser, argparse.ArgumentParser):
+        parser.error(message)
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
 
 
 def env_flag(
@@ -38,7 +48,7 @@ def env_flag(
         try:
             default = parse(raw)
         except (ValueError, TypeError) as exc:
-            parser.error(f"environment variable {env}={raw!r} is invalid for {flag}: {exc}")
+            _usage_error(parser, f"environment variable {env}={raw!r} is invalid for {flag}: {exc}")
     shown = "(default: %(default)s; env " + env + ")"
     text = f"{help} {shown}".strip()
     if type is bool:

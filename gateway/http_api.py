@@ -531,9 +531,12 @@ class HttpApi:
             elif name == "image":
                 raise InvalidInput("the field 'image' must be a file (curl -F image=@photo.jpg)")
             else:
-                # A field with a non-text Content-Type arrives as bytes, which int(), float() and the
-                # proto's string fields accept as well; the annotation says what browsers and curl send.
-                fields.add(name, value)  # type: ignore[arg-type]
+                if isinstance(value, (bytes, bytearray)):  # a part sent with a non-text Content-Type
+                    try:
+                        value = value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise InvalidInput(f"form field {name!r} is not UTF-8 text") from None
+                fields.add(name, value)
         if image is None:
             raise InvalidInput(
                 "the form has no file field 'image'; send the photo as image=@photo.jpg (curl -F)"

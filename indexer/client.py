@@ -76,7 +76,7 @@ class IndexerClient:
 
     def _error(self, shard: int, exc: grpc.RpcError) -> errors.CbirError:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-        details = exc.details() if hasattr(exc, "details") else str(exc)
+        details = (exc.details() if hasattr(exc, "details") else str(exc)) or f"{code.name} without details"
         where = (
             f"indexer shard {shard} ({self.targets[shard]})"
             if self.shard_count > 1
@@ -84,8 +84,7 @@ class IndexerClient:
         )
         if code == grpc.StatusCode.UNAVAILABLE:
             return errors.NotReady(f"{where} is unavailable: {details}")
-        # details() is None for a status sent without details; the error's message is then None too.
-        return errors.error_for(code, f"{where}: {details}" if self.shard_count > 1 else details)  # type: ignore[arg-type]
+        return errors.error_for(code, f"{where}: {details}" if self.shard_count > 1 else details)
 
     def _all(self, method: str, request: Message, timeout: float | None) -> list[Any]:
         """The answers of every shard. Raises the first shard's error only once every call has ended,

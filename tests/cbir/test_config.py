@@ -40,3 +40,15 @@ def test_bad_env_value_names_the_variable(monkeypatch, capsys):
 def test_help_mentions_env(monkeypatch):
     text = parser_with(monkeypatch, {}).format_help()
     assert "SVC_PORT" in text
+
+
+def test_bad_env_value_of_a_flag_in_an_argument_group_is_a_usage_error(monkeypatch, capsys):
+    # The model server's flags live in argument groups, which have no `error` of their own.
+    monkeypatch.setenv("CBIR_EMBEDDER_ENABLE_BATCHING", "maybe")
+    from embedder.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "CBIR_EMBEDDER_ENABLE_BATCHING='maybe'" in err and "--enable_batching" in err

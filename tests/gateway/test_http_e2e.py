@@ -195,6 +195,10 @@ def test_upload_form_query_parameters_and_raw_body(e2e, stub, http):
         ),
         ([("image", ("a.png", b"x")), ("k", (None, "3")), ("k", (None, "4"))], "k is given 2 times"),
         ([("image", ("a.txt", b"hello, not a photo"))], "is not a JPEG, PNG, GIF, BMP or WebP image"),
+        (
+            [("image", ("a.png", b"x")), ("label", (None, b"\xff\xfe", "application/octet-stream"))],
+            "form field 'label' is not UTF-8 text",
+        ),
     ],
 )
 def test_upload_form_mistakes_are_400(e2e, http, parts, message):
