@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from cbir.cli import run_main
+from quickstart.options import FASHION_STEPS, DemoOptions
 from quickstart.services import StackPorts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="Training steps of version 2 (default: 1400 on Fashion-MNIST, the recipe's on --data).",
+        help=f"Training steps of version 2 (default: {FASHION_STEPS} on Fashion-MNIST, the recipe's on --data).",
     )
     demo.add_argument(
-        "--seed", type=int, default=0, help="Seed of the data subset, training and query draws."
+        "--seed",
+        type=int,
+        default=DemoOptions.seed,
+        help="Seed of the data subset, training and query draws.",
     )
     demo.add_argument(
         "--no-install",
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
-        from quickstart.demo import DemoOptions, run_demo
+        from quickstart.demo import run_demo
 
         return run_demo(DemoOptions.from_args(args))
     from quickstart import local

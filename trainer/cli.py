@@ -15,6 +15,7 @@ from cbir.cli import run_main
 from cbir.errors import InvalidInput
 from cbir.logs import configure_cli_logging
 from trainer.config import ConfigError, DataDirs, TrainingConfig, load_config, resolve_data_dir
+from trainer.options import TrainOptions
 from trainer.recipes import ALTERNATIVES
 
 log = logging.getLogger("trainer")
@@ -104,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--max-steps", type=_positive_int, help="stop (and save) after this many more iterations"
     )
-    train.add_argument("--seed", type=int, default=0, help="seed of the batch sampler and augmentation")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=TrainOptions.seed,
+        help="seed of the initial weights, the batch sampler and augmentation",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     train.add_argument(
         "--freeze-batchnorm",
@@ -245,7 +251,7 @@ class _Context:
 
 
 def cmd_train(args) -> int:
-    from trainer.training import TrainOptions, train
+    from trainer.training import train
 
     ctx = _Context(args)
     result = train(
@@ -462,9 +468,7 @@ def _seed_initial_weights() -> None:
     default seed starts from, so an untrained export can be repeated."""
     import keras
 
-    from trainer.training import TrainOptions
-
-    keras.utils.set_random_seed(TrainOptions().seed)
+    keras.utils.set_random_seed(TrainOptions.seed)
 
 
 def cmd_export(args) -> int:

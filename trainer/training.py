@@ -16,7 +16,6 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +33,7 @@ from trainer.cached import CACHE_FOLDER, build_activation_cache, cached_batches,
 from trainer.config import DataDirs, Finetune, TrainingConfig
 from trainer.data import Split, load_splits
 from trainer.embedding import build_model, embed_paths, make_embed_fn
+from trainer.options import TrainOptions
 from trainer.preprocessing import augment_image_bytes
 from trainer.runs import RunDir, config_differences, run_dir_for
 from trainer.sampler import PKSampler
@@ -249,19 +249,6 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-@dataclass
-class TrainOptions:
-    resume: bool = False
-    max_minutes: float | None = None
-    max_steps: int | None = None
-    seed: int = 0
-    run_name: str | None = None
-    eval_batch_size: int = 32
-    progress: bool = True
-    # Called after each evaluation with (step, metrics); tests and the quality command use it.
-    on_eval: Callable[[int, dict], None] | None = None
 
 
 @dataclass
