@@ -7,18 +7,19 @@ import threading
 import numpy as np
 import pytest
 
+from cbir.metric import Metric
 from indexer.graph import ExactIndex, GraphParams, HnswGraph, RWLock, SnapshotError
 
 
-def _loop_distance(metric: int, a: np.ndarray, b: np.ndarray) -> float:
-    if metric == 1:
+def _loop_distance(metric: Metric, a: np.ndarray, b: np.ndarray) -> float:
+    if metric is Metric.COSINE:
         return 1.0 - float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
-    if metric == 2:
+    if metric is Metric.L2:
         return float(((a - b) ** 2).sum())
     return 1.0 - float(a @ b)
 
 
-@pytest.mark.parametrize("metric", [1, 2, 3])
+@pytest.mark.parametrize("metric", list(Metric))
 def test_exact_index_matches_a_plain_loop(metric):
     rng = np.random.default_rng(metric)
     x = rng.normal(size=(50, 6)).astype(np.float32)
@@ -38,7 +39,7 @@ def test_exact_index_returns_fewer_when_fewer_items():
 
 def _graph(dim=4, capacity=16) -> HnswGraph:
     return HnswGraph(
-        GraphParams(metric=2, dimension=dim, m=8, ef_construction=50, ef_search=50), capacity=capacity
+        GraphParams(metric=Metric.L2, dimension=dim, m=8, ef_construction=50, ef_search=50), capacity=capacity
     )
 
 
