@@ -7,8 +7,9 @@ how fast the machine is: every check holds for whatever amount of work got done.
 
 Checks: every write is answered OK; no hit names an item whose delete was acknowledged before the query
 was sent, lacks its metadata, or violates the query's filter; afterwards, and again after kill -9 and a
-restart, the store, the catalogue and the graph hold exactly the acknowledged items and every one of
-them finds itself.
+restart, the store, the catalogue and the graph hold exactly the acknowledged items, every one of them
+finds itself by exact search over the graph's vectors, and all but a rare unreachable node (at most 1 in
+200) through the HNSW graph.
 """
 
 from __future__ import annotations
@@ -158,16 +159,36 @@ def _check_agreement(target: str, model: Model) -> None:
         stats = client.stats()[0]
         assert stats.item_count == len(model.live)
         assert client.get_generation("g").item_count == len(model.live)
+        # Every live item finds itself, with its metadata, by exact search over the graph's own
+        # vectors (a filter on one label matches fewer than --exact-threshold items): the graph holds
+        # exactly the acknowledged vector and row of every item.
+        for label in LABELS:
+            ids = sorted(i for i, (_v, lab, _c) in model.live.items() if lab == label)
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                answer = client.knn(
+                    np.stack([model.live[i][0] for i in part]), 3, generation="g",
+                    filter=types_pb2.Filter(labels=[label]),
+                )  # fmt: skip
+                for item_id, hits in zip(part, answer.results, strict=True):
+                    top = hits.hits[0]
+                    assert top.id == item_id and top.distance < 1e-4, (item_id, hits.hits[:3])
+                    assert (top.label, top.attributes["colour"]) == model.live[item_id][1:]
+        # Through the HNSW graph itself: hnswlib's updates and slot reuse can leave a rare node that no
+        # link leads to any more (seen: 1 of 2,905 items after this churn, while exact search finds
+        # it), an approximate-search miss rather than lost data; at most 1 in 200 may miss.
         ids = sorted(model.live)
+        misses = []
         for start in range(0, len(ids), 500):
             part = ids[start : start + 500]
             answer = client.knn(np.stack([model.live[i][0] for i in part]), 3, generation="g", ef=2000)
             for item_id, hits in zip(part, answer.results, strict=True):
                 top = hits.hits[0]
-                assert top.id == item_id and top.distance < 1e-4, (item_id, hits.hits[:3])
-                assert (top.label, top.attributes["colour"]) == model.live[item_id][1:]
+                if not (top.id == item_id and top.distance < 1e-4):
+                    misses.append(item_id)
             for hits in answer.results:
                 assert all(h.id in model.live for h in hits.hits)
+        assert len(misses) <= len(ids) // 200, (len(misses), len(ids), misses[:10])
 
 
 def test_writers_readers_snapshots_and_compaction_then_kill_9(tmp_path):
