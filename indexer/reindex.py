@@ -469,7 +469,13 @@ def _find_generation(client: IndexerClient, options: ReindexOptions) -> indexer_
         name = generation_name(options, options.model_version)
     if name:
         try:
-            return client.get_generation(name)
+            found = client.get_generation(name)
+            # Another partition worker may be creating it right now: on shard 0 already, on a later
+            # shard not yet. Only a generation on every shard is joined as it is; otherwise this run
+            # creates it too, which makes it exist everywhere before anything is written.
+            for shard in range(1, client.shard_count):
+                client.get_generation(name, shard=shard)
+            return found
         except NotFound:
             if options.resume:
                 raise
