@@ -42,7 +42,8 @@ DIM = 128
 SMALL = 2_000  # items of the generation whose CPU per Knn is measured
 KNN = "/cbir.v1.IndexerService/Knn"
 HEALTH = "/grpc.health.v1.Health/Check"
-SWEEP_EF = (20, 50, 100, 200, 400, 800, 1600)
+# Up to 3200: at 200k items queries from other clusters need ef 1600-3200 for recall 0.96-0.99.
+SWEEP_EF = (20, 50, 100, 200, 400, 800, 1600, 3200)
 
 
 def _server_defaults() -> tuple[int, int, int]:
@@ -342,11 +343,16 @@ def run(quick: bool, workdir: Path) -> list[dict]:
             )
         )
 
-        def per_query_ms(search, queries) -> float:
-            started = time.perf_counter()
-            for row in queries:
-                search(row[None, :])
-            return (time.perf_counter() - started) / len(queries) * 1e3
+        def per_query_ms(search, queries, passes: int = 3) -> float:
+            """Best of a few passes: on shared cores one preempted pass made a row of the sweep slower
+            than a wider ef (ef 200 at 1.26 ms, ef 300 at 0.30 ms in the 2026-12-02 run)."""
+            best = float("inf")
+            for _ in range(passes):
+                started = time.perf_counter()
+                for row in queries:
+                    search(row[None, :])
+                best = min(best, (time.perf_counter() - started) / len(queries) * 1e3)
+            return best
 
         few = q_other[: 40 if quick else 100]
         exact_ms = per_query_ms(lambda row: exact_index.search(row, 10), few)
