@@ -214,6 +214,17 @@ def _batches(metrics_port: int, batcher: str):
     return measure.histogram(measure.scrape(metrics_port), "cbir_embedder_batch_size", batcher=batcher)
 
 
+_CLOSE_REASONS = ("full", "demand", "timeout", "immediate")
+
+
+def _closed_by(metrics_port: int, batcher: str) -> dict[str, float]:
+    """Batches closed so far, by reason (embedder.metrics.BATCHES_CLOSED)."""
+    found = measure.counter_by(
+        measure.scrape(metrics_port), "cbir_embedder_batches_closed_total", "reason", batcher=batcher
+    )
+    return {reason: found.get(reason, 0.0) for reason in _CLOSE_REASONS}
+
+
 class _BatchWatch:
     """Batch sizes formed by one batcher over several load windows (Prometheus deltas summed)."""
 
@@ -221,11 +232,15 @@ class _BatchWatch:
         self.port, self.batcher = metrics_port, batcher
         self.rows: dict[tuple[float, float], float] = {}
         self.sum = self.count = 0.0
+        self.closed = dict.fromkeys(_CLOSE_REASONS, 0.0)
 
     def around(self, load: callable):
         before = _batches(self.port, self.batcher)
+        closed_before = _closed_by(self.port, self.batcher)
         result = load()
         rows, total, count = measure.histogram_delta(before, _batches(self.port, self.batcher))
+        for reason, n in _closed_by(self.port, self.batcher).items():
+            self.closed[reason] += n - closed_before[reason]
         for lower, upper, n in rows:
             self.rows[(lower, upper)] = self.rows.get((lower, upper), 0.0) + n
         self.sum += total
@@ -240,7 +255,10 @@ class _BatchWatch:
         rows = [(lo, hi, n) for (lo, hi), n in sorted(self.rows.items())]
         return (
             f"batch sizes formed (model runs per size bucket; mean {self.mean:.1f} images per run, "
-            f"{self.count:.0f} runs):\n" + measure.format_histogram(rows)
+            f"{self.count:.0f} runs):\n"
+            + measure.format_histogram(rows)
+            + "\nclosed by: "
+            + ", ".join(f"{reason} {n:.0f}" for reason, n in self.closed.items())
         )
 
 

@@ -382,6 +382,19 @@ def histogram(text: str, name: str, **labels: str) -> tuple[dict[float, float], 
     return buckets, total, count
 
 
+def counter_by(text: str, name: str, by: str, **labels: str) -> dict[str, float]:
+    """Values of one Prometheus counter per value of its label ``by``, among the series matching ``labels``."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if not match or match["name"] not in (name, name + "_total"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+        if by in found and all(found.get(k) == v for k, v in labels.items()):
+            values[found[by]] = values.get(found[by], 0.0) + float(match["value"])
+    return values
+
+
 def histogram_delta(
     before: tuple[dict[float, float], float, float], after: tuple[dict[float, float], float, float]
 ) -> tuple[list[tuple[float, float, float]], float, float]:

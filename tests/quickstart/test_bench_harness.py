@@ -401,6 +401,22 @@ def test_histogram_deltas_between_two_scrapes():
     assert "        1:       2  28.6%" in text and "      3-4:       3  42.9%" in text and "inf" not in text
 
 
+def test_counter_by_sums_a_counter_per_label_value():
+    text = (
+        "# TYPE cbir_embedder_batches_closed_total counter\n"
+        'cbir_embedder_batches_closed_total{batcher="a",reason="full"} 3.0\n'
+        'cbir_embedder_batches_closed_total{batcher="a",reason="timeout"} 2.0\n'
+        'cbir_embedder_batches_closed_total{batcher="b",reason="full"} 7.0\n'
+        'cbir_embedder_batches_closed_created{batcher="a",reason="full"} 1.7e9\n'
+    )
+    found = measure.counter_by(text, "cbir_embedder_batches_closed_total", "reason", batcher="a")
+    assert found == {"full": 3.0, "timeout": 2.0}
+    assert measure.counter_by(text, "cbir_embedder_batches_closed", "reason") == {
+        "full": 10.0,
+        "timeout": 2.0,
+    }
+
+
 @pytest.mark.slow
 def test_profiler_samples_a_busy_process(busy_child, tmp_path):
     proc, spin = busy_child
