@@ -16,6 +16,7 @@ from cbir.logs import configure_cli_logging
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
 from indexer.core import IndexerConfig
+from indexer.indexes import INDEX_TYPE_NAMES, index_type_name
 
 if TYPE_CHECKING:
     from cbir.v1 import indexer_pb2
@@ -97,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=IndexerConfig.default_ef_search,
         type=int,
         help="Default HNSW ef for queries (raised to k).",
+    )
+    env_flag(
+        serve,
+        "--index-type",
+        env=f"{ENV}_INDEX_TYPE",
+        default=index_type_name(IndexerConfig.default_index_type),
+        choices=sorted(INDEX_TYPE_NAMES),
+        help="Index type of a generation created without one (hnsw, or partitions: IVF-flat, see "
+        "indexer/README.md).",
     )
     env_flag(
         serve,
@@ -286,6 +296,7 @@ def _serve(args: argparse.Namespace) -> int:
         default_m=args.hnsw_m,
         default_ef_construction=args.hnsw_ef_construction,
         default_ef_search=args.hnsw_ef_search,
+        default_index_type=INDEX_TYPE_NAMES[args.index_type],
         exact_threshold=args.exact_threshold,
         compact_fraction=args.compact_fraction,
         snapshot_interval=args.snapshot_interval,
