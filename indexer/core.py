@@ -101,6 +101,9 @@ class IndexerConfig:
     # Slots of a new generation's graph (it grows by half when full).
     initial_capacity: int = 1024
     snapshot_interval: float = 60.0
+    # Train partition indexes in a background thread (False: inline, in the write that made it needed;
+    # deterministic, for tests).
+    train_in_background: bool = True
 
 
 @dataclass
@@ -306,6 +309,9 @@ class IndexerCore:
             return
         gen.compacting = True
         training = maintenance.Training(gen)
+        if not self.config.train_in_background:
+            training.run()
+            return
         thread = threading.Thread(target=training.run, name=f"train-{gen.name}", daemon=True)
         thread.start()
 
