@@ -18,6 +18,7 @@ new lists takes the write lock, re-assigning the few vectors written meanwhile.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -205,61 +206,74 @@ class PartitionIndex:
     def _search_one(
         self, q: np.ndarray, k: int, accept: Callable[[int], bool] | None, order: np.ndarray, probes: int
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        scanned = 0
-        # Per scanned list: the ranking key (dot product, or for L2 the squared norm minus twice it:
-        # the distance without the query's constant norm) and the list's labels.
-        keys: list[np.ndarray] = []
-        labels: list[np.ndarray] = []
-        l2 = self.metric is Metric.L2
-        blocks, sizes = self._blocks, self._sizes
+        """The k nearest in the first ``probes`` lists of ``order`` (doubling ``probes`` while fewer
+        than k pass ``accept``); None if fewer than k in every list."""
         while True:
-            for lst in order[scanned:probes].tolist():
-                n = sizes[lst]
-                if n:
-                    dots = blocks[lst][:n] @ q
-                    keys.append(self._block_norms[lst][:n] - 2.0 * dots if l2 else -dots)
-                    labels.append(self._block_labels[lst][:n])
-            scanned = probes
-            found = self._top(keys, labels, k, accept)
-            if found is not None:
-                best, key = found
-                dists = np.maximum(key + float(q @ q), 0.0) if l2 else 1.0 + key
-                return best, dists.astype(np.float32)
-            if probes >= len(order):
-                return None
+            lists = order[:probes].tolist()
+            found = self._scan(q, k, accept, lists)
+            if found is not None or probes >= len(order):
+                return found
             probes = min(len(order), probes * 2)
 
-    @staticmethod
-    def _top(
-        keys: list[np.ndarray], labels: list[np.ndarray], k: int, accept: Callable[[int], bool] | None
+    def _scan(
+        self, q: np.ndarray, k: int, accept: Callable[[int], bool] | None, lists: list[int]
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """(labels, keys) of the k smallest keys that ``accept`` passes, in order; None if fewer."""
-        if not keys:
+        # One query at a time is what matters (a new photo): every list's dot products go straight
+        # into one buffer, and labels are looked up only for the winners.
+        blocks, sizes = self._blocks, self._sizes
+        ends = list(itertools.accumulate(sizes[lst] for lst in lists))
+        total = ends[-1] if ends else 0
+        if total < k:
             return None
-        key = np.concatenate(keys) if len(keys) > 1 else keys[0]
-        if len(key) < k:
-            return None
+        dots = np.empty(total, np.float32)
+        start = 0
+        for lst, end in zip(lists, ends, strict=True):
+            if end > start:
+                np.matmul(blocks[lst][: end - start], q, out=dots[start:end])
+            start = end
+        if self.metric is Metric.L2:
+            # ||x||^2 - 2 x.q: the distance less the query's own norm, which does not change the order.
+            norms = np.concatenate([self._block_norms[lst][: sizes[lst]] for lst in lists])
+            key = norms - 2.0 * dots
+        else:
+            key = -dots
         if accept is None:
-            best = np.argpartition(key, k - 1)[:k] if k < len(key) else np.arange(len(key))
+            best = np.argpartition(key, k - 1)[:k] if k < total else np.arange(total)
             best = best[np.argsort(key[best], kind="stable")]
+            labels = self._labels_at(best, lists, ends)
         else:
             # Walk the candidates nearest first, asking the filter only until k pass.
-            all_labels = np.concatenate(labels) if len(labels) > 1 else labels[0]
             picked: list[int] = []
-            for j in np.argsort(key, kind="stable").tolist():
-                if accept(int(all_labels[j])):
-                    picked.append(j)
-                    if len(picked) == k:
-                        break
+            chosen: list[int] = []
+            ranked = np.argsort(key, kind="stable")
+            step = max(64, 4 * k)  # labels looked up a chunk at a time: most filters pass early
+            for at in range(0, total, step):
+                part = ranked[at : at + step]
+                for j, label in zip(part.tolist(), self._labels_at(part, lists, ends).tolist(), strict=True):
+                    if accept(label):
+                        picked.append(j)
+                        chosen.append(label)
+                        if len(picked) == k:
+                            break
+                if len(picked) == k:
+                    break
             else:
                 return None
-            return all_labels[picked], key[picked]
-        # Positions -> labels without concatenating every list's labels.
-        ends = np.cumsum([len(x) for x in keys])
-        which = np.searchsorted(ends, best, side="right")
-        starts = ends - np.array([len(x) for x in keys])
-        out = np.array([labels[w][b - starts[w]] for w, b in zip(which.tolist(), best.tolist(), strict=True)])
-        return out.astype(np.int64), key[best]
+            best, labels = np.array(picked), np.array(chosen, np.int64)
+        key = key[best]
+        dists = np.maximum(key + float(q @ q), 0.0) if self.metric is Metric.L2 else 1.0 + key
+        return labels, dists.astype(np.float32)
+
+    def _labels_at(self, positions: np.ndarray, lists: list[int], ends: list[int]) -> np.ndarray:
+        """Labels of positions in the concatenation of ``lists`` (``ends``: where each one ends)."""
+        ends_arr = np.asarray(ends)
+        which = np.searchsorted(ends_arr, positions, side="right")
+        offsets = positions - (ends_arr[which] - np.asarray([self._sizes[lists[w]] for w in which.tolist()]))
+        block_labels = self._block_labels
+        return np.array(
+            [block_labels[lists[w]][o] for w, o in zip(which.tolist(), offsets.tolist(), strict=True)],
+            np.int64,
+        )
 
     @contextmanager
     def custom_width(self, width: int) -> Iterator[None]:
