@@ -42,21 +42,27 @@ SNAPSHOT_FORMAT = "cbir.partition-snapshot.v1"
 # Below this many vectors a query scans everything exactly (a few thousand dot products cost less
 # than ranking centroids would save) and k-means would have too few points per list.
 TRAIN_MIN = 4096
-# Retrain once the index holds this many times the vectors it was trained on.
-RETRAIN_GROWTH = 4
-# Automatic lists: LISTS_PER_SQRT * sqrt(n), within [LISTS_MIN, LISTS_MAX] (indexer/README.md says how
-# it was measured: at 200,000 x 128 it gives ~4,000 lists of ~50 vectors).
-LISTS_PER_SQRT = 9.0
+# Retrain once the index holds this many times the vectors it was trained on: the lists of a growing
+# index stay within sqrt(2) of the automatic count for its size (training costs about twice the last
+# one, in the background).
+RETRAIN_GROWTH = 2
+# Automatic lists: LISTS_PER_SQRT * sqrt(n), at most n / MIN_PER_LIST (k-means needs points per list),
+# within [LISTS_MIN, LISTS_MAX]. A query costs about lists (centroids) + probes * n / lists (vectors)
+# dot products, least at lists = sqrt(probes * n); fewer, fuller lists need more probes for the same
+# recall. Measured in indexer/README.md ("Partition index (IVF)"): ~4,000 lists at 200,000.
+LISTS_PER_SQRT = 11.0
+MIN_PER_LIST = 16
 LISTS_MIN, LISTS_MAX = 16, MAX_LISTS
 DEFAULT_PROBES = 32
 # k-means: this many sample points per list (at most), this many Lloyd iterations.
-SAMPLE_PER_LIST = 40
+SAMPLE_PER_LIST = 32
 KMEANS_ITERATIONS = 10
 KMEANS_SEED = 0
 
 
 def auto_lists(n: int) -> int:
-    return int(min(LISTS_MAX, max(LISTS_MIN, round(LISTS_PER_SQRT * math.sqrt(max(n, 1))))))
+    lists = min(LISTS_PER_SQRT * math.sqrt(max(n, 1)), n / MIN_PER_LIST)
+    return int(min(LISTS_MAX, max(LISTS_MIN, round(lists))))
 
 
 @dataclass(frozen=True)
