@@ -222,6 +222,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _index_description(g: indexer_pb2.Generation) -> str:
+    if g.index_type == indexer_pb2.INDEX_TYPE_PARTITIONS:
+        return f"partitions(lists={g.partition_lists})"
+    return "hnsw"
+
+
 def _generations(client: IndexerClient, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cbir.v1 import indexer_pb2, types_pb2
 
@@ -233,7 +239,7 @@ def _generations(client: IndexerClient, args: argparse.Namespace, parser: argpar
                 f"{g.name}\t{indexer_pb2.GenerationState.Name(g.state).removeprefix('GENERATION_STATE_').lower()}"
                 f"\t{g.space.model_name}:{g.space.model_version}\t{types_pb2.Metric.Name(g.metric)}"
                 f"\tdim={g.dimension}\titems={g.item_count}\tpending={g.pending_count}"
-                + ("\t*" if g.name in active else "")
+                f"\t{_index_description(g)}" + ("\t*" if g.name in active else "")
             )
             if g.HasField("rollout"):
                 print(f"  rollout {_describe_rollout(g.rollout)}")

@@ -193,6 +193,8 @@ class IndexerCore:
             self._generations[row.name] = self._load_generation(row, pruned)
         self._active = active if active in self._generations else None
         self._ready.set()
+        for gen in list(self._generations.values()):
+            self._maybe_train(gen)  # one that grew by the replay of the change log
         log.info(
             "index loaded",
             extra={
