@@ -408,7 +408,7 @@ class PartitionIndex:
         assigned = nearest_centroid(vectors, centroids, norms)
         trained = time.monotonic()
         with self.lock.write():
-            self._install(centroids, norms, labels, assigned, since, n)
+            self._install(centroids, norms, labels, vectors, assigned, since, n)
         log.info(
             "partition index trained",
             extra={
@@ -431,32 +431,25 @@ class PartitionIndex:
         centroids: np.ndarray,
         norms: np.ndarray,
         labels: np.ndarray,
+        vectors: np.ndarray,
         assigned: np.ndarray,
         since: int,
         trained_on: int,
     ) -> None:
         # Labels written after the copy (new, moved, deleted or re-used) are taken from the live lists.
-        live_labels, live_vectors = self._all_vectors()
-        fresh = self._written_at[live_labels] > since
+        held = slice(0, self.next_label)
+        new_labels = np.nonzero((self._written_at[held] > since) & (self._list_of[held] >= 0))[0]
+        new_vectors = np.zeros((len(new_labels), self.params.dimension), np.float32)
+        for j, label in enumerate(new_labels.tolist()):
+            new_vectors[j] = self._blocks[self._list_of[label]][self._pos_of[label]]
         unchanged = self._written_at[labels] <= since
-        labels, assigned = labels[unchanged], assigned[unchanged]
-        new_labels = live_labels[fresh]
-        new_vectors = live_vectors[fresh]
-        old_vectors = self._gather(labels)
+        labels, vectors, assigned = labels[unchanged], vectors[unchanged], assigned[unchanged]
         all_labels = np.concatenate([labels, new_labels])
-        all_vectors = np.concatenate([old_vectors, new_vectors])
+        all_vectors = np.concatenate([vectors, new_vectors])
         all_lists = np.concatenate([assigned, nearest_centroid(new_vectors, centroids, norms)])
         self.centroids, self._centroid_norms = centroids, norms
         self._fill(all_labels, all_vectors, all_lists, len(centroids))
         self.trained_at = trained_on
-
-    def _gather(self, labels: np.ndarray) -> np.ndarray:
-        out = np.empty((len(labels), self.params.dimension), np.float32)
-        lists, pos = self._list_of[labels], self._pos_of[labels]
-        for lst in np.unique(lists).tolist():
-            sel = lists == lst
-            out[sel] = self._blocks[lst][pos[sel]]
-        return out
 
     def _fill(self, labels: np.ndarray, vectors: np.ndarray, lists: np.ndarray, count: int) -> None:
         """Replaces every block: list ``lists[j]`` holds ``vectors[j]`` (grouped by a stable sort)."""
