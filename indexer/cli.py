@@ -223,6 +223,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _index_description(g: indexer_pb2.Generation) -> str:
+    from cbir.v1 import indexer_pb2
+
     if g.index_type == indexer_pb2.INDEX_TYPE_PARTITIONS:
         return f"partitions(lists={g.partition_lists})"
     return "hnsw"
