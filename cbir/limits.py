@@ -19,6 +19,8 @@ MAX_KEY_BYTES = 128
 MAX_VALUE_BYTES = 1024
 MAX_DIMENSION = 4096
 MAX_EF = 100_000
+# Lists of a partition index, and lists probed by a query, at most.
+MAX_LISTS = 65_536
 MAX_FILTER_LABELS = 1024
 MAX_FILTER_ATTRIBUTES = 64
 MAX_FILTER_VALUES = 1024
@@ -86,6 +88,13 @@ def check_k(k: int, max_k: int, *, default: int | None = None) -> int:
 def check_ef(ef: int) -> None:
     if not 0 <= ef <= MAX_EF:
         raise InvalidInput(f"ef must be between 0 (the generation's default) and {MAX_EF}, got {ef}")
+
+
+def check_probes(probes: int) -> None:
+    if not 0 <= probes <= MAX_LISTS:
+        raise InvalidInput(
+            f"probes must be between 0 (the generation's default) and {MAX_LISTS}, got {probes}"
+        )
 
 
 def check_min_score(min_score: float | None) -> None:

@@ -16,6 +16,7 @@ from cbir.logs import configure_cli_logging
 from cbir.server import ServerOptions, add_common_flags, serve_until_signalled
 from cbir.tls import ClientTLS
 from indexer.core import IndexerConfig
+from indexer.indexes import INDEX_TYPE_NAMES, index_type_name
 
 if TYPE_CHECKING:
     from cbir.v1 import indexer_pb2
@@ -97,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=IndexerConfig.default_ef_search,
         type=int,
         help="Default HNSW ef for queries (raised to k).",
+    )
+    env_flag(
+        serve,
+        "--index-type",
+        env=f"{ENV}_INDEX_TYPE",
+        default=index_type_name(IndexerConfig.default_index_type),
+        choices=sorted(INDEX_TYPE_NAMES),
+        help="Index type of a generation created without one (hnsw, or partitions: IVF-flat, see "
+        "indexer/README.md).",
     )
     env_flag(
         serve,
@@ -212,6 +222,14 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _index_description(g: indexer_pb2.Generation) -> str:
+    from cbir.v1 import indexer_pb2
+
+    if g.index_type == indexer_pb2.INDEX_TYPE_PARTITIONS:
+        return f"partitions(lists={g.partition_lists})"
+    return "hnsw"
+
+
 def _generations(client: IndexerClient, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cbir.v1 import indexer_pb2, types_pb2
 
@@ -223,7 +241,7 @@ def _generations(client: IndexerClient, args: argparse.Namespace, parser: argpar
                 f"{g.name}\t{indexer_pb2.GenerationState.Name(g.state).removeprefix('GENERATION_STATE_').lower()}"
                 f"\t{g.space.model_name}:{g.space.model_version}\t{types_pb2.Metric.Name(g.metric)}"
                 f"\tdim={g.dimension}\titems={g.item_count}\tpending={g.pending_count}"
-                + ("\t*" if g.name in active else "")
+                f"\t{_index_description(g)}" + ("\t*" if g.name in active else "")
             )
             if g.HasField("rollout"):
                 print(f"  rollout {_describe_rollout(g.rollout)}")
@@ -286,6 +304,7 @@ def _serve(args: argparse.Namespace) -> int:
         default_m=args.hnsw_m,
         default_ef_construction=args.hnsw_ef_construction,
         default_ef_search=args.hnsw_ef_search,
+        default_index_type=INDEX_TYPE_NAMES[args.index_type],
         exact_threshold=args.exact_threshold,
         compact_fraction=args.compact_fraction,
         snapshot_interval=args.snapshot_interval,

@@ -114,6 +114,7 @@ class IndexerClient:
         require_active: bool = True,
         filter: types_pb2.Filter | None = None,
         ef: int = 0,
+        probes: int = 0,
         min_score: float | None = None,
         exclude_ids: Sequence[str] = (),
         timeout: float | None = None,
@@ -121,7 +122,7 @@ class IndexerClient:
         q = np.asarray(queries, dtype="<f4")
         if q.ndim == 1:
             q = q[None, :]
-        base: dict[str, Any] = dict(k=k, ef=ef, generation=generation, exclude_ids=exclude_ids)
+        base: dict[str, Any] = dict(k=k, ef=ef, probes=probes, generation=generation, exclude_ids=exclude_ids)
         if filter is not None:
             base["filter"] = filter
         if min_score is not None:
@@ -304,7 +305,11 @@ class IndexerClient:
         dimension: int,
         params: indexer_pb2.HnswParams | None = None,
         timeout: float | None = None,
+        *,
+        index_type: int = 0,
+        partition_params: indexer_pb2.PartitionParams | None = None,
     ) -> indexer_pb2.Generation:
+        """Creates the generation on every shard; ``index_type`` 0 is each server's --index-type."""
         request = indexer_pb2.CreateGenerationRequest(
             # The proto enums are ints at run time; their stubs type them as int subclasses.
             name=name,
@@ -312,6 +317,8 @@ class IndexerClient:
             metric=cast(types_pb2.Metric, metric),
             dimension=dimension,
             params=params,
+            index_type=cast(indexer_pb2.IndexType, index_type),
+            partition_params=partition_params,
         )
         created: indexer_pb2.Generation = self._all("CreateGeneration", request, timeout)[0]
         return created

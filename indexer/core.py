@@ -35,6 +35,7 @@ from cbir.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput
 from cbir.limits import (
     MAX_DIMENSION,
     MAX_EF,
+    MAX_LISTS,
     check_batch,
     check_ef,
     check_filter,
@@ -42,16 +43,20 @@ from cbir.limits import (
     check_item_fields,
     check_k,
     check_min_score,
+    check_probes,
 )
 from cbir.metric import Metric
 from cbir.sharding import shard_of
 from indexer import maintenance
 from indexer.catalogue import Catalogue, ItemFilter
-from indexer.graph import GraphParams, HnswGraph, SnapshotError, remove_snapshot
+from indexer.graph import SnapshotError
+from indexer.indexes import GenerationIndex, load_index, new_index, remove_snapshots
 from indexer.queries import Hit, KnnQuery, PackedVectors, as_queries, search
 from indexer.store import (
     ACTIVE,
     BUILDING,
+    HNSW,
+    PARTITIONS,
     REJECTED,
     RETIRED,
     VERDICT_PASSED,
@@ -84,6 +89,8 @@ class IndexerConfig:
     default_m: int = 16
     default_ef_construction: int = 200
     default_ef_search: int = 300
+    # Index type of a generation created without one (store.HNSW or store.PARTITIONS).
+    default_index_type: int = HNSW
     # Filtered queries whose matching items are at most this many are answered by exact search.
     exact_threshold: int = 10_000
     # Unfiltered queries over at most max(k, this many) items are answered by exact search.
@@ -94,6 +101,9 @@ class IndexerConfig:
     # Slots of a new generation's graph (it grows by half when full).
     initial_capacity: int = 1024
     snapshot_interval: float = 60.0
+    # Train partition indexes in a background thread (False: inline, in the write that made it needed;
+    # deterministic, for tests).
+    train_in_background: bool = True
 
 
 @dataclass
@@ -102,12 +112,13 @@ class GenerationState:
     what its snapshot on disk holds."""
 
     row: GenerationRow
-    graph: HnswGraph
+    graph: GenerationIndex
     directory: Path
     # Sequence number the snapshot on disk is complete up to (None: no usable snapshot on disk), and
     # the graph object it was saved from (a compaction swaps in another one).
     disk_seq: int | None = None
-    saved_graph: HnswGraph | None = None
+    saved_graph: GenerationIndex | None = None
+    # A compaction or a partition training runs (one background rebuild at a time).
     compacting: bool = False
     dropped: bool = False
 
@@ -130,6 +141,7 @@ class GenerationInfo:
     pending_count: int
     memory_bytes: int
     rollout: RolloutRow | None = None
+    partition_lists: int = 0  # lists the partition index holds now (0: HNSW)
 
 
 @dataclass(frozen=True)
@@ -181,6 +193,8 @@ class IndexerCore:
             self._generations[row.name] = self._load_generation(row, pruned)
         self._active = active if active in self._generations else None
         self._ready.set()
+        for gen in list(self._generations.values()):
+            self._maybe_train(gen)  # one that grew by the replay of the change log
         log.info(
             "index loaded",
             extra={
@@ -216,13 +230,10 @@ class IndexerCore:
     def _generation_dir(self, name: str) -> Path:
         return self.data_dir / "generations" / name
 
-    def _params(self, row: GenerationRow) -> GraphParams:
-        return GraphParams(row.metric, row.dimension, row.m, row.ef_construction, row.ef_search)
-
     def _load_generation(self, row: GenerationRow, pruned_through: int) -> GenerationState:
         directory = self._generation_dir(row.name)
         try:
-            graph = HnswGraph.load(directory, self._params(row), self.catalogue.get)
+            graph = load_index(row, directory, self.catalogue.get)
             if graph.applied_seq < pruned_through:
                 raise SnapshotError(
                     f"snapshot at sequence {graph.applied_seq} is older than the change log, which "
@@ -239,19 +250,21 @@ class IndexerCore:
         self.catch_up(row.name, graph)
         return GenerationState(row, graph, directory, disk_seq, graph if disk_seq is not None else None)
 
-    def build_from_store(self, row: GenerationRow) -> HnswGraph:
-        """A graph of every vector of the generation, read in one transaction; rows from the catalogue
-        (re-linked by whoever makes the graph live, see maintenance.Compaction.finish)."""
+    def build_from_store(self, row: GenerationRow) -> GenerationIndex:
+        """An index of every vector of the generation, read in one transaction; rows from the catalogue
+        (re-linked by whoever makes the graph live, see maintenance.Compaction.finish). A partition
+        index is trained here, before anyone else sees it."""
         count = self.store.vector_count(row.name)
-        graph = HnswGraph(self._params(row), capacity=int(count * 1.1) + self.config.initial_capacity)
+        graph = new_index(row, capacity=int(count * 1.1) + self.config.initial_capacity)
         seq, batches = self.store.generation_snapshot(row.name)
         items = self.catalogue.items
         for ids, vectors in batches:
             graph.put(ids, vectors, [items.get(i) or ItemRow(i) for i in ids])
+        graph.retrain()
         graph.applied_seq = graph.changed_seq = seq
         return graph
 
-    def catch_up(self, name: str, graph: HnswGraph) -> None:
+    def catch_up(self, name: str, graph: GenerationIndex) -> None:
         """Replays every change after ``graph.applied_seq`` (idempotent: applies the current state)."""
         last, ids = self.store.changed_since(name, graph.applied_seq)
         if ids:
@@ -292,9 +305,21 @@ class IndexerCore:
 
     # ================================================================== compaction
 
+    def _maybe_train(self, gen: GenerationState) -> None:
+        """Starts a partition index's (re)training in the background once it has grown enough."""
+        if gen.compacting or not gen.graph.needs_training:
+            return
+        gen.compacting = True
+        training = maintenance.Training(gen)
+        if not self.config.train_in_background:
+            training.run()
+            return
+        thread = threading.Thread(target=training.run, name=f"train-{gen.name}", daemon=True)
+        thread.start()
+
     def _maybe_compact(self, gen: GenerationState) -> None:
         graph = gen.graph
-        slots = graph.index.element_count
+        slots = graph.slots
         c = self.config
         if gen.compacting or slots < c.compact_min_slots or graph.deleted_slots <= c.compact_fraction * slots:
             return
@@ -348,7 +373,11 @@ class IndexerCore:
         m: int = 0,
         ef_construction: int = 0,
         ef_search: int = 0,
+        index_type: int = 0,
+        lists: int = 0,
+        probes: int = 0,
     ) -> GenerationInfo:
+        """A new generation; ``index_type`` 0 is the configured default, ``lists``/``probes`` 0 automatic."""
         self._check_ready()
         if not NAME_RE.match(name or ""):
             raise InvalidInput(f"generation name {name!r} must be 1..128 characters of [A-Za-z0-9._-]")
@@ -366,6 +395,16 @@ class IndexerCore:
         ):
             if value and not lo <= value <= hi:
                 raise InvalidInput(f"{label} must be 0 (server default) or {lo}..{hi}, got {value}")
+        index_type = index_type or self.config.default_index_type
+        if index_type not in (HNSW, PARTITIONS):
+            raise InvalidInput(
+                f"index_type must be INDEX_TYPE_HNSW or INDEX_TYPE_PARTITIONS, got {index_type}"
+            )
+        for label, value in (("partition_params.lists", lists), ("partition_params.probes", probes)):
+            if not 0 <= value <= MAX_LISTS:
+                raise InvalidInput(f"{label} must be 0 (automatic) or 1..{MAX_LISTS}, got {value}")
+            if value and index_type != PARTITIONS:
+                raise InvalidInput(f"{label} applies to INDEX_TYPE_PARTITIONS generations only")
         c = self.config
         row = GenerationRow(
             name,
@@ -379,6 +418,9 @@ class IndexerCore:
             BUILDING,
             time.time(),
             None,
+            index_type,
+            lists,
+            probes,
         )
         with self._write_lock:
             self._check_ready()
@@ -388,7 +430,7 @@ class IndexerCore:
             shutil.rmtree(directory, ignore_errors=True)  # leftovers of a dropped namesake
             self.store.create_generation(row)
             self._pending_cache.pop(name, None)
-            graph = HnswGraph(self._params(row), capacity=c.initial_capacity)
+            graph = new_index(row, capacity=c.initial_capacity)
             graph.applied_seq = graph.changed_seq = self.store.last_sequence()
             self._generations[name] = GenerationState(row, graph, directory)
         return self._info(self._generations[name])
@@ -452,7 +494,7 @@ class IndexerCore:
         # After the write lock (lock order): a snapshot of it that is running finishes first.
         with self._snapshot_lock:
             if name not in self._generations:
-                remove_snapshot(gen.directory)
+                remove_snapshots(gen.directory)
                 shutil.rmtree(gen.directory, ignore_errors=True)
 
     def list_pending(
@@ -501,6 +543,7 @@ class IndexerCore:
             self._pending_count(gen.name),
             graph.memory_bytes(),
             self.store.rollout_of(gen.name),
+            graph.lists,
         )
 
     # ================================================================== rollout decisions
@@ -643,6 +686,7 @@ class IndexerCore:
                 graph.changed_seq = seq
                 if end >= len(ids):
                     graph.applied_seq = seq
+        self._maybe_train(gen)
         for other in self._generations.values():
             if other is gen:
                 continue
@@ -711,9 +755,12 @@ class IndexerCore:
         require_active: bool = False,
         item_filter: ItemFilter | None = None,
         ef: int = 0,
+        probes: int = 0,
         min_score: float | None = None,
         exclude_ids: Sequence[str] = (),
     ) -> tuple[list[list[Hit]], GenerationRow]:
+        """``ef`` overrides an HNSW generation's search width, ``probes`` a partition one's; each
+        index type ignores the other's (a client need not know the active generation's type)."""
         self._check_ready()
         gen = self._resolve(generation)
         if require_active and generation and generation != self._active:
@@ -723,12 +770,13 @@ class IndexerCore:
             )
         check_k(k, self.config.max_k)
         check_ef(ef)
+        check_probes(probes)
         check_min_score(min_score)
         q = as_queries(queries, gen.row.dimension)
         self.check_batch(len(q), "queries")
         flt = item_filter or ItemFilter()
         check_filter(flt.labels, flt.attributes)
-        query = KnnQuery(q, k, flt, ef, min_score, frozenset(exclude_ids))
+        query = KnnQuery(q, k, flt, ef, min_score, frozenset(exclude_ids), probes)
         c = self.config
         hits = search(gen.graph, gen.metric, query, self.catalogue, c.exact_threshold, c.exact_below)
         return hits, gen.row

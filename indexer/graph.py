@@ -23,7 +23,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +120,12 @@ class GraphParams:
 class HnswGraph:
     """The HNSW graph of one generation: item rows <-> hnswlib labels, guarded by a RW lock."""
 
+    # hnswlib's ef belongs to the index: a search-width override needs the write lock (custom_width).
+    exclusive_width = True
+    # Never trained (see indexer.partitions.PartitionIndex.retrain).
+    needs_training = False
+    lists = 0
+
     def __init__(self, params: GraphParams, capacity: int = 1024):
         self.params = params
         self.lock = RWLock()
@@ -156,6 +162,20 @@ class HnswGraph:
     def capacity(self) -> int:
         return int(self.index.max_elements)
 
+    @property
+    def slots(self) -> int:
+        """Slots in use, deleted ones included (what compaction compares deleted_slots with)."""
+        return int(self.index.element_count)
+
+    @property
+    def default_width(self) -> int:
+        return self.params.ef_search
+
+    @staticmethod
+    def width_of(ef: int, probes: int) -> int:
+        """The search-width override of a query on this index type: ``ef`` (``probes`` is IVF's)."""
+        return ef
+
     def id_at(self, label: int) -> str | None:
         row = self.rows[label]
         return None if row is None else row.id
@@ -172,12 +192,17 @@ class HnswGraph:
         return int(self.capacity * (level0 + 8) + self.index.element_count * upper)
 
     def search(
-        self, queries: np.ndarray, k: int, accept: Callable[[int], bool] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        accept: Callable[[int], bool] | None = None,
+        width: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(labels, distances) from hnswlib; raises RuntimeError if fewer than k are found.
 
         The search width is the index's ef (hnswlib raises it to k itself). It is one setting for
-        the whole index, so it stays at the generation's default; see :meth:`custom_ef`.
+        the whole index, so it stays at the generation's default; ``width`` is not read here: an
+        override is set by :meth:`custom_width` around the call.
         """
         if accept is None:
             # hnswlib's thread pool costs more than it saves for a handful of queries.
@@ -198,6 +223,12 @@ class HnswGraph:
             yield
         finally:
             self.index.set_ef(self.params.ef_search)
+
+    def custom_width(self, width: int) -> AbstractContextManager[None]:
+        return self.custom_ef(width)
+
+    def retrain(self) -> bool:
+        return False
 
     def vectors_of(self, ids: Sequence[str]) -> np.ndarray:
         if not ids:

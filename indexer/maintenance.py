@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from indexer.graph import HnswGraph
+from indexer.indexes import GenerationIndex
 
 if TYPE_CHECKING:
     from indexer.core import GenerationState, IndexerCore
@@ -61,7 +61,7 @@ class Compaction:
     def __init__(self, core: IndexerCore, gen: GenerationState):
         self.core = core
         self.gen = gen
-        self.fresh: HnswGraph | None = None
+        self.fresh: GenerationIndex | None = None
         self._hold: int | None = None
 
     def start(self) -> None:
@@ -116,6 +116,23 @@ class Compaction:
             self.gen.compacting = False
 
 
+class Training:
+    """(Re)trains a partition index's lists beside the live index (PartitionIndex.retrain holds the
+    read lock to copy, no lock for k-means, the write lock to install). Not the core's write lock:
+    writers go on, and what they write meanwhile is re-assigned when the new lists are installed."""
+
+    def __init__(self, gen: GenerationState):
+        self.gen = gen
+
+    def run(self) -> None:
+        try:
+            self.gen.graph.retrain()
+        except Exception:  # noqa: BLE001 - the old lists keep serving; training is retried later
+            log.exception("partition training failed", extra={"generation": self.gen.name})
+        finally:
+            self.gen.compacting = False
+
+
 def snapshot_all(core: IndexerCore) -> None:
     """Saves every graph that changed since its last snapshot, then prunes the change log.
 
@@ -132,7 +149,7 @@ def snapshot_all(core: IndexerCore) -> None:
                 changed, applied = graph.changed_seq, graph.applied_seq
             if gen.saved_graph is graph and gen.disk_seq is not None and changed <= gen.disk_seq:
                 if applied > gen.disk_seq:
-                    gen.disk_seq = HnswGraph.advance_snapshot(gen.directory, applied)
+                    gen.disk_seq = graph.advance_snapshot(gen.directory, applied)
                 continue
             gen.disk_seq = graph.save(gen.directory)
             gen.saved_graph = graph

@@ -1,4 +1,4 @@
-"""k-NN queries over one generation's graph: exact or HNSW, filters, exclusions, hits.
+"""k-NN queries over one generation's index (HNSW or partitions) or exact: filters, exclusions, hits.
 
 A query reads ONE graph under ONE hold of its read lock, from the search to the last hit: candidates,
 filter decisions, ids, metadata and vectors all come from that graph's state, so an answer never names
@@ -19,7 +19,8 @@ import numpy as np
 from cbir.errors import InvalidInput
 from cbir.metric import Metric
 from indexer.catalogue import Catalogue, ItemFilter
-from indexer.graph import ExactIndex, HnswGraph
+from indexer.graph import ExactIndex
+from indexer.indexes import GenerationIndex
 from indexer.store import ItemRow
 
 
@@ -37,13 +38,14 @@ class KnnQuery:
     vectors: np.ndarray  # float32 [n, dimension]
     k: int
     item_filter: ItemFilter
-    ef: int  # 0: the graph's default
+    ef: int  # 0: the graph's default (HNSW generations)
     min_score: float | None
     exclude_ids: frozenset[str]
+    probes: int = 0  # 0: the index's default (partition generations)
 
 
 def search(
-    graph: HnswGraph,
+    graph: GenerationIndex,
     metric: Metric,
     query: KnnQuery,
     catalogue: Catalogue,
@@ -56,11 +58,13 @@ def search(
     unfiltered one over at most max(k, ``exact_below``) items (HNSW saves nothing there, and exact search
     never misses); HNSW answers the rest, and exact search again when HNSW finds fewer than k.
     """
-    custom_ef = bool(query.ef) and query.ef != graph.params.ef_search
-    # A search-width override is rare: it runs alone on the graph (see HnswGraph.custom_ef).
-    lock = graph.lock.write() if custom_ef else graph.lock.read()
-    with lock, graph.custom_ef(query.ef) if custom_ef else nullcontext():
-        rows, dists = _search(graph, metric, query, catalogue, exact_threshold, exact_below)
+    width = graph.width_of(query.ef, query.probes)
+    custom = bool(width) and width != graph.default_width
+    # An HNSW width override is rare: it runs alone on the graph (see HnswGraph.custom_ef); a
+    # partition index takes it per query.
+    lock = graph.lock.write() if custom and graph.exclusive_width else graph.lock.read()
+    with lock, graph.custom_width(width) if custom else nullcontext():
+        rows, dists = _search(graph, metric, query, catalogue, exact_threshold, exact_below, width)
     dists = np.asarray(dists, np.float32).reshape(len(query.vectors), -1)
     if not metric.distances_can_be_negative:
         # Float rounding can give an item a distance of -1e-7 to itself; these distances are >= 0.
@@ -83,12 +87,13 @@ _Found = tuple[list[list[ItemRow]], np.ndarray]
 
 
 def _search(
-    graph: HnswGraph,
+    graph: GenerationIndex,
     metric: Metric,
     query: KnnQuery,
     catalogue: Catalogue,
     exact_threshold: int,
     exact_below: int,
+    width: int,
 ) -> _Found:
     """(rows, distances) per query; the caller holds the graph's lock."""
     q, k, flt, exclude = query.vectors, query.k, query.item_filter, query.exclude_ids
@@ -110,6 +115,7 @@ def _search(
             k,
             not_excluded if excluded_labels else None,
             lambda: [i for i in graph.label_of if i not in exclude],
+            width,
         )
 
     def candidates() -> list[str]:
@@ -122,28 +128,29 @@ def _search(
     def accept(label: int) -> bool:
         return label not in excluded_labels and flt.matches(rows[label])
 
-    return _hnsw_or_exact(graph, metric, q, k, accept, candidates)
+    return _hnsw_or_exact(graph, metric, q, k, accept, candidates, width)
 
 
 def _hnsw_or_exact(
-    graph: HnswGraph,
+    graph: GenerationIndex,
     metric: Metric,
     q: np.ndarray,
     k: int,
     accept: Callable[[int], bool] | None,
     candidates: Callable[[], list[str]],
+    width: int,
 ) -> _Found:
     try:
-        labels, dists = graph.search(q, k, accept)
+        labels, dists = graph.search(q, k, accept, width)
     except RuntimeError:
-        # hnswlib found fewer than k (deletes, a narrow filter): answer exactly instead.
+        # The index found fewer than k (deletes, a narrow filter): answer exactly instead.
         return _exact(graph, metric, q, k, candidates())
     rows = graph.rows
     found = [[rows[label] for label in row] for row in labels.tolist()]
     return cast("list[list[ItemRow]]", found), dists
 
 
-def _exact(graph: HnswGraph, metric: Metric, q: np.ndarray, k: int, ids: list[str]) -> _Found:
+def _exact(graph: GenerationIndex, metric: Metric, q: np.ndarray, k: int, ids: list[str]) -> _Found:
     found, dists = ExactIndex(metric, ids, graph.vectors_of(ids)).search(q, k)
     rows = [[graph.row_of(i) for i in row] for row in found]
     return cast("list[list[ItemRow]]", rows), dists

@@ -41,6 +41,7 @@ from cbir.metric import METRIC_NAMES, Metric
 from cbir.sharding import shard_of
 from cbir.v1 import indexer_pb2, types_pb2
 from indexer.core import check_item
+from indexer.indexes import INDEX_TYPE_NAMES
 from indexer.store import ItemRow
 
 if TYPE_CHECKING:
@@ -101,6 +102,10 @@ class ReindexOptions:
     hnsw_m: int = 0
     hnsw_ef_construction: int = 0
     hnsw_ef_search: int = 0
+    # "" (the server's --index-type), "hnsw" or "partitions"; lists/probes 0: automatic/default.
+    index_type: str = ""
+    partition_lists: int = 0
+    partition_probes: int = 0
     batch_size: int = 32
     readers: int = 4
     prefetch: int = 4
@@ -171,6 +176,18 @@ def add_parser(
     p.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help="HNSW M (0: the server default).")
     p.add_argument("--hnsw-ef-construction", type=int, default=d.hnsw_ef_construction)
     p.add_argument("--hnsw-ef-search", type=int, default=d.hnsw_ef_search)
+    p.add_argument(
+        "--index-type",
+        default=d.index_type,
+        choices=["", *sorted(INDEX_TYPE_NAMES)],
+        help="Index type of a new generation (default: the server's --index-type).",
+    )
+    p.add_argument(
+        "--partition-lists", type=int, default=d.partition_lists, help="Partition lists (0: automatic)."
+    )
+    p.add_argument(
+        "--partition-probes", type=int, default=d.partition_probes, help="Partition probes (0: default)."
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="Images per Predict call.")
     p.add_argument(
         "--readers", type=int, default=d.readers, help="Threads reading image files ahead of Serving."
@@ -212,6 +229,9 @@ def options_from_args(args: argparse.Namespace) -> ReindexOptions:
         hnsw_m=args.hnsw_m,
         hnsw_ef_construction=args.hnsw_ef_construction,
         hnsw_ef_search=args.hnsw_ef_search,
+        index_type=args.index_type,
+        partition_lists=args.partition_lists,
+        partition_probes=args.partition_probes,
         batch_size=args.batch_size,
         readers=args.readers,
         prefetch=args.prefetch,
@@ -529,7 +549,17 @@ class _Target:
             )
             space = types_pb2.EmbeddingSpace(model_name=o.model, model_version=version)
             try:
-                self.client.create_generation(name, space, Metric.from_name(o.metric), dim, params)
+                self.client.create_generation(
+                    name,
+                    space,
+                    Metric.from_name(o.metric),
+                    dim,
+                    params,
+                    index_type=INDEX_TYPE_NAMES.get(o.index_type, 0),
+                    partition_params=indexer_pb2.PartitionParams(
+                        lists=o.partition_lists, probes=o.partition_probes
+                    ),
+                )
                 self.say(f"created generation {name} (model {o.model} version {version}, dim {dim})")
             except AlreadyExists:
                 self._join(self.client.get_generation(name), version, dim)

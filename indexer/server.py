@@ -123,6 +123,9 @@ def generation_to_proto(info: GenerationInfo) -> indexer_pb2.Generation:
         created_at=_timestamp(row.created_at),
         activated_at=_timestamp(row.activated_at),
         rollout=rollout_to_proto(info.rollout) if info.rollout else None,
+        index_type=cast(indexer_pb2.IndexType, row.index_type),
+        partition_params=indexer_pb2.PartitionParams(lists=row.lists, probes=row.probes),
+        partition_lists=info.partition_lists,
     )
 
 
@@ -213,6 +216,7 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             require_active=request.require_active,
             item_filter=filter_from_proto(request.filter) if request.HasField("filter") else _NO_FILTER,
             ef=request.ef,
+            probes=request.probes,
             min_score=request.min_score if request.HasField("min_score") else None,
             exclude_ids=request.exclude_ids,
         )
@@ -247,6 +251,9 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
                 p.m,
                 p.ef_construction,
                 p.ef_search,
+                request.index_type,
+                request.partition_params.lists,
+                request.partition_params.probes,
             )
         )
 

@@ -49,7 +49,10 @@ CREATE TABLE IF NOT EXISTS generations (
     ef_search INTEGER NOT NULL,
     state INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    activated_at REAL
+    activated_at REAL,
+    index_type INTEGER NOT NULL DEFAULT 1,
+    lists INTEGER NOT NULL DEFAULT 0,
+    probes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS vectors (
     generation TEXT NOT NULL,
@@ -73,6 +76,16 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE INDEX IF NOT EXISTS rollouts_by_generation ON rollouts (generation);
 """
 
+# Columns added after the first release: (table, column, definition). A database made before them
+# gets them with their DEFAULT, which is what its rows meant (e.g. every old generation is HNSW).
+MIGRATIONS = (
+    ("generations", "index_type", "INTEGER NOT NULL DEFAULT 1"),
+    ("generations", "lists", "INTEGER NOT NULL DEFAULT 0"),
+    ("generations", "probes", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+# Index types, numerically equal to indexer_pb2.IndexType.
+HNSW, PARTITIONS = 1, 2
 # Generation states, numerically equal to indexer_pb2.GenerationState (the core converts nothing).
 BUILDING, ACTIVE, RETIRED, REJECTED = 1, 2, 3, 4
 # Rollout verdicts, numerically equal to indexer_pb2.RolloutVerdict.
@@ -108,6 +121,10 @@ class GenerationRow:
     state: int
     created_at: float
     activated_at: float | None = None
+    index_type: int = HNSW
+    # Partition index parameters as requested (0: automatic lists / default probes).
+    lists: int = 0
+    probes: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,8 +177,15 @@ class ItemStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        self._migrate()
         self._local = threading.local()
         self._lock = threading.Lock()
+
+    def _migrate(self) -> None:
+        for table, column, definition in MIGRATIONS:
+            present = {row[1] for row in self._writer.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
@@ -270,7 +294,7 @@ class ItemStore:
             self._reader()
             .execute(
                 "SELECT name, model_name, model_version, metric, dimension, m, ef_construction, ef_search,"
-                " state, created_at, activated_at FROM generations ORDER BY created_at DESC, name DESC"
+                " state, created_at, activated_at, index_type, lists, probes FROM generations ORDER BY created_at DESC, name DESC"
             )
             .fetchall()
         )
@@ -443,7 +467,9 @@ class ItemStore:
     def create_generation(self, row: GenerationRow) -> None:
         with self._transaction() as conn:
             conn.execute(
-                "INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO generations (name, model_name, model_version, metric, dimension, m,"
+                " ef_construction, ef_search, state, created_at, activated_at, index_type, lists, probes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     row.name,
                     row.model_name,
@@ -456,6 +482,9 @@ class ItemStore:
                     row.state,
                     row.created_at,
                     row.activated_at,
+                    row.index_type,
+                    row.lists,
+                    row.probes,
                 ),
             )
 

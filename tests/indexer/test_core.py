@@ -404,3 +404,35 @@ def test_concurrent_writers_and_readers_match_exact(tmp_path):
     assert _recall(core.knn(q, 10)[0], exact_ids) >= 0.98
     assert core.get_generation().item_count == len(all_ids)
     core.close()
+
+
+def test_partition_generation_through_the_core(tmp_path):
+    """Created, filled past the training size (trained inline here), answered with the right search
+    width field, filtered, and validated; ef is HNSW's and is ignored here."""
+    from indexer.partitions import TRAIN_MIN
+    from indexer.store import PARTITIONS
+
+    core = _core(tmp_path, train_in_background=False, exact_below=0, exact_threshold=0)
+    rng = np.random.default_rng(12)
+    n = TRAIN_MIN + 1000
+    x = _clustered(rng, n, DIM)
+    ids = [f"p{j}" for j in range(n)]
+    labels = ["odd" if j % 2 else "even" for j in range(n)]
+    with pytest.raises(InvalidInput, match="INDEX_TYPE_PARTITIONS"):
+        core.create_generation("h", "m", 1, L2, DIM, lists=4)
+    with pytest.raises(InvalidInput, match="partition_params.probes"):
+        core.create_generation("p", "m", 1, L2, DIM, index_type=PARTITIONS, probes=-1)
+    core.create_generation("p", "m", 1, L2, DIM, index_type=PARTITIONS)
+    _fill(core, "p", ids, x, labels=labels)
+    info = core.get_generation("p")
+    assert info.partition_lists > 1 and info.deleted_slots == 0
+    q = x[:20] + 0.01
+    exact_ids, _ = ExactIndex(L2, ids, x).search(q, 10)
+    every = core.knn(q, 10, generation="p", probes=info.partition_lists)[0]
+    assert [[h.item.id for h in r] for r in every] == exact_ids
+    assert _recall(core.knn(q, 10, generation="p", ef=5)[0], exact_ids) >= 0.9  # ef: not this type's
+    odd = core.knn(q, 10, generation="p", item_filter=ItemFilter(labels=("odd",)))[0]
+    assert all(h.item.label == "odd" for r in odd for h in r) and all(len(r) == 10 for r in odd)
+    with pytest.raises(InvalidInput, match="probes"):
+        core.knn(q, 10, generation="p", probes=-1)
+    core.close()

@@ -22,11 +22,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cbir.errors import NotFound
+from indexer import partitions
 from indexer.catalogue import ItemFilter
 from indexer.core import IndexerConfig, IndexerCore
 from indexer.maintenance import Compaction
 from indexer.queries import KnnQuery, search
-from indexer.store import ItemRow
+from indexer.store import HNSW, PARTITIONS, ItemRow
 
 DIM = 4
 L2, COSINE = 2, 1
@@ -85,7 +86,11 @@ class IndexerMachine(RuleBasedStateMachine):
             compact_fraction=1.0,  # compactions only when a rule says so (step by step)
             compact_min_slots=1,
             initial_capacity=16,  # grows many times
+            train_in_background=False,  # partition training inline: the steps stay deterministic
         )
+        # Partition generations train (and retrain) at the sizes this test reaches.
+        self.train_min = partitions.TRAIN_MIN
+        partitions.TRAIN_MIN = 8
         self.core = self._open()
         self.items: dict[str, ItemRow] = {}  # the reference: id -> content
         self.vectors: dict[str, dict[str, np.ndarray]] = {}  # generation -> id -> vector
@@ -104,27 +109,28 @@ class IndexerMachine(RuleBasedStateMachine):
         self._abandon_compaction()
         self.core.close(snapshot=False)
         shutil.rmtree(self.dir, ignore_errors=True)
+        partitions.TRAIN_MIN = self.train_min
 
     # ------------------------------------------------------------------ generations
 
-    @initialize(metric=st.sampled_from([L2, COSINE]))
-    def first_generation(self, metric):
-        self._create(metric)
+    @initialize(metric=st.sampled_from([L2, COSINE]), index_type=st.sampled_from([HNSW, PARTITIONS]))
+    def first_generation(self, metric, index_type):
+        self._create(metric, index_type)
         self.core.activate_generation("g0")
         self.active = "g0"
 
-    def _create(self, metric: int) -> str:
+    def _create(self, metric: int, index_type: int) -> str:
         name = f"g{self.created}"
         self.created += 1
-        self.core.create_generation(name, "m", self.created, metric, DIM)
+        self.core.create_generation(name, "m", self.created, metric, DIM, index_type=index_type)
         self.vectors[name] = {}
         self.metrics[name] = metric
         return name
 
     @precondition(lambda self: len(self.vectors) < 3)
-    @rule(metric=st.sampled_from([L2, COSINE]))
-    def create_generation(self, metric):
-        self._create(metric)
+    @rule(metric=st.sampled_from([L2, COSINE]), index_type=st.sampled_from([HNSW, PARTITIONS]))
+    def create_generation(self, metric, index_type):
+        self._create(metric, index_type)
 
     @rule(data=st.data())
     def activate(self, data):
@@ -296,11 +302,12 @@ class IndexerMachine(RuleBasedStateMachine):
 
     @rule(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 12), flt=filters)
     def knn_through_hnsw(self, seed, k, flt):
-        """The graph itself answers (no exact shortcut): wide ef makes HNSW exact on a graph this small."""
+        """The index itself answers (no exact shortcut): wide ef makes HNSW exact on a graph this small,
+        and probing every list makes a partition index exact."""
         name = self.active
         gen = self.core._generations[name]
         q = np.random.default_rng(seed).normal(size=(1, DIM)).astype(np.float32)
-        query = KnnQuery(q, k, flt, 500, None, frozenset())
+        query = KnnQuery(q, k, flt, 500, None, frozenset(), probes=partitions.LISTS_MAX)
         hits = search(gen.graph, gen.metric, query, self.core.catalogue, 0, 0)[0]
         self._check_answer(name, q[0], k, flt, set(), hits)
 

@@ -263,3 +263,76 @@ def test_two_shards_answer_like_one(tmp_path):
             assert counts == [sum(1 for i in ids[10:] if shard_of(i, 2) == k) for k in (0, 1)]
             with pytest.raises(errors.NotFound, match="shard"):
                 client.knn(q, 1, generation="nope")
+
+
+def _partition_answers(client, q):
+    answer = client.knn(q, 10, generation="p")
+    return [[h.id for h in r.hits] for r in answer.results]
+
+
+def test_partition_generation_trains_survives_restart_and_kill_9(tmp_path):
+    """A partition generation through the real server: created, filled past the training size,
+    answered like exact search with every list probed, and the same after a clean restart (snapshot)
+    and after kill -9 (snapshot + replay of the change log)."""
+    from indexer.graph import ExactIndex
+    from indexer.partitions import TRAIN_MIN
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(30, 8)) * 3
+    x = (centres[rng.integers(0, 30, TRAIN_MIN + 500)] + rng.normal(size=(TRAIN_MIN + 500, 8))).astype(
+        np.float32
+    )
+    ids = [f"p{j}" for j in range(len(x))]
+    q = x[:20] + 0.01
+    data = tmp_path / "data"
+    proc, target = _start(data, tmp_path, "first")
+    try:
+        with IndexerClient([target], timeout=30) as client:
+            with pytest.raises(errors.InvalidInput, match="INDEX_TYPE_PARTITIONS"):
+                client.create_generation(
+                    "h", SPACE, types_pb2.METRIC_L2, 8, partition_params=indexer_pb2.PartitionParams(lists=8)
+                )
+            created = client.create_generation(
+                "p",
+                SPACE,
+                types_pb2.METRIC_L2,
+                8,
+                index_type=indexer_pb2.INDEX_TYPE_PARTITIONS,
+                partition_params=indexer_pb2.PartitionParams(probes=8),
+            )
+            assert created.index_type == indexer_pb2.INDEX_TYPE_PARTITIONS and created.partition_lists == 1
+            client.upsert(_records(ids, x), generation="p", batch_size=500)
+            client.activate_generation("p")
+            deadline = time.monotonic() + 120  # training runs in the background; a slow machine waits
+            while client.get_generation("p").partition_lists <= 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            lists = client.get_generation("p").partition_lists
+            assert lists > 1
+            exact, _ = ExactIndex(types_pb2.METRIC_L2, ids, x).search(q, 10)
+            everything = client.knn(q, 10, generation="p", probes=lists)
+            assert [[h.id for h in r.hits] for r in everything.results] == exact
+            before = _partition_answers(client, q)
+            with pytest.raises(errors.InvalidInput, match="probes"):
+                client.knn(q, 10, generation="p", probes=-1)
+    finally:
+        proc.stop()
+    proc, target = _start(data, tmp_path, "second")
+    try:
+        with IndexerClient([target], timeout=30) as client:
+            gen = client.get_generation("p")
+            assert gen.partition_lists == lists and gen.partition_params.probes == 8
+            assert _partition_answers(client, q) == before
+            client.delete(ids[:5])
+            client.upsert(_records(["late"], x[5:6] + 0.001), generation="p")
+            proc.kill()
+    finally:
+        proc.stop()
+    proc, target = _start(data, tmp_path, "third")
+    try:
+        with IndexerClient([target], timeout=30) as client:
+            assert client.get_generation("p").item_count == len(ids) - 5 + 1
+            found = _partition_answers(client, q[:6])
+            assert all(i not in row for row in found for i in ids[:5])
+            assert found[5][0] == "late"
+    finally:
+        proc.stop()
