@@ -163,6 +163,91 @@ def _cpu_figures(client: IndexerClient, target: str, pid: int, pool: np.ndarray,
     ]
 
 
+def _partition_figures(
+    x, ids, q, q_other, exact, exact_other, few, exact_ms, per_query_ms, raw_build
+) -> list[dict]:
+    """The partition index (IVF-flat) on the same vectors and queries, in-process as the service holds
+    it: trained when it held 2^k vectors (the last growth step the service trains at before n), the
+    rest assigned to those lists; recall and speed for a sweep of probes, one query at a time."""
+    from indexer.partitions import RETRAIN_GROWTH, TRAIN_MIN, PartitionIndex, PartitionParams
+
+    n = len(x)
+    trained_at = TRAIN_MIN
+    while trained_at * RETRAIN_GROWTH <= n:
+        trained_at *= RETRAIN_GROWTH
+    index = PartitionIndex(PartitionParams(metric=types_pb2.METRIC_COSINE, dimension=DIM), capacity=n)
+    index.put(ids[:trained_at], x[:trained_at])
+    started = time.perf_counter()
+    index.retrain()
+    train_seconds = time.perf_counter() - started
+    index.put(ids[trained_at:], x[trained_at:])
+    default = index.default_width
+
+    def search(queries, width):
+        with index.lock.read():
+            return index.search(queries, 10, width=width)[0]
+
+    def recall_of(queries, truth, width):
+        return _recall([[ids[j] for j in row] for row in search(queries, width)], truth)
+
+    rows, at_default = [], {}
+    for probes in sorted({8, 16, 24, 48, 64, default}):
+        other, own = recall_of(q_other, exact_other, probes), recall_of(q, exact, probes)
+        ms = per_query_ms(lambda row: search(row, probes), few)  # noqa: B023 - used in this iteration
+        if probes == default:
+            at_default = {"other": other, "own": own, "ms": ms}
+        rows.append(
+            f"{probes:>6} {other:>14.3f} {own:>13.3f} {ms:>10.3f} {exact_ms / ms:>10.1f}x"
+            + ("  <- default" if probes == default else "")
+        )
+    sweep = (
+        f"probes sweep, in-process PartitionIndex, {index.lists} lists (trained at {trained_at} vectors), "
+        f"{n} items, 1 query at a time:\n"
+        f"{'probes':>6} {'recall@10 other':>14} {'recall@10 own':>13} {'ms/query':>10} {'vs exact':>11}\n"
+        + "\n".join(rows)
+    )
+    return [
+        _figure(
+            "partition index: recall@10, queries from other clusters (hard case), its defaults",
+            at_default["other"],
+            "",
+            "exact search",
+            1.0,
+            ">= 0.95",
+            True,
+        ),
+        _figure(
+            "partition index: recall@10, queries from the data's clusters, its defaults",
+            at_default["own"],
+            "",
+            "exact search",
+            1.0,
+            ">= 0.98",
+            True,
+        ),
+        _figure(
+            "partition index: speed vs exact scan at its defaults, queries from other clusters",
+            exact_ms / at_default["ms"],
+            "x",
+            "exact scan, 1 query at a time (ms per query)",
+            exact_ms,
+            "value >= 20",
+            True,
+            ratio=exact_ms / at_default["ms"],
+            details=sweep,
+        ),
+        _figure(
+            f"partition index: training ({trained_at} vectors, {index.lists} lists, k-means in a background thread)",
+            train_seconds,
+            "s",
+            "in-process hnswlib add_items of every vector",
+            raw_build,
+            "informational",
+            False,
+        ),
+    ]
+
+
 def _recall(found: list[list[str]], exact: list[list[str]]) -> float:
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)]))
 
@@ -389,6 +474,11 @@ def run(quick: bool, workdir: Path) -> list[dict]:
                 ),
             )
         )
+
+        figures.extend(
+            _partition_figures(x, ids, q, q_other, exact, exact_other, few, exact_ms, per_query_ms, raw_build)
+        )
+        _log("partition index measured")
 
         # ---- batched QPS
         def qps(call, seconds=3.0, per_call=1):
